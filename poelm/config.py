@@ -1,0 +1,280 @@
+"""Configuration: nested dataclasses, TOML loading, ``--set key=value`` overrides, validation.
+
+A config file has the tables ``[model]``, ``[data]``, ``[optim]``, ``[schedule]`` and
+``[train]`` (every key optional; defaults below). ``validate`` is the one place that rejects a
+bad configuration, with a message naming the key and what to do. Unknown keys are errors (a typo
+must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .model import ModelConfig
+from .schedule import Phase
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class SourceConfig:
+    """One named source of a data mixture (a file, directory or glob of txt/jsonl/parquet)."""
+
+    name: str = ""
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # "embedded" = the public-domain corpus shipped in the package; else a path (file, directory
+    # or glob of .txt / .jsonl / .parquet shards). ``sources`` (a mixture) overrides ``path``.
+    path: str = "embedded"
+    sources: list = field(default_factory=list)
+    val_fraction: float = 0.05  # of documents, chosen deterministically by hashing (see data.py)
+    tokenizer_train_chars: int = 20_000_000  # characters of the train split used to fit the BPE
+    mixture_seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    matrix_lr: float = 0.02  # Muon, 2-D block matrices
+    embedding_lr: float = 0.3  # AdamW, token and value embeddings
+    unembedding_lr: float = 0.008  # AdamW, shared and per-stage heads
+    scalar_lr: float = 0.5  # AdamW, per-layer residual scalars
+    weight_decay: float = 0.0
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-10
+    grad_clip: float = 0.0  # 0 disables
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "base"
+    steps: int = 1000
+    warmup: int = 100
+    peak: float = 1.0
+    warmdown_ratio: float = 0.65
+    final: float = 0.05
+
+    def phase(self, start_step: int = 0) -> Phase:
+        return Phase(steps=self.steps, warmup=self.warmup, peak=self.peak, warmdown_ratio=self.warmdown_ratio,
+                     final=self.final, start_step=start_step, name=self.name)
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 0  # 0 = model.max_seq_len
+    device_batch_size: int = 8  # rows per micro-step on one device
+    tokens_per_step: int = 0  # global batch in tokens; 0 = one micro-batch on every rank
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16
+    eval_every: int = 100  # steps; 0 disables periodic validation
+    eval_tokens: int = 65_536
+    save_every: int = 0  # steps; 0 = only at the end
+    log_every: int = 10
+    keep_last: int = 0  # checkpoints kept in the run dir; 0 keeps all
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.max_seq_len
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"]["stage_layers"] = list(self.model.stage_layers)
+        return d
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "train": TrainConfig}
+
+
+def _build(cls, values: dict, where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key {where}.{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = dict(values)
+    if cls is DataConfig and "sources" in kwargs:
+        srcs = kwargs["sources"]
+        if not isinstance(srcs, list):
+            raise ConfigError("data.sources must be a list of tables [[data.sources]] with name, path, weight")
+        kwargs["sources"] = [_build(SourceConfig, s, f"{where}.sources[{i}]") for i, s in enumerate(srcs)]
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad value in [{where}]: {e}") from None
+
+
+def from_dict(d: dict) -> Config:
+    unknown = sorted(set(d) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section [{unknown[0]}] (known: {', '.join(SECTIONS)})")
+    parts = {}
+    for name, cls in SECTIONS.items():
+        sec = d.get(name, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        parts[name] = _build(cls, sec, name)
+    return Config(**parts)
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A config file path, or the name of a preset under ``configs/`` (``embedded``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.toml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file not found: {name_or_path} (give a TOML path or a preset name from {CONFIG_DIR})")
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # bare strings need no quotes on the command line
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as TOML literals) to a raw dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"bad override {item!r}: use --set section.key=value, e.g. --set train.seed=3")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] not in SECTIONS:
+            raise ConfigError(f"bad override key {key!r}: use one of {', '.join(SECTIONS)} then .key, e.g. model.depth")
+        d.setdefault(parts[0], {})[parts[1]] = _parse_value(value.strip())
+    return d
+
+
+def load_dict(path: str | None) -> dict:
+    if path is None:
+        return {}
+    p = resolve_path(path)
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"malformed TOML in {p}: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
+
+
+def load(path: str | None = "embedded", overrides: list[str] | None = None) -> Config:
+    """Load, override and validate a config. ``path=None`` starts from the defaults."""
+    cfg = from_dict(apply_overrides(load_dict(path), overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def _positive(where: str, value, allow_zero: bool = False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        need = "a non-negative number" if allow_zero else "a positive number"
+        raise ConfigError(f"{where} must be {need}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Reject inconsistent or out-of-range settings with one clear message."""
+    m = cfg.model
+    for key in ("vocab_size", "depth", "n_embd", "n_head", "n_kv_head", "intermediate", "max_seq_len"):
+        v = getattr(m, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"model.{key} must be a positive integer, got {v!r}")
+    if not m.stage_layers or any((not isinstance(x, int)) or x <= 0 for x in m.stage_layers):
+        raise ConfigError(f"model.stage_layers must be a list of positive integers, got {list(m.stage_layers)}")
+    if sum(m.stage_layers) != m.depth:
+        raise ConfigError(f"model.stage_layers {list(m.stage_layers)} sums to {sum(m.stage_layers)} but model.depth is {m.depth}: make them equal")
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd {m.n_embd} is not divisible by model.n_head {m.n_head}")
+    if m.n_head % m.n_kv_head:
+        raise ConfigError(f"model.n_head {m.n_head} is not divisible by model.n_kv_head {m.n_kv_head} (GQA groups must be whole)")
+    if m.head_dim % 2:
+        raise ConfigError(f"head dim n_embd/n_head = {m.head_dim} must be even for rotary embeddings")
+    if m.objective not in ("poe", "bp"):
+        raise ConfigError(f"model.objective must be 'poe' or 'bp', got {m.objective!r}")
+    if not 0.0 <= m.alpha_train <= 1.0:
+        raise ConfigError(f"model.alpha_train must be in [0, 1], got {m.alpha_train}")
+    if m.vocab_size < 260:
+        raise ConfigError(f"model.vocab_size {m.vocab_size} is too small: a byte-level BPE needs at least 256 bytes plus specials (use >= 260)")
+    d = cfg.data
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    for i, s in enumerate(d.sources):
+        if not s.path:
+            raise ConfigError(f"data.sources[{i}] ({s.name or 'unnamed'}) has no path")
+        _positive(f"data.sources[{i}].weight", s.weight)
+    o = cfg.optim
+    for key in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "muon_momentum"):
+        _positive(f"optim.{key}", getattr(o, key), allow_zero=True)
+    if not (0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1):
+        raise ConfigError("optim.adam_beta1 and optim.adam_beta2 must be in [0, 1)")
+    s = cfg.schedule
+    if not isinstance(s.steps, int) or s.steps <= 0:
+        raise ConfigError(f"schedule.steps must be a positive integer, got {s.steps!r}")
+    if not isinstance(s.warmup, int) or s.warmup < 0:
+        raise ConfigError(f"schedule.warmup must be a non-negative integer, got {s.warmup!r}")
+    if not 0.0 <= s.warmdown_ratio <= 1.0:
+        raise ConfigError(f"schedule.warmdown_ratio must be in [0, 1], got {s.warmdown_ratio}")
+    _positive("schedule.peak", s.peak)
+    _positive("schedule.final", s.final, allow_zero=True)
+    t = cfg.train
+    if t.seq_len and t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len {t.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
+    for key in ("device_batch_size", "eval_tokens"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("tokens_per_step", "eval_every", "save_every", "log_every", "keep_last", "seq_len"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    if t.dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}")
+    row = t.device_batch_size * cfg.seq_len
+    if t.tokens_per_step and t.tokens_per_step % row:
+        raise ConfigError(f"train.tokens_per_step {t.tokens_per_step} is not a multiple of device_batch_size x seq_len = {row}")
+    return cfg
+
+
+def grad_accum_steps(cfg: Config, world_size: int = 1) -> int:
+    """Micro-steps per optimizer step so that one step sees ``tokens_per_step`` tokens."""
+    per_micro = cfg.train.device_batch_size * cfg.seq_len * world_size
+    if not cfg.train.tokens_per_step:
+        return 1
+    if cfg.train.tokens_per_step % per_micro:
+        raise ConfigError(f"train.tokens_per_step {cfg.train.tokens_per_step} is not divisible by device_batch_size x seq_len x world_size = {per_micro}")
+    return cfg.train.tokens_per_step // per_micro
+
+
+def steps_for_tokens(tokens: int, tokens_per_step: int) -> int:
+    """Phase length from a token budget (the card: 40B / 786,432 = 50,863; see README)."""
+    return int(round(tokens / tokens_per_step))
+
+
+def parse_tokens(text: str) -> int:
+    """'40B' -> 40_000_000_000; accepts K, M, B, T suffixes (decimal) and plain integers."""
+    t = text.strip().upper().replace("_", "")
+    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+    try:
+        if t and t[-1] in mult:
+            return int(float(t[:-1]) * mult[t[-1]])
+        return int(float(t))
+    except ValueError:
+        raise ConfigError(f"bad token count {text!r}: use an integer or a suffix K/M/B/T, e.g. 40B") from None
