@@ -1,0 +1,46 @@
+import pytest
+
+from poelm import config
+from poelm.errors import ConfigError
+
+
+def test_presets_load_and_overrides():
+    cfg = config.load("embedded", ["model.depth=8", "model.stage_layers=[4,2,1,1]", "train.seed=3"])
+    assert cfg.model.depth == 8 and cfg.model.stage_layers == (4, 2, 1, 1) and cfg.train.seed == 3
+    ref = config.load("cognica-3b")
+    assert ref.model.stage_layers == (16, 6, 5, 5) and ref.model.n_head // ref.model.n_kv_head == 2
+    assert ref.schedule.steps == 83_923 and ref.train.tokens_per_step == 786_432
+    assert config.grad_accum_steps(ref, world_size=12) == 4
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("model.depth=7", "sums to 6 but model.depth is 7"),
+    ("model.n_kv_head=3", "not divisible by model.n_kv_head"),
+    ("model.bogus=1", "unknown config key model.bogus"),
+    ("model.n_embd=0", "model.n_embd must be a positive integer"),
+    ("schedule.steps=-5", "schedule.steps must be a positive integer"),
+    ("model.objective=xx", "model.objective must be"),
+])
+def test_bad_configs_are_rejected_with_a_clear_message(override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        config.load("embedded", [override])
+
+
+def test_malformed_toml_and_unknown_section(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\ndepth = 3")
+    with pytest.raises(ConfigError, match="malformed TOML"):
+        config.load(str(bad))
+    other = tmp_path / "other.toml"
+    other.write_text("[modle]\ndepth = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config section \[modle\]"):
+        config.load(str(other))
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(str(tmp_path / "missing.toml"))
+
+
+def test_token_budget_parsing():
+    assert config.parse_tokens("40B") == 40_000_000_000
+    assert config.steps_for_tokens(config.parse_tokens("40B"), 786_432) == 50_863
+    with pytest.raises(ConfigError):
+        config.parse_tokens("forty")
