@@ -59,10 +59,34 @@ def _run_continue(args):
     return train.main_continue(args)
 
 
+# ----------------------------------------------------------------------------- demo
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded default (minutes on a CPU)")
+    p.add_argument("--workdir", default="poelm-demo", help="where everything goes (default ./poelm-demo)")
+    p.add_argument("--config", default="embedded")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--base-steps", type=int, help="base phase length (default: the config's schedule.steps)")
+    p.add_argument("--continual-steps", type=int, help="continual phase length (default: half the base phase)")
+    p.add_argument("--save-every", type=int, help="continual save interval (default: 1/6 of the phase)")
+    p.add_argument("--split-tokens", type=int, help="measurement slice (tokens)")
+    p.add_argument("--calib-tokens", type=int, help="WAND/routing calibration slice (tokens)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _run_demo(args):
+    from . import demo
+
+    demo.run_demo(args.workdir, args.config, args.base_steps, args.continual_steps, args.save_every,
+                  args.split_tokens, args.calib_tokens, args.overrides, progress=not args.quiet)
+    return 0
+
+
 # ----------------------------------------------------------------------------- registry
 VERBS = [
     ("train", _add_train, _run_train),
     ("continue", _add_continue, _run_continue),
+    ("demo", _add_demo, _run_demo),
 ]
 
 
