@@ -82,11 +82,211 @@ def _run_demo(args):
     return 0
 
 
+# ----------------------------------------------------------------------------- report
+def _add_report(sub):
+    p = sub.add_parser("report", help="trajectory report: the card's tables, verdict and plots from measurement records")
+    p.add_argument("source", metavar="REPO", help="trajectory repo (path or hf://org/name), a directory of records, or record files")
+    p.add_argument("more", nargs="*", metavar="FILE", help="further record files (when REPO is a record file)")
+    p.add_argument("--out", default="report", help="output directory for report.md and the PNGs (default ./report)")
+    return p
+
+
+def _run_report(args):
+    from . import report
+
+    records = report.load_records([args.source, *args.more] if args.more else args.source)
+    paths = report.write_report(records, args.out)
+    for line in report.verdict(records):
+        print(line)
+    for name, path in paths.items():
+        print(f"wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate
+def _float_list(text):
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="generate text: full, stage=K, prefix=K, wand, route or speculative")
+    p.add_argument("target", metavar="TARGET", help="checkpoint dir, run dir or exported folder")
+    p.add_argument("--prompt", required=True, help="prompt text (BOS is prepended)")
+    p.add_argument("--mode", default="full", help="full | stage=K | prefix=K | wand | route | speculative (default full)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--m", type=int, default=4, help="speculative draft length (default 4)")
+    p.add_argument("--tau", type=float, help="route: stage-0 max-probability threshold")
+    p.add_argument("--bounds", type=_float_list, help="wand: K-1 comma-separated bounds (default: the checkpoint's)")
+    p.add_argument("--no-stop", action="store_true", help="do not stop at BOS (the next document)")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def _run_generate(args):
+    from . import checkpoint, infer
+
+    model, tok, meta = checkpoint.load_model(args.target, device=args.device)
+    kw = infer.mode_kwargs(args.mode, meta, bounds=args.bounds, tau=args.tau)
+    stop = () if args.no_stop else (tok.bos_id,)
+    out = infer.TextStream(tok, lambda s: (sys.stdout.write(s), sys.stdout.flush()), skip=stop)
+    res = infer.Engine(model).generate(tok.encode_doc(args.prompt), args.max_new_tokens, m=args.m, temperature=args.temperature,
+                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop, on_token=out, **kw)
+    out.flush()
+    print()
+    print(infer.format_stats(res.stats), file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- export / publish / branches / checkout / verify
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (trust_remote_code)")
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint dir (or run dir: its newest checkpoint)")
+    p.add_argument("out", metavar="OUT", help="output folder (new, empty, or an earlier export)")
+    p.add_argument("--bounds", type=_float_list, help="K-1 comma-separated WAND bounds (default: the checkpoint's calibration)")
+    return p
+
+
+def _run_export(args):
+    from . import export
+
+    print(f"exported {export.export(args.ckpt, args.out, bounds=args.bounds)}")
+    return 0
+
+
+def _add_publish(sub):
+    p = sub.add_parser("publish", help="publish a checkpoint as branch step-XXXXX of a trajectory repo")
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint dir")
+    p.add_argument("repo", metavar="REPO", help="local path (git repo, created if absent) or hf://org/name")
+    p.add_argument("--force", action="store_true", help="replace the branch if it exists")
+    return p
+
+
+def _run_publish(args):
+    from . import publish
+
+    print(f"published {publish.publish(args.ckpt, args.repo, force=args.force)} to {args.repo}")
+    return 0
+
+
+def _add_branches(sub):
+    p = sub.add_parser("branches", help="list the trajectory of a repo (step, tokens, lrm, BPB)")
+    p.add_argument("repo", metavar="REPO")
+    return p
+
+
+def _run_branches(args):
+    from . import publish
+
+    rows = publish.list_branches(args.repo)
+    fmt = "{:<14} {:>9} {:>14} {:>8} {:<10} {:>9} {}"
+    print(fmt.format("branch", "step", "tokens", "lrm", "phase", "bpb", ""))
+    for r in rows:
+        lrm = "-" if r["lrm"] is None else f"{r['lrm']:.4f}"
+        bpb = "-" if r["bpb"] is None else f"{r['bpb']:.6f}"
+        print(fmt.format(r["branch"], r["step"], "-" if r["tokens"] is None else r["tokens"], lrm, r["phase"] or "-", bpb, "<- main" if r["main"] else ""))
+    return 0
+
+
+def _add_checkout(sub):
+    p = sub.add_parser("checkout", help="materialise one branch of a trajectory repo as a folder")
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("branch", metavar="BRANCH", help="step-XXXXX or main")
+    p.add_argument("out", metavar="DIR", help="new or empty folder")
+    return p
+
+
+def _run_checkout(args):
+    from . import publish
+
+    print(f"checked out {args.branch} to {publish.checkout(args.repo, args.branch, args.out)}")
+    return 0
+
+
+def _add_verify(sub):
+    p = sub.add_parser("verify", help="audit a trajectory repo: manifests, distinct weights, tokens increasing, main newest")
+    p.add_argument("repo", metavar="REPO")
+    return p
+
+
+def _run_verify(args):
+    from . import publish
+
+    problems = publish.verify(args.repo)
+    for line in problems:
+        print(f"problem: {line}", file=sys.stderr)
+    if problems:
+        return 2
+    print(f"ok: {len(publish.list_branches(args.repo))} branches of {args.repo} verified")
+    return 0
+
+
+# ----------------------------------------------------------------------------- measure
+def _add_measure(sub):
+    p = sub.add_parser("measure", help="measure checkpoints: BPB per stage/prefix, accuracy, alpha sweep, WAND bounds, routing, speculative, probe")
+    p.add_argument("targets", nargs="+", metavar="TARGET", help="checkpoint dir, run dir (newest checkpoint), exported folder, or REPO@step-XXXXX")
+    p.add_argument("--split-tokens", type=int, default=1_048_576, help="measurement slice: first N validation tokens (default 1,048,576)")
+    p.add_argument("--calib-tokens", type=int, default=131_072, help="calibration slice right after it, for WAND bounds and routing tau (default 131,072; 0 skips)")
+    p.add_argument("--data", help="measure on this txt/jsonl/parquet corpus instead of the checkpoint's validation split (calibration is then not written back)")
+    p.add_argument("--out", help="record file (one TARGET) or directory (several); default: poelm_measure.json in the checkpoint / the branch")
+    p.add_argument("--against", metavar="REF", help="reference checkpoint: paired deltas with 95%% bootstrap intervals on the same slice")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available); bf16 autocast on CUDA")
+    p.add_argument("--batch-size", type=int, default=8, help="rows of seq_len per forward (default 8)")
+    p.add_argument("--seq-len", type=int, help="row length (default: the run's train.seq_len, else max_seq_len)")
+    p.add_argument("--cap", type=float, default=0.02, help="routing cap (default 0.020)")
+    p.add_argument("--routing-metric", default="target_regression", choices=["target_regression", "agreement", "nll"])
+    p.add_argument("--confidence", default="maxprob", choices=["maxprob", "margin"], help="stage-0 confidence for routing")
+    p.add_argument("--m", type=int, default=4, help="speculative draft length (default 4)")
+    p.add_argument("--probe", default="auto", help="prompt set: card, embedded, a JSONL file, or none (default: embedded for embedded-corpus models, else card)")
+    p.add_argument("--max-new-tokens", type=int, default=60, help="greedy tokens per probe prompt (default 60)")
+    p.add_argument("--block-tokens", type=int, default=1024, help="bootstrap block size in tokens (default 1024)")
+    p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--no-write", action="store_true", help="do not write the WAND bounds / routing tau back to the checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _run_measure(args):
+    from pathlib import Path
+
+    from . import measure
+
+    many = len(args.targets) > 1
+    for t in args.targets:
+        out = args.out
+        if out and many:
+            out = str(Path(out) / (Path(t.replace("@", "_")).name + ".json"))
+        rec = measure.measure_target(
+            t, data=args.data, out=out, against=args.against, device=args.device, write_calibration=False if args.no_write else None,
+            probe_set=None if args.probe == "none" else args.probe, split_tokens=args.split_tokens, calib_tokens=args.calib_tokens,
+            batch_size=args.batch_size, seq_len=args.seq_len, cap=args.cap, routing_metric=args.routing_metric,
+            confidence=args.confidence, m=args.m, max_new_tokens=args.max_new_tokens, block_tokens=args.block_tokens,
+            samples=args.samples, seed=args.seed, progress=not args.quiet)
+        print(measure.format_summary(rec))
+        print(f"  record: {rec['record_path']}" + (f"; calibration: {', '.join(rec['calibration_written'])}" if rec["calibration_written"] else ""))
+    return 0
+
+
 # ----------------------------------------------------------------------------- registry
 VERBS = [
     ("train", _add_train, _run_train),
     ("continue", _add_continue, _run_continue),
     ("demo", _add_demo, _run_demo),
+    ("report", _add_report, _run_report),
+    ("generate", _add_generate, _run_generate),
+    ("export", _add_export, _run_export),
+    ("publish", _add_publish, _run_publish),
+    ("branches", _add_branches, _run_branches),
+    ("checkout", _add_checkout, _run_checkout),
+    ("verify", _add_verify, _run_verify),
+    ("measure", _add_measure, _run_measure),
 ]
 
 

@@ -62,8 +62,10 @@ def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual
     log("[4/4] trajectory report")
     records = report.load_records(repo)
     paths = report.write_report(records, work / "report")
-    if hasattr(publish, "update_card"):
-        publish.update_card(repo, records)
+    # Each branch's model card = the report's tables up to that step (main's: the whole trajectory).
+    for rec in records:
+        card = report.render_card([r for r in records if r["step"] <= rec["step"]], upto_step=rec["step"], main=rec is records[-1])
+        publish.update_branch_files(repo, rec["branch"], {"README.md": card.encode()})
     elapsed = time.time() - t0
     out = {"workdir": str(work), "trajectory": str(repo), "branches": branches, "report": str(paths.get("report", work / "report")),
            "elapsed_s": elapsed, "base": base, "continual": cont}

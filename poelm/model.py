@@ -29,10 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # inside the poelm package
-    from . import poe
-except ImportError:  # pragma: no cover - flat import (scripts)
-    import poe  # type: ignore
+# ``from .poe import ...`` (not ``from . import poe``): transformers' remote-code loader copies
+# exactly the files named by relative ``from .x import`` lines, so the export ships poe.py too.
+from .poe import aggregate, softcap
 
 
 @dataclass
@@ -297,7 +296,7 @@ class PoEGPT(nn.Module):
     def stage_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Stage k's logits ``softcap(lm_head(norm(h)) + stage_head[k](norm(h)))`` in fp32."""
         logits = F.linear(norm(h), self._head_weight(k))
-        return poe.softcap(logits.float(), self.config.softcap)
+        return softcap(logits.float(), self.config.softcap)
 
     def hiddens(self, idx, upto: int | None = None, cache: KVCache | None = None, pos: int = 0, detach: bool | None = None):
         """Hidden state at the end of stages 0..upto-1. ``detach`` defaults to local learning."""
@@ -333,7 +332,7 @@ class PoEGPT(nn.Module):
         else:
             sel = sorted(stages)
         z = self.stage_log_probs(idx, upto=max(sel) + 1)
-        return poe.aggregate(z[sel], alpha)
+        return aggregate(z[sel], alpha)
 
     def loss(self, idx, targets, ignore_index: int = -1):
         """Training loss and the per-stage cross-entropies (detached, for logging).

@@ -224,9 +224,10 @@ class Trainer:
         path = None
         if self.rt.master:
             path = ckpt_mod.save(self.out_dir, self.step, self.model, self.cfg, self.tokenizer, meta, optimizer=_Frozen(opt_state))
-            ckpt_mod.prune(self.out_dir, self.cfg.train.keep_last)
             if self.publisher is not None:
                 self.publisher.submit(path)
+            else:  # with a publisher, pruning waits until every queued save is published (_finish)
+                ckpt_mod.prune(self.out_dir, self.cfg.train.keep_last)
         if self.rt.world > 1:
             dist.barrier()
         return path
@@ -351,10 +352,11 @@ def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publish:
                    publisher=publisher, progress=progress, extra_meta=extra)
 
 
-def _finish(trainer: Trainer) -> dict:
+def _finish(trainer: Trainer) -> None:
     if trainer.publisher is not None:
         trainer.publisher.close()
-    return {"step": trainer.step}
+        if trainer.rt.master:
+            ckpt_mod.prune(trainer.out_dir, trainer.cfg.train.keep_last)
 
 
 def train(cfg, out_dir, resume=None, publish=None, progress=True) -> dict:
