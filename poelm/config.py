@@ -49,6 +49,8 @@ class OptimConfig:
     scalar_lr: float = 0.5  # AdamW, per-layer residual scalars
     weight_decay: float = 0.0
     muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85  # Muon momentum warms up start -> muon_momentum (nanochat)
+    muon_momentum_warmup: int = 300  # steps of that warm-up (0 disables)
     muon_ns_steps: int = 5
     adam_beta1: float = 0.8
     adam_beta2: float = 0.95
@@ -227,6 +229,9 @@ def validate(cfg: Config) -> Config:
     o = cfg.optim
     for key in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "muon_momentum"):
         _positive(f"optim.{key}", getattr(o, key), allow_zero=True)
+    if not 0 <= o.muon_momentum_start < 1 or not 0 <= o.muon_momentum < 1:
+        raise ConfigError("optim.muon_momentum and optim.muon_momentum_start must be in [0, 1)")
+    _positive("optim.muon_momentum_warmup", o.muon_momentum_warmup, allow_zero=True)
     if not (0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1):
         raise ConfigError("optim.adam_beta1 and optim.adam_beta2 must be in [0, 1)")
     s = cfg.schedule
