@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import sys
 
 from .errors import PoelmError
@@ -31,10 +32,6 @@ def _add_train(sub):
     return p
 
 
-def _run_train(args):
-    from . import train
-
-    return train.main_train(args)
 
 
 def _add_continue(sub):
@@ -53,10 +50,64 @@ def _add_continue(sub):
     return p
 
 
-def _run_continue(args):
-    from . import train
+def _apply_cli_overrides(args) -> list[str]:
+    ov = list(args.overrides or [])
+    if getattr(args, "steps", None) is not None:
+        ov.append(f"schedule.steps={args.steps}")
+    if getattr(args, "save_every", None) is not None:
+        ov.append(f"train.save_every={args.save_every}")
+    if getattr(args, "device", None):
+        ov.append(f'train.device="{args.device}"')
+    return ov
 
-    return train.main_continue(args)
+
+def _run_train(args):
+    from . import checkpoint as ckpt_mod
+    from . import config as config_mod
+    from .errors import ConfigError
+    from .train import train
+
+    overrides = _apply_cli_overrides(args)
+    if args.resume:
+        src = ckpt_mod.resolve_source(args.resume)
+        base = ckpt_mod.load(src, with_optim=False).config
+        bad = [o for o in overrides if not o.startswith("train.")]
+        if bad:
+            raise ConfigError(f"--resume continues the run exactly; only train.* settings may change (got {bad[0]}); use 'poelm continue' for a new phase")
+        cfg = config_mod.validate(config_mod.from_dict(config_mod.apply_overrides(base.to_dict(), overrides)))
+        out = args.out if args.out != "runs/embedded" else str(Path(src).parent)
+        summary = train(cfg, out, resume=src, publish=args.publish, progress=not args.quiet)
+    else:
+        cfg = config_mod.load(args.config, overrides)
+        summary = train(cfg, args.out, publish=args.publish, progress=not args.quiet)
+    _print_summary(summary)
+    return 0
+
+
+def _run_continue(args):
+    from . import config as config_mod
+    from .train import continue_phase
+
+    phase_cfg = config_mod.load(args.config, []) if args.config else None
+    tokens = config_mod.parse_tokens(args.tokens) if args.tokens else None
+    ov = list(args.overrides or [])
+    if args.save_every is not None:
+        ov.append(f"train.save_every={args.save_every}")
+    if args.device:
+        ov.append(f'train.device="{args.device}"')
+    summary = continue_phase(args.source, args.out, phase_cfg, steps=args.steps, tokens_budget=tokens, publish=args.publish,
+                             progress=not args.quiet, allow_mismatch=args.allow_mismatch, overrides=ov)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(s: dict):
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    vb = s.get("val_bpb") or {}
+    full = vb.get("full")
+    print(f"done: step {s['step']}, loss {s['loss']:.4f}, val BPB {full:.4f}" if full is not None else f"done: step {s['step']}")
+    print(f"checkpoints: {s['out']}")
 
 
 # ----------------------------------------------------------------------------- demo
@@ -274,6 +325,42 @@ def _run_measure(args):
     return 0
 
 
+# ----------------------------------------------------------------------------- doctor / selftest
+def _add_doctor(sub):
+    p = sub.add_parser("doctor", help="check torch/device/bf16, git, write access and free disk for a config; say what to fix")
+    p.add_argument("--config", default="embedded", help="TOML file or preset whose checkpoints are planned (default: embedded)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--workdir", default=".", help="where the run will write (default: .)")
+    p.add_argument("--device", help="override train.device")
+    return p
+
+
+def _run_doctor(args):
+    from . import doctor
+
+    return doctor.report(doctor.run_checks(args.config, args.overrides, args.workdir, args.device))
+
+
+def _add_selftest(sub):
+    p = sub.add_parser("selftest", help="fault injection (kill -9, trajectory) or the bad-input suite, with counts")
+    p.add_argument("suite", choices=["faults", "inputs"], help="faults: kill -9 trials; inputs: bad inputs through the CLI")
+    p.add_argument("--trials", type=int, default=20, help="faults: number of kill trials (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="faults: seed of the trial plan (default 0)")
+    p.add_argument("--workdir", help="keep everything here (default: a temporary directory, removed after)")
+    return p
+
+
+def _run_selftest(args):
+    from . import selftest
+
+    keep = args.workdir is not None
+    if args.suite == "faults":
+        results = selftest.faults(args.trials, seed=args.seed, workdir=args.workdir, keep=keep)
+    else:
+        results = selftest.bad_inputs(workdir=args.workdir, keep=keep)
+    return 0 if all(r.ok for r in results) else 1
+
+
 # ----------------------------------------------------------------------------- registry
 VERBS = [
     ("train", _add_train, _run_train),
@@ -287,6 +374,8 @@ VERBS = [
     ("checkout", _add_checkout, _run_checkout),
     ("verify", _add_verify, _run_verify),
     ("measure", _add_measure, _run_measure),
+    ("doctor", _add_doctor, _run_doctor),
+    ("selftest", _add_selftest, _run_selftest),
 ]
 
 

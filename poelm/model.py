@@ -280,10 +280,17 @@ class PoEGPT(nn.Module):
             x = self.blocks[i](x, ve, cos, sin, cache, pos)
         return x
 
+    def train(self, mode: bool = True):
+        # Optimizers (and ZeRO-2 collectives) write weights through .data / in-place
+        # communication, which does not bump ``_version``; every mode switch therefore drops the
+        # merged heads, and they are only cached in eval mode.
+        self._merged_cache = {}
+        return super().train(mode)
+
     def _head_weight(self, k: int) -> torch.Tensor:
         W = self.lm_head.weight
         Wk = self.stage_heads[k].weight
-        if torch.is_grad_enabled() and (W.requires_grad or Wk.requires_grad):
+        if self.training or (torch.is_grad_enabled() and (W.requires_grad or Wk.requires_grad)):
             return W + Wk
         # Inference: merge once per weight version (one matmul per stage instead of two).
         key = (k, W._version, Wk._version, W.data_ptr(), Wk.data_ptr(), W.dtype, W.device)

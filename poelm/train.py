@@ -15,18 +15,20 @@ model from ``step`` to ``step + 1`` uses ``lrm(step)``; a save after it is ``ste
 The ``lrm`` recorded with a save is ``lrm(save_step)``, so the card's step-84000 (rel 77) reads
 0.0385 ("lrm ~ 0.04").
 
-Distributed (``torchrun``): rank and world size come from the environment; NCCL on CUDA, gloo on
-CPU. Every rank takes its own disjoint rows of each global batch; rank 0 alone logs, writes
-checkpoints and publishes.
+Distributed (``torchrun``, see docs/distributed.md): rank and world size come from the
+environment; NCCL on CUDA, gloo on CPU; no DDP wrapper (the ZeRO-2 optimizer averages gradients
+itself, see ``Trainer``). Every rank takes its own disjoint rows of each global batch; the global
+batch (``train.tokens_per_step``) is fixed when a run starts, so a resume on another number of
+ranks re-derives only the accumulation and consumes the same rows (``resolve_global_batch``).
+Checkpoints hold the full (gathered) optimizer state, resharded on load. Evaluation splits rows
+over ranks and all-reduces the sums. Rank 0 alone logs, prints, writes checkpoints and publishes.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,55 +40,8 @@ from . import poe
 from .errors import CheckpointError, ConfigError, PoelmError
 from .fsio import append_line
 from .model import PoEGPT
+from .runtime import Runtime, _all_sum, _broadcast_text, setup_runtime, teardown_runtime  # noqa: F401
 from .schedule import CARD_B2, Phase, lrm
-
-
-# ----------------------------------------------------------------------------- runtime
-@dataclass
-class Runtime:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-    dtype: torch.dtype  # autocast dtype (fp32 = no autocast)
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-
-def setup_runtime(cfg) -> Runtime:
-    """Device, dtype and (under torchrun) the process group."""
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    want = cfg.train.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device is cuda but no CUDA device is available; use --device cpu")
-        device = torch.device(f"cuda:{local_rank}") if want == "cuda" else torch.device(want)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device(want)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    dt = cfg.train.dtype
-    if dt == "auto":
-        dt = "bf16" if device.type == "cuda" else "fp32"
-    return Runtime(rank, world, local_rank, device, torch.bfloat16 if dt == "bf16" else torch.float32)
-
-
-def _all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    if rt.world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -145,27 +100,41 @@ def _phase_from(d: dict) -> Phase:
 
 
 def _tokenizer_for(cfg, out_dir: Path, rt: Runtime):
-    """Train the BPE on the training split (rank 0), or reuse the run's saved one."""
+    """Train the BPE on the training split, or reuse the run's saved one. Rank 0 alone trains,
+    loads and saves it; the others receive its JSON (nodes need not share a filesystem)."""
     from . import data
     from .tokenizer import Tokenizer, train_tokenizer
 
     path = out_dir / "tokenizer.json"
-    if path.is_file():
-        tok = Tokenizer.load(out_dir)
-    else:
-        if rt.master:
+    text = None
+    if rt.master:
+        if path.is_file():
+            tok = Tokenizer.load(out_dir)
+        else:
             tok = train_tokenizer(data.tokenizer_texts(cfg.data, cfg.data.tokenizer_train_chars), cfg.model.vocab_size)
             tok.save(out_dir)
-        if rt.world > 1:
-            dist.barrier()
-        tok = Tokenizer.load(out_dir)
+        text = tok.to_json()
+    if rt.world > 1:
+        text = _broadcast_text(text, rt)
+        tok = Tokenizer.from_json(text, source=f"rank 0's {path}")
     if tok.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"tokenizer in {out_dir} has {tok.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; use a new --out directory")
     return tok
 
 
 class Trainer:
-    """State of one phase of training; ``run()`` trains to the end of the phase."""
+    """State of one phase of training; ``run()`` trains to the end of the phase.
+
+    Batch accounting (W ranks, ``b = device_batch_size``, ``accum = grad_accum_steps``): one
+    micro-step takes the next ``W * b`` rows of the loader's global row stream, rank r keeping
+    rows ``[r b, (r+1) b)`` of them; one optimizer step takes ``accum`` micro-steps, i.e. the next
+    ``R = tokens_per_step / seq_len`` rows, a contiguous block of the stream whatever W is. With
+    1 rank x accum 2 and 2 ranks x accum 1, step n sees rows ``[n R, (n+1) R)`` in both, cut into
+    the same micro-batches of b rows. Gradient: each rank backpropagates ``loss / accum`` (the
+    loss is a per-micro-batch mean, so the rank's gradient is the mean over its micro-batches)
+    and the optimizer's reduce-scatter averages over ranks: the mean over all ``W * accum``
+    micro-batches, as one process would compute it. The loop never divides by W and there is no
+    DDP wrapper (the optimizer does the ZeRO-2 communication itself)."""
 
     def __init__(self, cfg, out_dir, rt: Runtime, model, tokenizer, optimizer, loader, phase: Phase, step: int,
                  tokens: int, tokens_in_phase: int, publisher=None, progress=True, extra_meta=None):
@@ -199,6 +168,20 @@ class Trainer:
             import json
 
             append_line(self.log_path, json.dumps(rec, sort_keys=True))
+
+    def _log_layout(self):
+        """One ``dist`` record: world size, accumulation and the optimizer-state elements each
+        rank holds (ZeRO-2: about 1/W of ``optim_state_numel_unsharded`` per rank). A collective,
+        called on every rank after the first step (the state is allocated lazily)."""
+        from .optim import STATE_KEYS
+
+        per_rank = torch.zeros(self.rt.world, dtype=torch.int64, device=self.rt.device)
+        per_rank[self.rt.rank] = self.optimizer.owned_state_numel()
+        _all_sum(per_rank, self.rt)
+        full = sum(s.param.numel() * len(STATE_KEYS[s.kind]) for s in self.optimizer.slots)
+        self.log({"kind": "dist", "step": self.step + 1, "world_size": self.rt.world, "accum": self.accum,
+                  "device_batch_size": self.cfg.train.device_batch_size, "tokens_per_step": self.tokens_per_step,
+                  "optim_state_numel": per_rank.tolist(), "optim_state_numel_unsharded": full})
 
     def meta(self) -> dict:
         return {
@@ -244,6 +227,7 @@ class Trainer:
         model.train()
         rows = cfg.train.device_batch_size * rt.world
         last_loss = float("nan")
+        first = True
         t_start = time.time()
         while self.step < end:
             t0 = time.time()
@@ -266,16 +250,22 @@ class Trainer:
                 good = ckpt_mod.latest(self.out_dir)
                 where = f"the last good checkpoint is {good}" if good else "no checkpoint was saved yet"
                 raise PoelmError(f"training loss became {last_loss} at step {self.step}; stopped without updating the model; {where} (lower the learning rates and resume from it)")
-            self.optimizer.step()
+            grad_norm = self.optimizer.step().item()  # pre-clip norm of the rank-averaged gradient
             self.optimizer.zero_grad(set_to_none=True)
+            if first:
+                self._log_layout()
+                first = False
             self.step += 1
             self.tokens += self.tokens_per_step
             self.tokens_in_phase += self.tokens_per_step
             dt = time.time() - t0
             tps = self.tokens_per_step / max(dt, 1e-9)
             if self.step % max(1, cfg.train.log_every) == 0 or self.step == end:
-                self.log({"kind": "train", "step": self.step, "loss": last_loss, "stage_ce": stats[1:].tolist(), "lrm": m,
-                          "tokens": self.tokens, "tok_per_s": tps})
+                rec = {"kind": "train", "step": self.step, "loss": last_loss, "stage_ce": stats[1:].tolist(), "lrm": m,
+                       "grad_norm": grad_norm, "tokens": self.tokens, "tok_per_s": tps}
+                if len(self.loader.sources) > 1:  # realised mixture proportions since the run began
+                    rec["mix"] = self.loader.proportions()
+                self.log(rec)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.3f}", lrm=f"{m:.3f}", tok_s=f"{tps:,.0f}")
@@ -306,13 +296,16 @@ def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publish:
     from . import data
     from .optim import build_optimizer
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.train.seed)
+    for s in data.resolve_sources(cfg.data):  # every rank: a missing source fails everywhere, first
+        data.source_files(s)
     src = None
     if resume is not None:
         src = ckpt_mod.load(resume)
     elif init_ckpt is not None:
         src = init_ckpt
+    resolve_global_batch(cfg, rt.world, src.meta if src is not None else None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)
     if src is not None:
         from .tokenizer import Tokenizer
 
@@ -323,7 +316,11 @@ def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publish:
         tokenizer = _tokenizer_for(cfg, out_dir, rt)
     model = _build_model(cfg, rt)
     optimizer = build_optimizer(model, cfg.optim, world_size=rt.world, rank=rt.rank)
-    loader = data.TrainLoader(cfg.data, tokenizer, cfg.seq_len, seed=cfg.train.seed)
+    # The data order is the data's own seed (data.mixture_seed), apart from train.seed (the
+    # init), so init and data order can be varied separately; a resumed stream keeps the seed it
+    # was saved with.
+    saved = (src.meta.get("loader_state") or {}) if src is not None else {}
+    loader = data.TrainLoader(cfg.data, tokenizer, cfg.seq_len, seed=saved.get("seed", cfg.data.mixture_seed))
     step = tokens = tokens_in_phase = 0
     extra = {}
     if src is not None:
@@ -352,6 +349,28 @@ def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publish:
                    publisher=publisher, progress=progress, extra_meta=extra)
 
 
+def resolve_global_batch(cfg, world: int, meta: dict | None = None) -> int:
+    """Fix the run's global batch ``train.tokens_per_step`` (in place; returns accum).
+
+    The global batch is what the schedule, the loader position and the optimizer state are
+    defined against, so it is a property of the run, not of the launch: ``0`` means "one
+    micro-batch per rank" *at the run's first start* (``device_batch_size x seq_len x W``) and
+    is then recorded, resolved, in every checkpoint's config.json. A resume or continual phase
+    on another number of ranks keeps it and re-derives the accumulation
+    ``tokens_per_step / (device_batch_size x seq_len x W)``; a checkpoint written before the
+    value was recorded supplies it from ``meta["tokens_per_step"]``."""
+    t = cfg.train
+    if not t.tokens_per_step:
+        prev = (meta or {}).get("tokens_per_step")
+        t.tokens_per_step = int(prev) if prev else t.device_batch_size * cfg.seq_len * world
+    micro = t.device_batch_size * cfg.seq_len * world
+    if t.tokens_per_step % micro:
+        rows = t.tokens_per_step // cfg.seq_len
+        raise ConfigError(f"global batch train.tokens_per_step = {t.tokens_per_step} ({rows} rows of {cfg.seq_len}) does not split over "
+                          f"{world} ranks x train.device_batch_size {t.device_batch_size}: use ranks x device_batch_size dividing {rows}")
+    return config_mod.grad_accum_steps(cfg, world)
+
+
 def _finish(trainer: Trainer) -> None:
     if trainer.publisher is not None:
         trainer.publisher.close()
@@ -362,20 +381,27 @@ def _finish(trainer: Trainer) -> None:
 def train(cfg, out_dir, resume=None, publish=None, progress=True) -> dict:
     """Train (or resume) one phase; returns a summary. ``resume`` is a checkpoint dir."""
     rt = setup_runtime(cfg)
-    trainer = _make_trainer(cfg, Path(out_dir), rt, Path(resume) if resume else None, publish, progress)
     try:
-        summary = trainer.run()
+        trainer = _make_trainer(cfg, Path(out_dir), rt, Path(resume) if resume else None, publish, progress)
+        try:
+            return trainer.run()
+        finally:
+            _finish(trainer)
     finally:
-        _finish(trainer)
-    return summary
+        teardown_runtime(rt)
 
 
-def continual_phase_config(base_cfg, phase_cfg=None, steps: int | None = None, tokens_budget: int | None = None):
+def continual_phase_config(base_cfg, phase_cfg=None, steps: int | None = None, tokens_budget: int | None = None,
+                           default_tokens_per_step: int | None = None):
     """The config of a continual phase: the checkpoint's own config with a new schedule.
 
     Without a phase config the schedule is the card's B2 shape (warmup 1000 of 50,800 steps, peak
-    0.5, warmdown 55%, final 0) scaled to ``steps``: warmup = round(steps * 1000 / 50800)."""
+    0.5, warmdown 55%, final 0) scaled to ``steps``: warmup = round(steps * 1000 / 50800). A
+    token budget is converted with the phase's global batch (``train.tokens_per_step``, else the
+    source run's, ``default_tokens_per_step``)."""
     cfg = phase_cfg if phase_cfg is not None else config_mod.from_dict(base_cfg.to_dict())
+    if not cfg.train.tokens_per_step and default_tokens_per_step:
+        cfg.train.tokens_per_step = int(default_tokens_per_step)
     tps = cfg.train.tokens_per_step or cfg.train.device_batch_size * cfg.seq_len
     if tokens_budget is not None:
         steps = config_mod.steps_for_tokens(tokens_budget, tps)
@@ -414,71 +440,21 @@ def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=No
     src = ckpt_mod.load(src_path)
     if src.optim_tensors is None:
         raise CheckpointError(f"{src_path} carries no optimizer state (an exported branch?); continue from the run's checkpoint directory")
-    cfg = continual_phase_config(src.config, phase_cfg, steps, tokens_budget)
+    cfg = continual_phase_config(src.config, phase_cfg, steps, tokens_budget, src.meta.get("tokens_per_step"))
     if overrides:
         d = config_mod.apply_overrides(cfg.to_dict(), overrides)
         cfg = config_mod.validate(config_mod.from_dict(d))
     check_same_run(src.config, cfg, allow_mismatch, None)
     rt = setup_runtime(cfg)
-    phase = cfg.schedule.phase(start_step=src.step)
-    trainer = _make_trainer(cfg, Path(out_dir), rt, None, publish, progress, phase=phase, init_ckpt=src)
-    trainer.extra_meta = {"continued_from": str(src_path)}
-    trainer.tokens_in_phase = 0
     try:
-        trainer.save()  # the seed: identical weights, the new phase's rel_step 0
-        summary = trainer.run()
+        phase = cfg.schedule.phase(start_step=src.step)
+        trainer = _make_trainer(cfg, Path(out_dir), rt, None, publish, progress, phase=phase, init_ckpt=src)
+        trainer.extra_meta = {"continued_from": str(src_path)}
+        trainer.tokens_in_phase = 0
+        try:
+            trainer.save()  # the seed: identical weights, the new phase's rel_step 0
+            return trainer.run()
+        finally:
+            _finish(trainer)
     finally:
-        _finish(trainer)
-    return summary
-
-
-def _apply_cli_overrides(args) -> list[str]:
-    ov = list(args.overrides or [])
-    if getattr(args, "steps", None) is not None:
-        ov.append(f"schedule.steps={args.steps}")
-    if getattr(args, "save_every", None) is not None:
-        ov.append(f"train.save_every={args.save_every}")
-    if getattr(args, "device", None):
-        ov.append(f'train.device="{args.device}"')
-    return ov
-
-
-def main_train(args) -> int:
-    overrides = _apply_cli_overrides(args)
-    if args.resume:
-        src = ckpt_mod.resolve_source(args.resume)
-        base = ckpt_mod.load(src, with_optim=False).config
-        bad = [o for o in overrides if not o.startswith("train.")]
-        if bad:
-            raise ConfigError(f"--resume continues the run exactly; only train.* settings may change (got {bad[0]}); use 'poelm continue' for a new phase")
-        cfg = config_mod.validate(config_mod.from_dict(config_mod.apply_overrides(base.to_dict(), overrides)))
-        out = args.out if args.out != "runs/embedded" else str(Path(src).parent)
-        summary = train(cfg, out, resume=src, publish=args.publish, progress=not args.quiet)
-    else:
-        cfg = config_mod.load(args.config, overrides)
-        summary = train(cfg, args.out, publish=args.publish, progress=not args.quiet)
-    _print_summary(summary)
-    return 0
-
-
-def main_continue(args) -> int:
-    phase_cfg = config_mod.load(args.config, []) if args.config else None
-    tokens = config_mod.parse_tokens(args.tokens) if args.tokens else None
-    ov = list(args.overrides or [])
-    if args.save_every is not None:
-        ov.append(f"train.save_every={args.save_every}")
-    if args.device:
-        ov.append(f'train.device="{args.device}"')
-    summary = continue_phase(args.source, args.out, phase_cfg, steps=args.steps, tokens_budget=tokens, publish=args.publish,
-                             progress=not args.quiet, allow_mismatch=args.allow_mismatch, overrides=ov)
-    _print_summary(summary)
-    return 0
-
-
-def _print_summary(s: dict):
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    vb = s.get("val_bpb") or {}
-    full = vb.get("full")
-    print(f"done: step {s['step']}, loss {s['loss']:.4f}, val BPB {full:.4f}" if full is not None else f"done: step {s['step']}")
-    print(f"checkpoints: {s['out']}")
+        teardown_runtime(rt)
