@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from . import config as config_mod
 from .errors import CheckpointError, ConfigError
-from .fsio import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
+from .fsio import atomic_dir, atomic_write_json, atomic_write_text, recover_swaps, sha256_file, sweep_temps
 from .model import ModelConfig, PoEGPT
 
 STEP_RE = re.compile(r"^step-(\d{5,})$")
@@ -70,6 +70,16 @@ def save(run_dir, step: int, model: PoEGPT, cfg, tokenizer, meta: dict, optimize
     final = run_dir / step_name(step)
     model_sd = _state_for_save(model.state_dict())
     opt = optimizer.full_state_dict() if optimizer is not None else None
+    try:
+        _write(final, model_sd, opt, cfg, tokenizer, meta, step, extra_files)
+    except OSError as e:
+        newest = latest(run_dir)
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; nothing was replaced (newest complete checkpoint: {newest})") from None
+    atomic_write_text(run_dir / "latest", final.name + "\n")
+    return final
+
+
+def _write(final: Path, model_sd, opt, cfg, tokenizer, meta, step, extra_files):
     with atomic_dir(final, overwrite=True) as tmp:
         save_file(model_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if opt is not None:
@@ -87,8 +97,13 @@ def save(run_dir, step: int, model: PoEGPT, cfg, tokenizer, meta: dict, optimize
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
         write_manifest(tmp)
-    atomic_write_text(run_dir / "latest", final.name + "\n")
-    return final
+
+
+def clean_run_dir(run_dir) -> None:
+    """At a run's start: finish interrupted overwrites and drop half-written temp dirs."""
+    if Path(run_dir).is_dir():
+        recover_swaps(run_dir)
+        sweep_temps(run_dir, "step-")
 
 
 def verify(ckpt_dir) -> dict:
@@ -187,6 +202,7 @@ def latest(run_dir) -> Path | None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
+    recover_swaps(run_dir)
     cands = []
     for p in run_dir.iterdir():
         m = STEP_RE.match(p.name)

@@ -397,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     except PoelmError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # disk full, permissions ...: one line, nothing half-written (atomic writers)
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

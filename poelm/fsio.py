@@ -80,15 +80,44 @@ def fsync_tree(root: str | os.PathLike) -> None:
         fsync_dir(dirpath)
 
 
+def recover_swaps(parent: str | os.PathLike) -> None:
+    """Finish an overwrite that a crash interrupted (see ``atomic_dir``): a ``.X.old`` whose
+    ``X`` is missing is moved back; one whose ``X`` is in place is deleted."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for old in parent.glob(".*.old"):
+        target = parent / old.name[1:-len(".old")]
+        if not target.exists():
+            os.replace(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def sweep_temps(parent: str | os.PathLike, prefix: str = "") -> int:
+    """Remove ``.{prefix}*.tmp`` leftovers of writes a crash interrupted; call it only when no
+    writer is active in ``parent`` (a run's start). Returns how many were removed."""
+    n = 0
+    for tmp in Path(parent).glob(f".{prefix}*.tmp"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory next to ``final``; on success fsync it and rename it into place.
 
     On any exception the temporary directory is removed and ``final`` is untouched. With
-    ``overwrite`` an existing ``final`` is moved aside first and deleted only after the new one is
-    in place."""
+    ``overwrite`` an existing ``final`` is moved aside to ``.NAME.old`` first and deleted only
+    after the new one is in place; a crash between the two renames leaves ``.NAME.old``, which
+    ``recover_swaps`` (run here and by readers such as ``checkpoint.latest``) moves back."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_swaps(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:

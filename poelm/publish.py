@@ -185,7 +185,15 @@ def publish(ckpt_dir, repo, force: bool = False, readme: str | None = None, api=
     """Export ``ckpt_dir`` and publish it as branch ``step-XXXXX`` of ``repo``; return the branch.
 
     ``main`` moves to it when its step is >= the step main holds. Refused (``PublishError``) when
-    the branch exists, unless ``force``. The checkpoint itself is only read."""
+    the branch exists, unless ``force``. The checkpoint itself is only read. A write error (disk
+    full ...) is one ``PublishError`` line; the refs are untouched then (they move last)."""
+    try:
+        return _publish(ckpt_dir, repo, force, readme, api)
+    except OSError as e:
+        raise PublishError(f"cannot publish {ckpt_dir} to {repo}: {e.strerror or e}; the repository is unchanged and the checkpoint is kept") from None
+
+
+def _publish(ckpt_dir, repo, force, readme, api) -> str:
     backend = open_repo(repo, create=True, api=api)
     with tempfile.TemporaryDirectory(prefix="poelm-publish-") as tmp:
         folder = Path(tmp) / "export"

@@ -200,7 +200,11 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        self.evaluate()  # every save carries its training-log val BPB
+        val = self.evaluate()  # every save carries its training-log val BPB
+        if not math.isfinite(val["full"]):
+            good = ckpt_mod.latest(self.out_dir)
+            where = f"the last good checkpoint is {good}" if good else "no checkpoint was saved yet"
+            raise PoelmError(f"validation BPB became {val['full']} at step {self.step}; this checkpoint was not saved; {where} (lower the learning rates and resume from it)")
         meta = self.meta()
         # full_state_dict is a collective: every rank calls it; rank 0 writes.
         opt_state = self.optimizer.full_state_dict()
@@ -305,6 +309,8 @@ def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publish:
         src = init_ckpt
     resolve_global_batch(cfg, rt.world, src.meta if src is not None else None)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if rt.master:
+        ckpt_mod.clean_run_dir(out_dir)
     torch.manual_seed(cfg.train.seed)
     if src is not None:
         from .tokenizer import Tokenizer
