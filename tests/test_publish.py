@@ -111,7 +111,7 @@ def test_failed_publish_leaves_repo_as_before(trajectory, ckpts, tmp_path, monke
         raise OSError(f"simulated failure in {stage}")
 
     monkeypatch.setattr(GitRepo, stage, boom)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(PublishError, match="simulated failure.*repository is unchanged"):
         P.publish(ckpts[200], repo)
     assert GitRepo(repo).refs() == refs
 
