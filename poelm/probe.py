@@ -158,7 +158,10 @@ def run_probe(model, tokenizer, prompts: list[dict], label: str, max_new_tokens:
             row["error"] = f"prompt of {len(ids)} tokens leaves no room under max_seq_len {model.config.max_seq_len}"
         else:
             new, _, secs = generate(model, engine, ids, n, "full")
-            text = tokenizer.decode(new)
+            # A generated BOS starts the next document: the continuation (and its score) ends
+            # there. The full generation is kept for the speculative timing (fixed length).
+            end = new.index(tokenizer.bos_id) if tokenizer.bos_id in new else len(new)
+            text = tokenizer.decode(new[:end])
             row.update(continuation=text, _gen=(ids, new, secs))
             row["pass"] = score(text, p["expect"])
             if len(new) < max_new_tokens:
