@@ -281,14 +281,15 @@ def data_fingerprint(data_cfg) -> str:
 
 
 # ----------------------------------------------------------------------------- validation / tokenizer text
-def val_tokens(data_cfg, tokenizer, n_tokens: int) -> torch.Tensor:
+def val_tokens(data_cfg, tokenizer, n_tokens: int, allow_fewer: bool = False) -> torch.Tensor:
     """LongTensor[n_tokens]: the first ``n_tokens`` tokens of the validation split.
 
     The validation stream of a source is ``[BOS] + encode(doc)`` over its validation documents in
     file order (no shuffle), concatenated. With a mixture, source s contributes the first
     ``n_s`` tokens of its stream, ``n_s`` from cumulative rounding of ``n_tokens * w_s``, in
     source order. Depends only on the data, the tokenizer and ``n_tokens``: the same slice for
-    every checkpoint."""
+    every checkpoint. ``allow_fewer`` (single source only) returns the whole split when it is
+    shorter than ``n_tokens`` instead of raising."""
     n_tokens = int(n_tokens)
     if n_tokens <= 0:
         raise DataError(f"asked for {n_tokens} validation tokens: ask for a positive number")
@@ -314,6 +315,8 @@ def val_tokens(data_cfg, tokenizer, n_tokens: int) -> torch.Tensor:
                     break
         if have < want:
             flush()
+        if have < want and allow_fewer and len(sources) == 1 and have >= 2:
+            want = have
         if have < want:
             label = "the validation split" if len(sources) == 1 else f"the validation split of source '{src.name}'"
             raise DataError(f"{label} has only {have} tokens but {want} were asked: ask for fewer (train.eval_tokens / --split-tokens) or raise data.val_fraction")
