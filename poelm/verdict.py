@@ -212,6 +212,27 @@ def noise_test(recs: list[dict], seed_i: int, last_i: int, key: str, phase: Phas
     return out
 
 
+def _spearman_exact_p(steps, values, rho: float) -> float:
+    """Two-sided exact permutation p-value of Spearman's rho (all n! orderings; n <= 8).
+
+    scipy's t approximation returns p = 0 for a perfectly monotone short series (|rho| = 1),
+    which overstates the evidence of a handful of saves; the exact value is 2/n! there."""
+    import itertools
+
+    import numpy as np
+
+    ry = stats.rankdata(values)
+    rx = stats.rankdata(steps)
+    n = len(ry)
+    denom = math.sqrt(((rx - rx.mean()) ** 2).sum() * ((ry - ry.mean()) ** 2).sum())
+    if denom == 0:
+        return 1.0
+    rxc = rx - rx.mean()
+    perms = np.array(list(itertools.permutations(ry - ry.mean())))
+    rhos = perms @ rxc / denom
+    return float(np.mean(np.abs(rhos) >= abs(rho) - 1e-12))
+
+
 def trend(steps, values, level: float = 0.05) -> dict:
     """Mann–Kendall (Kendall's tau vs step) and Spearman over one series; ``kind`` in
     rising | falling | drifting up | drifting down | oscillating | constant | too few."""
@@ -224,7 +245,8 @@ def trend(steps, values, level: float = 0.05) -> dict:
         return {**out, "kind": "constant"}
     kt = stats.kendalltau(steps, values)
     sp = stats.spearmanr(steps, values)
-    out.update(tau=float(kt.statistic), p=float(kt.pvalue), rho=float(sp.statistic), p_rho=float(sp.pvalue))
+    p_rho = _spearman_exact_p(steps, values, float(sp.statistic)) if n <= 8 else float(sp.pvalue)
+    out.update(tau=float(kt.statistic), p=float(kt.pvalue), rho=float(sp.statistic), p_rho=p_rho)
     if out["p"] < level:
         kind = "rising" if out["tau"] > 0 else "falling"
     else:
