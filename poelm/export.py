@@ -54,6 +54,7 @@ MODEL_ROOTS = ("model", "poe", "infer")  # poelm modules the remote code runs, s
 MANIFEST = "poelm_manifest.json"
 BOS, PAD = "<|bos|>", "<|pad|>"
 BOUNDS_KEY = "poe_wand_p99_bounds_per_stage_head"
+ROUTING_KEY = "poe_routing"
 AUTO_MAP = {
     "AutoConfig": "configuration_poelm.PoelmConfig",
     "AutoModelForCausalLM": "modeling_poelm.PoelmForCausalLM",
@@ -91,6 +92,7 @@ def read_source(ckpt_dir) -> dict:
         meta = {k: hf.get(k) for k in ("step", "rel_step", "phase", "lrm", "tokens", "tokens_in_phase", "train_val_bpb")}
         poelm_config = hf.get("poelm_config")
         bounds = hf.get(BOUNDS_KEY)
+        routing = hf.get(ROUTING_KEY)
         state = _load_weights(d / "model.safetensors")
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     else:
@@ -100,10 +102,11 @@ def read_source(ckpt_dir) -> dict:
             raise CheckpointError(f"{d}/config.json has no [model] table: not a poelm checkpoint")
         model = poelm_config["model"]
         meta = _read_json(d / "meta.json", "checkpoint meta")
-        bounds = poelm_config.get(BOUNDS_KEY)
+        bounds, routing = poelm_config.get(BOUNDS_KEY), None
         calib = d / "calibration.json"
         if calib.is_file():
-            bounds = _read_json(calib, "calibration").get(BOUNDS_KEY, bounds)
+            cal = _read_json(calib, "calibration")
+            bounds, routing = cal.get(BOUNDS_KEY, bounds), cal.get(ROUTING_KEY)
         state = _load_weights(d / "model.safetensors")
     if meta.get("step") is None:
         raise CheckpointError(f"{d} does not record its step (meta.json / config.json)")
@@ -115,6 +118,7 @@ def read_source(ckpt_dir) -> dict:
         "state": state,
         "tokenizer_json": tok_path.read_text(encoding="utf-8"),
         "bounds": bounds,
+        "routing": routing,
     }
 
 
@@ -222,6 +226,7 @@ def hf_config(src: dict, bounds, dtype: torch.dtype) -> dict:
         tokens_in_phase=meta.get("tokens_in_phase"),
         train_val_bpb=meta.get("train_val_bpb"),
         poe_wand_p99_bounds_per_stage_head=bounds,
+        poe_routing=src.get("routing"),  # calibrated stage-0 threshold (tau) for mode "route"
         poelm_config=src["poelm_config"],
         architectures=["PoelmForCausalLM"],
         auto_map=dict(AUTO_MAP),
@@ -233,6 +238,8 @@ def hf_config(src: dict, bounds, dtype: torch.dtype) -> dict:
     out.update(cfg.to_poelm_dict())
     out.update({k: getattr(cfg, k) for k in ("step", "rel_step", "phase", "phase_name", "lrm", "tokens",
                                             "tokens_in_phase", "train_val_bpb", BOUNDS_KEY)})
+    if getattr(cfg, ROUTING_KEY, None) is not None:
+        out[ROUTING_KEY] = getattr(cfg, ROUTING_KEY)
     return dict(sorted(out.items()))
 
 

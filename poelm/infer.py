@@ -517,7 +517,8 @@ def mode_kwargs(mode_text: str, meta: dict | None, bounds=None, tau=None) -> dic
         if kw["bounds"] is None:
             raise PoelmError(f"wand needs {BOUNDS_KEY}, which this checkpoint lacks: calibrate it with `poelm measure` or pass --bounds")
     if kw["mode"] == "route":
-        kw["tau"] = tau
+        routing = (meta or {}).get("poe_routing") or {}
+        kw["tau"] = tau if tau is not None else routing.get("tau")  # calibrated by `poelm measure`
     return kw
 
 
