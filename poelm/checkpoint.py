@@ -22,7 +22,6 @@ JSON are read: nothing is unpickled.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +151,8 @@ def _load_safetensors(path: Path, what: str) -> dict:
         raise CheckpointError(f"cannot read {what} {path}: {str(e).splitlines()[0]} (corrupt or truncated file)") from None
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
+    """A JSON file of a checkpoint/export, or one CheckpointError line (missing / not JSON)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -169,16 +169,16 @@ def load(ckpt_dir, check: bool = True, with_optim: bool = True) -> Checkpoint:
     elif not d.is_dir():
         raise CheckpointError(f"checkpoint not found: {d}")
     try:
-        cfg = config_mod.from_dict(_read_json(d / "config.json", "checkpoint config"))
+        cfg = config_mod.from_dict(read_json(d / "config.json", "checkpoint config"))
         config_mod.validate(cfg)
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {d} has an invalid config.json: {e}") from None
-    meta = _read_json(d / "meta.json", "checkpoint meta")
+    meta = read_json(d / "meta.json", "checkpoint meta")
     model_state = _load_safetensors(d / "model.safetensors", "model weights")
     ot = om = None
     if with_optim and (d / "optim.safetensors").is_file():
         ot = _load_safetensors(d / "optim.safetensors", "optimizer state")
-        om = _read_json(d / "optim.json", "optimizer meta")
+        om = read_json(d / "optim.json", "optimizer meta")
     rng = _load_safetensors(d / "rng.safetensors", "RNG state") if (d / "rng.safetensors").is_file() else None
     return Checkpoint(d, cfg, meta, model_state, ot, om, rng)
 
@@ -249,7 +249,7 @@ def load_model(path, device="cpu", check: bool = True):
             raise CheckpointError(f"{d} holds no checkpoint (no model.safetensors and no step-XXXXX checkpoints)")
         d = newest
     if is_hf_export(d):
-        hf = _read_json(d / "config.json", "export config")
+        hf = read_json(d / "config.json", "export config")
         mcfg = ModelConfig.from_dict(hf)
         state = _load_safetensors(d / "model.safetensors", "model weights")
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
@@ -262,7 +262,7 @@ def load_model(path, device="cpu", check: bool = True):
         meta["config"] = ck.config.to_dict()
         calib = d / "calibration.json"
         if calib.is_file():
-            meta.update(_read_json(calib, "calibration"))
+            meta.update(read_json(calib, "calibration"))
     model = PoEGPT(mcfg)
     load_state_into(model, state, f"weights in {d}")
     model.to(device).eval()

@@ -62,15 +62,6 @@ AUTO_MAP = {
 
 
 # ----------------------------------------------------------------------------- reading a source
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} is missing: {path}") from None
-    except (ValueError, UnicodeDecodeError):
-        raise CheckpointError(f"{what} is not valid JSON: {path}") from None
-
-
 def read_source(ckpt_dir) -> dict:
     """What an export needs from a checkpoint dir (or a run dir: its newest checkpoint; or an
     earlier export, so a checked-out branch can be re-published): model config dict, poelm config
@@ -87,7 +78,7 @@ def read_source(ckpt_dir) -> dict:
     if not tok_path.is_file():
         raise CheckpointError(f"{d} has no tokenizer.json; a checkpoint must carry its tokenizer")
     if checkpoint.is_hf_export(d):
-        hf = _read_json(d / "config.json", "export config")
+        hf = checkpoint.read_json(d / "config.json", "export config")
         model = {k: hf[k] for k in ModelConfig.__dataclass_fields__ if k in hf}
         meta = {k: hf.get(k) for k in ("step", "rel_step", "phase", "lrm", "tokens", "tokens_in_phase", "train_val_bpb")}
         poelm_config = hf.get("poelm_config")
@@ -97,15 +88,15 @@ def read_source(ckpt_dir) -> dict:
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     else:
         checkpoint.verify(d)  # manifest: a truncated or corrupted checkpoint is never exported
-        poelm_config = _read_json(d / "config.json", "checkpoint config")
+        poelm_config = checkpoint.read_json(d / "config.json", "checkpoint config")
         if not isinstance(poelm_config.get("model"), dict):
             raise CheckpointError(f"{d}/config.json has no [model] table: not a poelm checkpoint")
         model = poelm_config["model"]
-        meta = _read_json(d / "meta.json", "checkpoint meta")
+        meta = checkpoint.read_json(d / "meta.json", "checkpoint meta")
         bounds, routing = poelm_config.get(BOUNDS_KEY), None
         calib = d / "calibration.json"
         if calib.is_file():
-            cal = _read_json(calib, "calibration")
+            cal = checkpoint.read_json(calib, "calibration")
             bounds, routing = cal.get(BOUNDS_KEY, bounds), cal.get(ROUTING_KEY)
         state = _load_weights(d / "model.safetensors")
     if meta.get("step") is None:

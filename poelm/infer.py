@@ -409,7 +409,7 @@ class Engine:
                 return
             t += 1
             if req.mode == "speculative":
-                yield from _speculative().decode(st, tr, tok, t, req.m, sampler)
+                yield from _speculative()(st, tr, tok, t, req.m, sampler)
                 return
             st.tok[:, t] = tok
 
@@ -471,12 +471,12 @@ class Engine:
 
 
 def _speculative():
-    """``speculative.py`` builds on this module, so it is imported when first needed."""
-    try:
-        from . import speculative
-    except ImportError:  # pragma: no cover - flat import (exported remote code)
-        import speculative  # type: ignore
-    return speculative
+    """``speculative.py`` builds on this module, so it is imported when first needed. The
+    ``from .speculative import`` form is what transformers' remote-code loader scans for, so the
+    export ships the file."""
+    from .speculative import decode
+
+    return decode
 
 
 # ----------------------------------------------------------------------------- command-line helpers

@@ -223,7 +223,6 @@ def _spearman_exact_p(steps, values, rho: float) -> float:
 
     ry = stats.rankdata(values)
     rx = stats.rankdata(steps)
-    n = len(ry)
     denom = math.sqrt(((rx - rx.mean()) ** 2).sum() * ((ry - ry.mean()) ** 2).sum())
     if denom == 0:
         return 1.0

@@ -144,10 +144,7 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
         if __package__ == "poelm.hf":
             Engine = importlib.import_module("poelm.infer").Engine
         else:  # the export ships infer.py; these lines are what make transformers copy the files
-            from .infer import Engine
-            # infer.py loads speculative.py with ``from . import speculative``, a form the loader
-            # does not scan for; naming the module here makes it copy the file.
-            from .speculative import __name__ as _speculative  # noqa: F401
+            from .infer import Engine  # infer.py imports .speculative, which the loader copies too
         return Engine(self.model)
 
     @torch.no_grad()

@@ -1,12 +1,10 @@
 """``poelm doctor``: environment checks, exit 0 when fine and 2 when something blocks; the
 planned checkpoint size equals what a real checkpoint holds."""
 
-import json
 import shutil
 import struct
 from collections import namedtuple
 
-import pytest
 
 from poelm import checkpoint, doctor, selftest
 

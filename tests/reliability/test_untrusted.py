@@ -7,7 +7,6 @@ one clean line."""
 import io
 import pickle
 import re
-import shutil
 from pathlib import Path
 
 import pytest
