@@ -113,7 +113,7 @@ def main(argv=None):
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hf", action="store_true", help="also time transformers generate() through poelm.hf (PoelmForCausalLM, same weights)")
+    ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True, help="also time transformers generate() through poelm.hf (PoelmForCausalLM, same weights)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
