@@ -23,6 +23,7 @@ from pathlib import Path
 from .errors import PoelmError
 from .fsio import atomic_write_text
 from .plots import make_plots
+from .verdict import fmt_num, fmt_pct, fmt_signed
 from .verdict import branch_name, delta_ci, get, metrics_for, phase_of, rel_step, seed_position, segment, sort_records, value, verdict
 
 NM = "not measured"
@@ -104,18 +105,6 @@ def load_records(source) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- cells
-def _f(d):
-    return lambda v: f"{v:.{d}f}"
-
-
-def _signed(d):
-    return lambda v: f"{v:+.{d}f}"
-
-
-def _pct(v):
-    return f"{100 * v:.2f}%"
-
-
 def _x(d):
     return lambda v: f"{v:.{d}f}x"
 
@@ -187,7 +176,7 @@ def _note(recs, i, seed_i, phase) -> str:
         if seg != prev_seg and seg in ("peak", "warmdown"):
             parts.append(f"first save {'after warmup' if seg == 'peak' else 'in the warmdown'}")
     ds = []
-    for key, name, fmt in (("bpb.full", "BPB", _signed(6)), ("acc.full", "acc", None), ("spec.acceptance", "α", None)):
+    for key, name, fmt in (("bpb.full", "BPB", fmt_signed(6)), ("acc.full", "acc", None), ("spec.acceptance", "α", None)):
         v, v0 = value(rec, key), value(seed, key)
         if v is not None and v0 is not None:
             ds.append(f"{name} {fmt(v - v0)}" if fmt else f"{name} {100 * (v - v0):+.2f}pp")
@@ -228,22 +217,22 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     out.append(("Per-checkpoint val BPB",
                 f"Same local val slice for every checkpoint ({_tokens(split)}); full K={K} PoE aggregation.",
                 _table(["Branch", "Step", "Phase rel_it", "Training-log val BPB", f"Local-slice full K={K} BPB ({_tokens(split)})"],
-                       _rows(recs, seed_i, [rel, keyed("train_val_bpb", _f(6)), keyed("bpb.full", _f(6))]))))
+                       _rows(recs, seed_i, [rel, keyed("train_val_bpb", fmt_num(6)), keyed("bpb.full", fmt_num(6))]))))
 
-    cols = [keyed("bpb.full", _f(6))] + [keyed(f"bpb.single.{k}", _f(6)) for k in range(K)]
-    cols += [keyed(f"bpb.prefix.{j}", _f(6)) for j in range(K - 1)]
+    cols = [keyed("bpb.full", fmt_num(6))] + [keyed(f"bpb.single.{k}", fmt_num(6)) for k in range(K)]
+    cols += [keyed(f"bpb.prefix.{j}", fmt_num(6)) for j in range(K - 1)]
     header = ["Branch", "Step", f"full K={K}"] + [f"single s{k}" for k in range(K)] + [f"prefix K'={j}" for j in range(1, K)]
     out.append(("Per-stage BPB", "Training-objective BPB at each PoE stage boundary, on the same local val slice.",
                 _table(header, _rows(recs, seed_i, cols))))
 
-    cols = [keyed(f"acc.single.{k}", _f(4)) for k in range(K)] + [keyed("acc.full", _f(4))]
+    cols = [keyed(f"acc.single.{k}", fmt_num(4)) for k in range(K)] + [keyed("acc.full", fmt_num(4))]
     out.append(("Per-stage standalone target accuracy",
                 "Top-1 accuracy of each stage's standalone prediction vs the target token, same val slice.",
                 _table(["Branch", "Step"] + [f"s{k}" for k in range(K)] + ["full"], _rows(recs, seed_i, cols))))
 
     spec = _newest(recs, "spec")
     m = spec.get("m", "m")
-    cols = [keyed("spec.acceptance", _f(4)), keyed("spec.mean_accepted", _f(2)), keyed("spec.speedup", _x(2))]
+    cols = [keyed("spec.acceptance", fmt_num(4)), keyed("spec.mean_accepted", fmt_num(2)), keyed("spec.speedup", _x(2))]
     out.append((f"Self-speculative decoding (m={m} stage-0 draft, full K={K} verify)",
                 f"Greedy; mode: {spec.get('mode', NM)}; acceptance α = accepted / proposed draft tokens; "
                 f"speedup = wall time of full-K greedy / self-speculative greedy.",
@@ -254,8 +243,8 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     kinds = sorted({(str(x.get("metric")), x.get("cap")) for x in routes}, key=str)
     label = " / ".join(f"{mt} cap = {cap:.3f}" if isinstance(cap, (int, float)) else f"{mt} cap = ?" for mt, cap in kinds)
     conf = sorted({str(x.get("confidence")) for x in routes})
-    cols = [keyed("routing.fraction", _pct), keyed("routing.projected_speedup", _x(3)),
-            keyed("routing.agreement_s0_full", _f(4))]
+    cols = [keyed("routing.fraction", fmt_pct), keyed("routing.projected_speedup", _x(3)),
+            keyed("routing.agreement_s0_full", fmt_num(4))]
     out.append((f"Confidence-aware routing ({label or NM})",
                 f"A position goes to stage 0 alone when its stage-0 confidence ({', '.join(conf) or NM}) >= τ, the "
                 f"lowest threshold whose {' / '.join(k[0] for k in kinds) or 'regression metric'} stays within the cap; "
@@ -264,14 +253,14 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
                        _rows(recs, seed_i, cols))))
 
     calib = _newest(recs, "wand").get("calib_tokens")
-    cols = [keyed(f"wand.bounds.{s}", _f(4)) for s in range(K - 1)]
+    cols = [keyed(f"wand.bounds.{s}", fmt_num(4)) for s in range(K - 1)]
     out.append(("WAND p99 bounds (cumulative-PoE delta range, constant-shift invariant)",
                 f"Calibrated on a {_tokens(calib)} val slice using range(delta) = max(delta) − min(delta); each "
                 f"branch's config.json carries its own bounds in poe_wand_p99_bounds_per_stage_head.",
                 _table(["Branch", "Step"] + [f"bound {s} → {s + 1}" for s in range(K - 1)], _rows(recs, seed_i, cols))))
 
     alphas = list(_newest(recs, "alpha_sweep").get("alphas") or [])
-    cols = [(lambda a: lambda r: _sweep_cell(r, a))(a) for a in alphas] + [keyed("crossover_gap", _signed(6))]
+    cols = [(lambda a: lambda r: _sweep_cell(r, a))(a) for a in alphas] + [keyed("crossover_gap", fmt_signed(6))]
     out.append(("Bayesian PoE α-sweep (renormed BPB)",
                 "α=0 is the geometric-mean PoE aggregate; α=1 the pure sum (log opinion pool). Crossover gap = "
                 f"BPB(full K, α=0) − BPB(single s{K - 1}).",

@@ -123,15 +123,16 @@ def segment(rel, phase: Phase | None) -> str | None:
 
 
 # ----------------------------------------------------------------------------- metric catalogue
-def _num(d):
+def fmt_num(d):
+    """Formatter of a value with d decimals (tables and sentences share it)."""
     return lambda v: f"{v:.{d}f}"
 
 
-def _dnum(d):
+def fmt_signed(d):
     return lambda v: f"{v:+.{d}f}"
 
 
-def _pct(v):
+def fmt_pct(v):
     return f"{100 * v:.2f}%"
 
 
@@ -153,21 +154,21 @@ def metrics_for(records) -> list[Metric]:
     """The metrics the verdict speaks about; K and m come from the records."""
     K = max((int(r.get("K") or 0) for r in records), default=0)
     m = next((r["spec"].get("m") for r in reversed(sort_records(records)) if isinstance(r.get("spec"), dict)), None) or "m"
-    b6, d6, b4, d4 = _num(6), _dnum(6), _num(4), _dnum(4)
+    b6, d6, b4, d4 = fmt_num(6), fmt_signed(6), fmt_num(4), fmt_signed(4)
     out = [Metric("train_val_bpb", "training-log val BPB", "BPB", "lower", b6, d6),
            Metric("bpb.full", f"full K={K} BPB", "BPB", "lower", b6, d6)]
     out += [Metric(f"bpb.single.{k}", f"single s{k} BPB", "BPB", "lower", b6, d6) for k in range(K)]
     out += [Metric("acc.full", "full accuracy", "accuracy", "higher", b4, d4),
             Metric("acc.single.0", "s0 accuracy", "accuracy", "higher", b4, d4),
             Metric("spec.acceptance", "spec acceptance α", "spec decoding", "higher", b4, d4),
-            Metric("spec.mean_accepted", f"spec mean accepted / {m}", "spec decoding", "higher", _num(2), _dnum(2)),
-            Metric("spec.speedup", "spec end-to-end speedup", "spec decoding", "higher", _num(2), _dnum(2)),
-            Metric("routing.fraction", "routing fraction to stage 0", "routing", "higher", _pct, _dpct),
-            Metric("routing.projected_speedup", "routing projected speedup", "routing", "higher", _num(3), _dnum(3)),
+            Metric("spec.mean_accepted", f"spec mean accepted / {m}", "spec decoding", "higher", fmt_num(2), fmt_signed(2)),
+            Metric("spec.speedup", "spec end-to-end speedup", "spec decoding", "higher", fmt_num(2), fmt_signed(2)),
+            Metric("routing.fraction", "routing fraction to stage 0", "routing", "higher", fmt_pct, _dpct),
+            Metric("routing.projected_speedup", "routing projected speedup", "routing", "higher", fmt_num(3), fmt_signed(3)),
             Metric("routing.agreement_s0_full", "base s0=full agreement", "routing", "higher", b4, d4)]
     out += [Metric(f"wand.bounds.{s}", f"WAND p99 bound {s} → {s + 1}", "WAND", None, b4, d4) for s in range(K - 1)]
     out += [Metric("crossover_gap", "crossover gap", "alpha sweep", None, d6, d6),
-            Metric("probe.passed", "probe prompts passed", "probe", "higher", _num(0), _dnum(0))]
+            Metric("probe.passed", "probe prompts passed", "probe", "higher", fmt_num(0), fmt_signed(0))]
     return out
 
 
