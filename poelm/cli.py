@@ -322,6 +322,12 @@ def _run_measure(args):
             samples=args.samples, seed=args.seed, progress=not args.quiet)
         print(measure.format_summary(rec))
         print(f"  record: {rec['record_path']}" + (f"; calibration: {', '.join(rec['calibration_written'])}" if rec["calibration_written"] else ""))
+        if rec.get("branch") and "@" in t and not args.out:
+            from . import publish, report
+
+            repo, branch = publish.parse_target(t)
+            updated = report.update_cards(repo, [branch])
+            print(f"  model cards refreshed: {', '.join(updated)}")
     return 0
 
 

@@ -62,10 +62,7 @@ def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual
     log("[4/4] trajectory report")
     records = report.load_records(repo)
     paths = report.write_report(records, work / "report")
-    # Each branch's model card = the report's tables up to that step (main's: the whole trajectory).
-    for rec in records:
-        card = report.render_card([r for r in records if r["step"] <= rec["step"]], upto_step=rec["step"], main=rec is records[-1])
-        publish.update_branch_files(repo, rec["branch"], {"README.md": card.encode()})
+    report.update_cards(repo)  # every branch's model card = the report up to its step
     elapsed = time.time() - t0
     out = {"workdir": str(work), "trajectory": str(repo), "branches": branches, "report": str(paths.get("report", work / "report")),
            "elapsed_s": elapsed, "base": base, "continual": cont}

@@ -350,6 +350,30 @@ def build_tables(records) -> str:
 
 
 # ----------------------------------------------------------------------------- card / report
+def update_cards(repo, branches=None) -> list[str]:
+    """Make the report the model card (README.md) of trajectory branches: each branch gets the
+    tables and verdict over the records up to its own step, the newest (``main``) the whole
+    trajectory. ``branches`` None = every measured branch; the newest is always refreshed, since
+    a newly measured earlier branch changes its tables. Returns the branches updated."""
+    from . import publish
+
+    records = sort_records(publish.read_records(repo))
+    if not records:
+        return []
+    newest = records[-1].get("branch")
+    wanted = set(branches) if branches is not None else {r.get("branch") for r in records}
+    wanted.add(newest)
+    done = []
+    for rec in records:
+        b = rec.get("branch")
+        if b not in wanted:
+            continue
+        card = render_card(records, upto_step=int(rec["step"]), main=b == newest)
+        publish.update_branch_files(repo, b, {"README.md": card.encode("utf-8")})
+        done.append(b)
+    return done
+
+
 def render_card(records, *, title: str | None = None, repo_id: str | None = None, upto_step: int | None = None,
                 main: bool = False, plots: dict | None = None, front_matter: bool = True) -> str:
     """The model card README (markdown) of a branch: tables and verdict over the records up to its step.

@@ -315,3 +315,20 @@ def test_cli_report(tmp_path, capsys):
     assert "oscillation regime" in out and (tmp_path / "rep" / "report.md").is_file()
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_update_cards_gives_each_branch_the_report_up_to_its_step(recs, monkeypatch):
+
+
+    fake = types.ModuleType("poelm.publish")
+    writes = {}
+    fake.read_records = lambda repo: list(recs)
+    fake.update_branch_files = lambda repo, branch, files: writes.__setitem__(branch, files["README.md"].decode())
+    monkeypatch.setitem(sys.modules, "poelm.publish", fake)
+    monkeypatch.setattr(poelm, "publish", fake, raising=False)
+    done = R.update_cards("repo", ["step-86000"])
+    assert done == ["step-86000", "step-96000"]  # the measured branch and the newest (main)
+    early, main = writes["step-86000"], writes["step-96000"]
+    assert "0.822195" in early and "0.827363" not in early  # its own row, not later ones
+    assert "0.827363" in main and "0.724738" in main
+    assert len(R.update_cards("repo")) == len(recs)
