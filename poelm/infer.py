@@ -479,58 +479,6 @@ def _speculative():
     return decode
 
 
-# ----------------------------------------------------------------------------- command-line helpers
-class TextStream:
-    """``on_token`` callback that writes decoded text as it is produced (one row).
-
-    Byte-level BPE tokens can end inside a UTF-8 character, so the whole continuation is decoded
-    each time and only a suffix that does not end in U+FFFD (an incomplete character) is written."""
-
-    def __init__(self, tokenizer, write, skip=()):
-        self.tokenizer, self.write, self.skip = tokenizer, write, set(skip)
-        self.ids: list[int] = []
-        self.shown = 0
-
-    def __call__(self, row: int, token: int) -> None:
-        if token in self.skip:  # a stop token ends the text; it is not part of it
-            return
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
-        self.write(text[self.shown :])
-        self.shown = len(text)
-
-    def flush(self) -> None:
-        text = self.tokenizer.decode(self.ids)
-        if len(text) > self.shown:
-            self.write(text[self.shown :])
-            self.shown = len(text)
-
-
-def mode_kwargs(mode_text: str, meta: dict | None, bounds=None, tau=None) -> dict:
-    """``Engine.generate`` keywords for a CLI mode string; wand bounds default to the checkpoint's
-    ``poe_wand_p99_bounds_per_stage_head`` and are required."""
-    kw = parse_mode(mode_text)
-    if kw["mode"] == "wand":
-        kw["bounds"] = bounds if bounds is not None else wand_bounds_from(meta)
-        if kw["bounds"] is None:
-            raise PoelmError(f"wand needs {BOUNDS_KEY}, which this checkpoint lacks: calibrate it with `poelm measure` or pass --bounds")
-    if kw["mode"] == "route":
-        routing = (meta or {}).get("poe_routing") or {}
-        kw["tau"] = tau if tau is not None else routing.get("tau")  # calibrated by `poelm measure`
-    return kw
-
-
-def format_stats(stats: dict) -> str:
-    """One line of the per-call statistics."""
-    parts = [f"{stats['new_tokens']} tokens in {stats['elapsed_s']:.2f}s ({stats['tokens_per_s']:.1f} tok/s)",
-             f"mean depth {stats['mean_depth']:.2f}"]
-    if stats.get("acceptance") is not None:
-        parts.append(f"acceptance {stats['acceptance']:.3f}, mean accepted {stats['mean_accepted']:.2f} over {stats['rounds']} rounds")
-    return ", ".join(parts)
-
-
 # ----------------------------------------------------------------------------- entry points for the HF class
 def generate_wand(model, prompt_ids, max_new_tokens: int, bounds, **kw) -> GenerationResult:
     """WAND adaptive depth over a PoEGPT with the checkpoint's p99 bounds (K-1 floats)."""

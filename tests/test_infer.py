@@ -8,7 +8,8 @@ from scipy.stats import chisquare
 
 from poelm import poe
 from poelm.errors import PoelmError
-from poelm.infer import Engine, Sampler, TextStream, mode_kwargs, parse_mode, wand_bounds_from
+from poelm.cli import TextStream, mode_kwargs
+from poelm.infer import Engine, Sampler, parse_mode, wand_bounds_from
 from poelm.model import KVCache, ModelConfig, PoEGPT
 
 

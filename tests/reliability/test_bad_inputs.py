@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from poelm import checkpoint, data, selftest, train
+from poelm import badinputs, checkpoint, data, selftest, train
 
 
 def test_bad_inputs_rejected_cleanly(fx, tmp_path):
@@ -26,13 +26,13 @@ def test_bad_inputs_rejected_cleanly(fx, tmp_path):
 def test_a_bad_case_is_caught_by_the_harness(fx, tmp_path):
     """The suite's checks fail when they should: a wrong message, a zero exit, a changed file."""
     (tmp_path / "keep.txt").write_text("x")
-    c = selftest.run_case(selftest.Case("wrong message", ["checkout", fx.seed_repo, "step 1", tmp_path / "o"], r"no such message"), [tmp_path])
+    c = badinputs.run_case(badinputs.Case("wrong message", ["checkout", fx.seed_repo, "step 1", tmp_path / "o"], r"no such message"), [tmp_path])
     assert c.rc == 2 and not c.ok and "does not match" in c.problems[0]
-    c = selftest.run_case(selftest.Case("not an error", ["branches", fx.seed_repo], r"."), [tmp_path])
+    c = badinputs.run_case(badinputs.Case("not an error", ["branches", fx.seed_repo], r"."), [tmp_path])
     assert c.rc == 0 and any("exit code 0" in p for p in c.problems)
-    before = selftest._digest([tmp_path])
+    before = badinputs._digest([tmp_path])
     (tmp_path / "keep.txt").write_text("y")
-    c = selftest.run_case(selftest.Case("changed", ["checkout", fx.seed_repo, "step 1", tmp_path / "o"], r"invalid branch"), [tmp_path], before)
+    c = badinputs.run_case(badinputs.Case("changed", ["checkout", fx.seed_repo, "step 1", tmp_path / "o"], r"invalid branch"), [tmp_path], before)
     assert c.changed == ["0:keep.txt"] and not c.ok
 
 
