@@ -121,6 +121,7 @@ def _add_demo(sub):
     p.add_argument("--save-every", type=int, help="continual save interval (default: 1/6 of the phase)")
     p.add_argument("--split-tokens", type=int, help="measurement slice (tokens)")
     p.add_argument("--calib-tokens", type=int, help="WAND/routing calibration slice (tokens)")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier demo in --workdir first")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -129,7 +130,7 @@ def _run_demo(args):
     from . import demo
 
     demo.run_demo(args.workdir, args.config, args.base_steps, args.continual_steps, args.save_every,
-                  args.split_tokens, args.calib_tokens, args.overrides, progress=not args.quiet)
+                  args.split_tokens, args.calib_tokens, args.overrides, progress=not args.quiet, overwrite=args.overwrite)
     return 0
 
 

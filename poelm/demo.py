@@ -14,18 +14,24 @@ Everything lands under ``--workdir`` (default ``./poelm-demo``); the command pri
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 from . import config as config_mod
+from .errors import PoelmError
 
 
 def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual_steps=None, save_every=None,
-             split_tokens=None, calib_tokens=None, overrides=None, progress=True, log=print) -> dict:
+             split_tokens=None, calib_tokens=None, overrides=None, progress=True, log=print, overwrite=False) -> dict:
     from . import train
 
     t0 = time.time()
     work = Path(workdir)
+    if work.exists() and any(work.iterdir()):
+        if not overwrite:
+            raise PoelmError(f"{work} already holds a demo run; pass --overwrite to replace it or --workdir to use another folder")
+        shutil.rmtree(work)
     repo = work / "trajectory"
     cfg = config_mod.load(config, overrides or [])
     if base_steps:

@@ -1,0 +1,37 @@
+"""The demo end to end on a tiny model: trajectory branches, calibration, cards, report."""
+
+import json
+import subprocess
+
+import pytest
+
+from poelm import demo, publish
+from poelm.errors import PoelmError
+
+TINY = [
+    "model.vocab_size=320", "model.depth=3", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=1",
+    "model.intermediate=64", "model.max_seq_len=64", "model.stage_layers=[1,1,1]",
+    "train.seq_len=32", "train.device_batch_size=4", "train.eval_every=0", "train.eval_tokens=2048",
+    "data.tokenizer_train_chars=200000",
+]
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+    work = tmp_path / "demo"
+    out = demo.run_demo(work, overrides=TINY, base_steps=6, continual_steps=4, save_every=2, split_tokens=2048,
+                        calib_tokens=1024, progress=False, log=lambda *a: None)
+    assert out["branches"] == ["step-00006", "step-00008", "step-00010"]  # the seed first, then every save
+    rows = publish.list_branches(out["trajectory"])
+    assert [r["main"] for r in rows] == [False, False, True]
+    assert all(r["bpb"] is not None for r in rows)
+    assert publish.verify(out["trajectory"]) == []
+    for b in out["branches"]:
+        cfg = json.loads(subprocess.run(["git", "-C", out["trajectory"], "show", f"{b}:config.json"], capture_output=True, text=True, check=True).stdout)
+        assert len(cfg["poe_wand_p99_bounds_per_stage_head"]) == 2
+        card = subprocess.run(["git", "-C", out["trajectory"], "show", f"{b}:README.md"], capture_output=True, text=True, check=True).stdout
+        assert "Per-stage BPB" in card and f"`{b}`" in card
+    report = (work / "report" / "report.md").read_text()
+    assert "## Verdict" in report and "step-00010" in report
+    assert sorted(p.name for p in (work / "report").glob("*.png")) == ["alpha_sweep.png", "bpb_vs_step.png", "spec_routing_vs_step.png", "wand_vs_step.png"]
+    with pytest.raises(PoelmError, match="already holds a demo run"):
+        demo.run_demo(work, overrides=TINY, progress=False, log=lambda *a: None)
