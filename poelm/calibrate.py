@@ -55,6 +55,12 @@ class Calibrator:
             self.wand.add(stats["wand_range"][:, c])
         self.routing.add(stats)
 
+    def all_reduce(self) -> "Calibrator":
+        """Merge the ranks' calibration positions (``torch.distributed``; no-op on one process)."""
+        self.wand.all_reduce()
+        self.routing.all_reduce()
+        return self
+
     def wand_summary(self) -> dict | None:
         if self.K < 2 or self.wand.n == 0:
             return None

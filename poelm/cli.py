@@ -375,7 +375,11 @@ def _run_measure(args):
             batch_size=args.batch_size, seq_len=args.seq_len, cap=args.cap, routing_metric=args.routing_metric,
             confidence=args.confidence, m=args.m, max_new_tokens=args.max_new_tokens, block_tokens=args.block_tokens,
             samples=args.samples, seed=args.seed, progress=not args.quiet)
-        print(measure.format_summary(rec))
+        if rec is None:  # torchrun: a rank other than 0 (rank 0 prints and writes)
+            continue
+        from .report import format_summary
+
+        print(format_summary(rec))
         print(f"  record: {rec['record_path']}" + (f"; calibration: {', '.join(rec['calibration_written'])}" if rec["calibration_written"] else ""))
         if rec.get("branch") and "@" in t and not args.out:
             from . import publish, report

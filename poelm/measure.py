@@ -24,6 +24,22 @@ not depend on the slice length (apart from the token ids themselves and one row 
 block of 1024 tokens). ``bench/measure_cost.py`` prints the cost against a plain evaluation. bf16
 autocast on CUDA (``dtype="auto"``); generation (probe, speculative) always runs in fp32 because
 SPEC defines speculative output as token-identical to fp32 full-K greedy.
+
+Distributed (``torchrun --nproc_per_node=N -m poelm measure ...``; ``measure_target`` joins the
+process group from torchrun's environment, gloo on CPU, NCCL on CUDA): batch b of each slice
+(``data.val_batches``' cut, unchanged) runs on rank ``b % world``, so every position is computed
+once, in the same batch (same shapes, same chunks) as on one process, and the accumulators are
+merged before anything is derived from them (``metrics``' ``all_reduce``: block sums and histograms
+summed in float64, the exact quantile tail gathered). The WAND bounds and the routing threshold
+are therefore calibrated on the merged calibration slice and identical on every rank before the
+measurement pass. Every position-level figure (BPB, accuracy, alpha sweep, WAND bounds and
+quantiles, exits, routing, bootstrap intervals from the same merged block sums and seed) equals
+the one-process figure up to float64 summation order (counts, quantile tails and tau exactly).
+Rank 0 alone then runs the bootstrap and the generation-based parts (probe, speculative
+statistics) and broadcasts the record, so ``measure`` returns the same record on every rank;
+``measure_target`` writes the record and the calibration on rank 0 only and returns None on the
+other ranks. Whole batches rather than rows go to ranks so that results do not depend on how
+rows were batched (CPU and GPU kernels may round differently for other batch shapes).
 """
 
 from __future__ import annotations
@@ -42,7 +58,7 @@ from .bootstrap import DEFAULT_LEVEL, DEFAULT_SAMPLES, delta_intervals, figure_i
 from .calibrate import MANIFESTS, Calibrator, routing_entry, routing_summary, write_bounds
 from .errors import DataError, PoelmError
 from .fsio import atomic_write_bytes
-from .metrics import ALPHAS, BlockSums, RoutingHistogram, position_stats, routing_threshold
+from .metrics import ALPHAS, BlockSums, RoutingHistogram, position_stats, routing_threshold, world_size
 from .probe import get_engine, load_prompt_set, run_probe, run_spec
 
 DEFAULT_SPLIT_TOKENS = 1_048_576  # the card's --split-tokens
@@ -122,14 +138,26 @@ def _rows(tokens: torch.Tensor, seq_len: int, batch_size: int):
     return val_batches(tokens, batch_size, seq_len)
 
 
+def _rank_world() -> tuple[int, int]:
+    world = world_size()
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
 @torch.no_grad()
 def run_pass(model, tokens, *, seq_len, batch_size, token_bytes, autocast, consumers, bounds=None,
              confidence="maxprob", alphas=ALPHAS, bar=None, full=True):
     """One forward per batch over ``tokens``; every consumer gets ``(stats, positions)`` for each
-    chunk of positions (``positions`` = target indices within the slice)."""
+    chunk of positions (``positions`` = target indices within the slice). Under
+    ``torch.distributed`` this rank runs batches ``b`` with ``b % world == rank`` only."""
     dev = token_bytes.device
+    rank, world = _rank_world()
     offset = 0
-    for x, y in _rows(tokens, seq_len, batch_size):
+    for b, (x, y) in enumerate(_rows(tokens, seq_len, batch_size)):
+        if b % world != rank:
+            offset += y.numel()
+            if bar is not None:
+                bar.update(y.numel())
+            continue
         x, y = x.to(dev), y.to(dev)
         with autocast():
             z = model.stage_log_probs(x)
@@ -161,7 +189,7 @@ def evaluate(model, meas, calib, *, seq_len, batch_size, token_bytes, autocast, 
     if calib is not None:
         cal = Calibrator(K, n_max=calib.numel(), softcap=model.config.softcap, device=dev)
         run_pass(model, calib, consumers=[lambda st, pos: cal.add(st)], full=False, **kw)
-        wand = cal.wand_summary()
+        wand = cal.all_reduce().wand_summary()  # bounds and tau from every rank's positions
     bounds = wand["bounds"] if wand else None
     index = None
     if cal is not None:
@@ -181,6 +209,10 @@ def evaluate(model, meas, calib, *, seq_len, batch_size, token_bytes, autocast, 
             exits[K] += (st["exit_agree"] & c).sum().double()
 
     run_pass(model, meas, consumers=[consume], bounds=bounds, **kw)
+    blocks.all_reduce()
+    held.all_reduce()
+    if world_size() > 1:
+        torch.distributed.all_reduce(exits, op=torch.distributed.ReduceOp.SUM)
     return {"calibrator": cal, "wand": wand, "blocks": blocks, "held": held, "exits": exits.cpu().numpy()}
 
 
@@ -246,18 +278,52 @@ def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_T
     if tb.numel() < cfg.vocab_size:
         tb = torch.cat([tb, tb.new_zeros(cfg.vocab_size - tb.numel())])
     n_meas, n_cal = meas.numel() - 1, (calib.numel() - 1 if calib is not None else 0)
+    rank, world = _rank_world()
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=(n_meas + n_cal) * (2 if ref is not None else 1), unit="tok", desc="measure", leave=False)
     kw = dict(seq_len=T, batch_size=batch_size, token_bytes=tb, autocast=autocast, block_tokens=block_tokens, cap=cap,
               metric=routing_metric, confidence=confidence, bar=bar)
     ev = evaluate(model, meas, calib, **kw)
+    rk = dict(t0=t0, K=K, cfg=cfg, T=T, dev=dev, dtype_label=dtype_label, n_meas=n_meas, n_cal=n_cal, split_tokens=split_tokens,
+              calib_tokens=calib_tokens, block_tokens=block_tokens, samples=samples, seed=seed, level=level, cap=cap,
+              routing_metric=routing_metric, confidence=confidence, probe_set=probe_set, max_new_tokens=max_new_tokens, m=m,
+              target=target, data=data, world=world)
     ref_ev = evaluate(ref[0], meas, calib, **kw) if ref is not None else None
     if bar is not None:
         bar.close()
+    if world == 1:
+        return _record(model, tokenizer, meta, ev, ref_ev, ref, **rk)
+    return _on_rank0(lambda: _record(model, tokenizer, meta, ev, ref_ev, ref, **rk), rank, world, dev)
 
+
+def _on_rank0(build, rank: int, world: int, dev) -> dict:
+    """``build()`` on rank 0 only; its record (JSON text, NaN kept) broadcast to every rank. A
+    failure on rank 0 is broadcast too, so the other ranks raise instead of waiting."""
+    from .runtime import Runtime, _broadcast_text
+
+    rt = Runtime(rank, world, 0, torch.device(dev), torch.float32)
+    if rank != 0:
+        got = json.loads(_broadcast_text(None, rt))
+        if "__rank0_error__" in got:
+            raise PoelmError(f"rank 0 failed: {got['__rank0_error__']}")
+        return got
+    try:
+        rec = build()
+    except Exception as e:
+        _broadcast_text(json.dumps({"__rank0_error__": f"{type(e).__name__}: {e}"}), rt)
+        raise
+    _broadcast_text(json.dumps(rec, default=_json_default), rt)
+    return rec
+
+
+def _record(model, tokenizer, meta, ev, ref_ev, ref, *, t0, K, cfg, T, dev, dtype_label, n_meas, n_cal, split_tokens,
+            calib_tokens, block_tokens, samples, seed, level, cap, routing_metric, confidence, probe_set, max_new_tokens,
+            m, target, data, world) -> dict:
+    """The record from the merged accumulators (bootstrap, routing, WAND exits), plus the probe
+    and the speculative statistics (generation: one process)."""
     figs = figure_intervals(ev["blocks"], K, ALPHAS, samples, seed, level)
     flops = model.flops_per_token(T)
     c0 = flops["per_stage"][0] / flops["total"]
@@ -270,7 +336,7 @@ def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_T
         "K": K, "stage_layers": list(cfg.stage_layers),
         "split_tokens": n_meas, "calib_tokens": n_cal,
         "split_tokens_requested": int(split_tokens), "calib_tokens_requested": int(calib_tokens),
-        "seq_len": T, "data": data or "tokens",
+        "seq_len": T, "data": data or "tokens", "world_size": int(world),
         "bpb": {"full": figs["bpb.full"], "single": [figs[f"bpb.single.{k}"] for k in range(K)],
                 "prefix": [figs[f"bpb.prefix.{j}"] for j in range(K - 1)]},
         "acc": {"single": [figs[f"acc.single.{k}"] for k in range(K)], "full": figs["acc.full"]},
@@ -310,57 +376,6 @@ def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_T
     return rec
 
 
-# ----------------------------------------------------------------------------- summary
-def _f(x, d=6):
-    return "n/a" if x is None else f"{x:.{d}f}"
-
-
-def _ci(node, d=6):
-    v, ci = node.get("value"), node.get("ci") or [None, None]
-    if ci[0] is None:
-        return _f(v, d)
-    return f"{_f(v, d)} [{_f(ci[0], d)}, {_f(ci[1], d)}]"
-
-
-def format_summary(rec: dict) -> str:
-    """A few lines for the terminal (the record has everything)."""
-    K = rec["K"]
-    L = [f"{rec.get('target') or 'model'}  step {rec.get('step')}  K={K} {rec['stage_layers']}  "
-         f"{rec['split_tokens']:,} tokens ({rec['data']}), calib {rec['calib_tokens']:,}, {rec['device']} {rec['dtype']}, "
-         f"{rec['elapsed_s']:.1f}s"]
-    b = rec["bpb"]
-    L.append(f"  BPB full K    {_ci(b['full'])}   (95% block-bootstrap interval)")
-    L.append("  BPB single    " + "  ".join(f"s{k} {_f(x['value'])}" for k, x in enumerate(b["single"])))
-    if b["prefix"]:
-        L.append("  BPB prefix    " + "  ".join(f"K'={j + 1} {_f(x['value'])}" for j, x in enumerate(b["prefix"])))
-    a = rec["acc"]
-    L.append("  accuracy      " + "  ".join(f"s{k} {_f(x['value'], 4)}" for k, x in enumerate(a["single"])) + f"  full {_f(a['full']['value'], 4)}")
-    sw = rec["alpha_sweep"]
-    L.append("  alpha sweep   " + "  ".join(f"{al:g}: {_f(v)}" for al, v in zip(sw["alphas"], sw["bpb"])) + f"   crossover gap {_f(rec['crossover_gap'])}")
-    if rec.get("wand"):
-        L.append("  WAND p99      " + "  ".join(f"{s}->{s + 1} {v:.4f}" for s, v in enumerate(rec["wand"]["bounds"])))
-    r = rec.get("routing")
-    if r:
-        L.append(f"  routing       {r['metric']} <= {r['cap']}: tau {r['tau']:.4f}, routed {100 * r['fraction']:.2f}%, "
-                 f"projected {r['projected_speedup']:.3f}x, s0=full agreement {_f(r['agreement_s0_full'], 4)}")
-    s = rec.get("spec")
-    if s:
-        sp = "n/a" if s.get("speedup") is None else f"{s['speedup']:.2f}x"
-        L.append(f"  speculative   m={s['m']} ({s['mode']}): acceptance {_f(s['acceptance'], 4)}, "
-                 f"mean accepted {_f(s['mean_accepted'], 2)}/{s['m']}, speedup {sp}")
-    p = rec.get("probe")
-    if p:
-        marks = " ".join(f"{x['name']} {'PASS' if x['pass'] else 'fail'}" for x in p["results"])
-        L.append(f"  probe ({p['set']}) {p['passed']}/{p['total']}: {marks}")
-    ag = rec.get("against")
-    if ag:
-        d = ag["deltas"]
-        noisy = [k for k, v in d.items() if v.get("inside_noise")]
-        L.append(f"  vs {ag['target']}: dBPB full {_ci(d['bpb.full'])}, dacc full {_ci(d['acc.full'], 4)}; "
-                 f"{len(d) - len(noisy)} of {len(d)} deltas outside noise")
-    return "\n".join(L)
-
-
 # ----------------------------------------------------------------------------- targets
 def resolve_target(target: str, workdir) -> tuple[Path, str | None, str | None]:
     """(local dir, repo, branch): a checkpoint dir, a run dir (its newest checkpoint), an exported
@@ -385,6 +400,25 @@ def pick_device(device: str | None) -> str:
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise PoelmError("--device cuda but no CUDA device is available; use --device cpu")
     return str(device)
+
+
+def join_group(device: str) -> str:
+    """Under torchrun (``WORLD_SIZE`` > 1) join the process group with ``runtime.setup_runtime``
+    (gloo on CPU, NCCL on CUDA; ``cuda`` becomes ``cuda:LOCAL_RANK``) unless one exists; returns
+    the device to load on. The group then lives until the process exits, so several targets of
+    one ``poelm measure`` share it; ``runtime.teardown_runtime`` runs at exit."""
+    import atexit
+    import os
+    from types import SimpleNamespace
+
+    from .runtime import setup_runtime, teardown_runtime
+
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or world_size() > 1:
+        return device
+    rt = setup_runtime(SimpleNamespace(train=SimpleNamespace(device=device, dtype="fp32")))
+    if rt.owns_group:
+        atexit.register(teardown_runtime, rt)
+    return str(rt.device)
 
 
 def _json_bytes(obj) -> bytes:
@@ -420,10 +454,13 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
     to ``out``, else ``<checkpoint dir>/poelm_measure.json``; for ``REPO@branch`` both the
     calibrated config.json and the record are committed to the branch
     (``publish.update_branch_files``). ``probe_set="auto"``: ``embedded`` for a model trained on
-    the embedded corpus, else ``card``. Other keywords go to ``measure``."""
+    the embedded corpus, else ``card``. Other keywords go to ``measure``.
+
+    Under torchrun the ranks share the work (module docstring) and rank 0 alone writes; the other
+    ranks return None."""
     from .checkpoint import load_model
 
-    dev = pick_device(device)
+    dev = join_group(pick_device(device))
     if write_calibration is None:
         write_calibration = data is None
     with tempfile.TemporaryDirectory(prefix="poelm-measure-") as work:
@@ -444,6 +481,8 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
         rec = measure(model, tok, meta, tokens=tokens, target=label, data=data, against=ref, probe_set=probe_set,
                       split_tokens=split_tokens, calib_tokens=calib_tokens, **kw)
         rec = _clean(rec)
+        if _rank_world()[0] != 0:
+            return None
         written = []
         if write_calibration and rec.get("wand"):
             written = write_bounds(path, rec["wand"]["bounds"], routing_entry(rec.get("routing")))

@@ -7,6 +7,12 @@ here reduce those per-position values to per-block sums (for the bootstrap) and 
 histograms (for quantiles and routing), so memory does not grow with the slice except by one row
 of ~30 floats per block of 1024 tokens.
 
+Under ``torch.distributed`` (``poelm measure`` under torchrun) every accumulator has an
+``all_reduce()`` that makes it, on every rank, what one process would have accumulated over all
+ranks' positions: per-block sums and histograms are added (float64; counts are exact, NLL sums
+equal up to summation order), the exact quantile tails are gathered and merged (a top-k of the
+union of the per-rank top-k's is the global top-k, so p99 and max are bitwise equal).
+
 Definitions are those of SPEC.md, restated in each docstring. Positions whose target is a special
 token (0 UTF-8 bytes, e.g. BOS) are excluded from EVERY metric (not only BPB), so all figures of one
 record are over the same set of positions ("counted" positions). SPEC is silent on accuracy and
@@ -19,9 +25,21 @@ import math
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 LN2 = math.log(2.0)
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def world_size() -> int:
+    """Processes in the default ``torch.distributed`` group (1 when there is none)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_sum_(t: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
 
 
 # ----------------------------------------------------------------------------- scalar formulas
@@ -182,6 +200,11 @@ class BlockSums:
         X = torch.stack(feats, dim=1)
         self.sums.index_add_(0, positions.to(self.sums.device) // self.block_tokens, X.to(self.sums.device))
 
+    def all_reduce(self) -> "BlockSums":
+        """Sum the blocks over ranks (each rank added its own positions; float64)."""
+        _all_sum_(self.sums)
+        return self
+
     def array(self) -> np.ndarray:
         return self.sums.cpu().numpy()
 
@@ -217,6 +240,26 @@ class StreamingQuantile:
         both = torch.cat([self.tail, v], dim=1)
         k = min(self.tail_size, both.shape[1])
         self.tail = both.topk(k, dim=1).values  # descending
+
+    @torch.no_grad()
+    def all_reduce(self) -> "StreamingQuantile":
+        """Merge the per-rank streams: histograms and counts are summed; the tails (each rank's
+        top ``min(tail, n_rank)`` values, padded with -inf to ``tail`` columns so every rank sends
+        the same shape) are all-gathered and the top ``min(tail, n)`` of their union kept. That
+        union contains the global top ``min(tail, n)`` values, so the merged tail is exactly the
+        single-process one."""
+        if world_size() == 1:
+            return self
+        _all_sum_(self.hist)
+        dev = self.hist.device
+        n = _all_sum_(torch.tensor([self.n], dtype=torch.int64, device=dev))
+        pad = self.tail.new_full((self.rows, self.tail_size), float("-inf"))
+        pad[:, : self.tail.shape[1]] = self.tail
+        parts = [torch.empty_like(pad) for _ in range(world_size())]
+        dist.all_gather(parts, pad)
+        self.n = int(n.item())
+        self.tail = torch.cat(parts, dim=1).topk(min(self.tail_size, self.n), dim=1).values
+        return self
 
     def quantile(self, q: float) -> list[float]:
         """Per row: exact from the tail when it reaches position ``h``, else from the histogram."""
@@ -323,6 +366,11 @@ class RoutingHistogram:
             (stats["nll_single"][0][c] - stats["nll_alpha"][0][c]).double(),
         ]).to(self.data.device)
         self.data.scatter_add_(1, idx.expand(4, -1), vals)
+
+    def all_reduce(self) -> "RoutingHistogram":
+        """Sum the bins over ranks (counts exact; the NLL-increase sums up to summation order)."""
+        _all_sum_(self.data)
+        return self
 
     def arrays(self, metric: str):
         if metric not in self.METRICS:

@@ -350,6 +350,57 @@ def build_tables(records) -> str:
 
 
 # ----------------------------------------------------------------------------- card / report
+# ----------------------------------------------------------------------------- one record, as text (poelm measure)
+def _f(x, d=6):
+    return "n/a" if x is None else f"{x:.{d}f}"
+
+
+def _ci(node, d=6):
+    v, ci = node.get("value"), node.get("ci") or [None, None]
+    if ci[0] is None:
+        return _f(v, d)
+    return f"{_f(v, d)} [{_f(ci[0], d)}, {_f(ci[1], d)}]"
+
+
+def format_summary(rec: dict) -> str:
+    """A few lines for the terminal (the record has everything)."""
+    K = rec["K"]
+    L = [f"{rec.get('target') or 'model'}  step {rec.get('step')}  K={K} {rec['stage_layers']}  "
+         f"{rec['split_tokens']:,} tokens ({rec['data']}), calib {rec['calib_tokens']:,}, {rec['device']} {rec['dtype']}, "
+         f"{rec['elapsed_s']:.1f}s"]
+    b = rec["bpb"]
+    L.append(f"  BPB full K    {_ci(b['full'])}   (95% block-bootstrap interval)")
+    L.append("  BPB single    " + "  ".join(f"s{k} {_f(x['value'])}" for k, x in enumerate(b["single"])))
+    if b["prefix"]:
+        L.append("  BPB prefix    " + "  ".join(f"K'={j + 1} {_f(x['value'])}" for j, x in enumerate(b["prefix"])))
+    a = rec["acc"]
+    L.append("  accuracy      " + "  ".join(f"s{k} {_f(x['value'], 4)}" for k, x in enumerate(a["single"])) + f"  full {_f(a['full']['value'], 4)}")
+    sw = rec["alpha_sweep"]
+    L.append("  alpha sweep   " + "  ".join(f"{al:g}: {_f(v)}" for al, v in zip(sw["alphas"], sw["bpb"])) + f"   crossover gap {_f(rec['crossover_gap'])}")
+    if rec.get("wand"):
+        L.append("  WAND p99      " + "  ".join(f"{s}->{s + 1} {v:.4f}" for s, v in enumerate(rec["wand"]["bounds"])))
+    r = rec.get("routing")
+    if r:
+        L.append(f"  routing       {r['metric']} <= {r['cap']}: tau {r['tau']:.4f}, routed {100 * r['fraction']:.2f}%, "
+                 f"projected {r['projected_speedup']:.3f}x, s0=full agreement {_f(r['agreement_s0_full'], 4)}")
+    s = rec.get("spec")
+    if s:
+        sp = "n/a" if s.get("speedup") is None else f"{s['speedup']:.2f}x"
+        L.append(f"  speculative   m={s['m']} ({s['mode']}): acceptance {_f(s['acceptance'], 4)}, "
+                 f"mean accepted {_f(s['mean_accepted'], 2)}/{s['m']}, speedup {sp}")
+    p = rec.get("probe")
+    if p:
+        marks = " ".join(f"{x['name']} {'PASS' if x['pass'] else 'fail'}" for x in p["results"])
+        L.append(f"  probe ({p['set']}) {p['passed']}/{p['total']}: {marks}")
+    ag = rec.get("against")
+    if ag:
+        d = ag["deltas"]
+        noisy = [k for k, v in d.items() if v.get("inside_noise")]
+        L.append(f"  vs {ag['target']}: dBPB full {_ci(d['bpb.full'])}, dacc full {_ci(d['acc.full'], 4)}; "
+                 f"{len(d) - len(noisy)} of {len(d)} deltas outside noise")
+    return "\n".join(L)
+
+
 def update_cards(repo, branches=None) -> list[str]:
     """Make the report the model card (README.md) of trajectory branches: each branch gets the
     tables and verdict over the records up to its own step, the newest (``main``) the whole
