@@ -394,41 +394,14 @@ def resolve_target(target: str, workdir) -> tuple[Path, str | None, str | None]:
     return Path(resolve_source(str(target))), None, None
 
 
-def pick_device(device: str | None) -> str:
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise PoelmError("--device cuda but no CUDA device is available; use --device cpu")
-    return str(device)
-
-
-def join_group(device: str) -> str:
-    """Under torchrun (``WORLD_SIZE`` > 1) join the process group with ``runtime.setup_runtime``
-    (gloo on CPU, NCCL on CUDA; ``cuda`` becomes ``cuda:LOCAL_RANK``) unless one exists; returns
-    the device to load on. The group then lives until the process exits, so several targets of
-    one ``poelm measure`` share it; ``runtime.teardown_runtime`` runs at exit."""
-    import atexit
-    import os
-    from types import SimpleNamespace
-
-    from .runtime import setup_runtime, teardown_runtime
-
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or world_size() > 1:
-        return device
-    rt = setup_runtime(SimpleNamespace(train=SimpleNamespace(device=device, dtype="fp32")))
-    if rt.owns_group:
-        atexit.register(teardown_runtime, rt)
-    return str(rt.device)
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False, default=_json_default) + "\n").encode("utf-8")
-
-
 def _json_default(x):
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n").encode("utf-8")
 
 
 def _clean(obj):
@@ -459,6 +432,8 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
     Under torchrun the ranks share the work (module docstring) and rank 0 alone writes; the other
     ranks return None."""
     from .checkpoint import load_model
+
+    from .runtime import join_group, pick_device
 
     dev = join_group(pick_device(device))
     if write_calibration is None:

@@ -89,3 +89,28 @@ def _all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     if rt.world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+# ----------------------------------------------------------------------------- evaluation processes
+def pick_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
+    return str(device)
+
+
+def join_group(device: str) -> str:
+    """Under torchrun (``WORLD_SIZE`` > 1) join the process group with ``runtime.setup_runtime``
+    (gloo on CPU, NCCL on CUDA; ``cuda`` becomes ``cuda:LOCAL_RANK``) unless one exists; returns
+    the device to load on. The group then lives until the process exits, so several targets of
+    one ``poelm measure`` share it; ``runtime.teardown_runtime`` runs at exit."""
+    import atexit
+    from types import SimpleNamespace
+
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or (dist.is_initialized() and dist.get_world_size() > 1):
+        return device
+    rt = setup_runtime(SimpleNamespace(train=SimpleNamespace(device=device, dtype="fp32")))
+    if rt.owns_group:
+        atexit.register(teardown_runtime, rt)
+    return str(rt.device)
