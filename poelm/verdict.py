@@ -247,6 +247,10 @@ def trend(steps, values, level: float = 0.05) -> dict:
     sp = stats.spearmanr(steps, values)
     p_rho = _spearman_exact_p(steps, values, float(sp.statistic)) if n <= 8 else float(sp.pvalue)
     out.update(tau=float(kt.statistic), p=float(kt.pvalue), rho=float(sp.statistic), p_rho=p_rho)
+    # With n saves the smallest two-sided Mann–Kendall p is 2/n! (a perfectly monotone series):
+    # n <= 4 can never reach p < 0.05, so such a series is "underpowered", not "oscillating".
+    out["min_p"] = 2.0 / math.factorial(n)
+    out["underpowered"] = out["min_p"] >= level
     if out["p"] < level:
         kind = "rising" if out["tau"] > 0 else "falling"
     else:
@@ -288,6 +292,10 @@ def _trend_text(t: dict, m: Metric, where: str, steps) -> str:
     env = f"{m.fmt(t['lo'])}–{m.fmt(t['hi'])}, range {m.dfmt(t['hi'] - t['lo']).lstrip('+')}"
     if t["kind"] in ("rising", "falling"):
         return f"{head}: {t['kind']} ({test}) over {env}."
+    if t.get("underpowered"):
+        shape = t["kind"] if t["kind"] != "oscillating" else "not monotone"
+        return (f"{head}: {shape} ({test}), within {env}; with {t['n']} saves the smallest attainable p is "
+                f"{_p(t['min_p'])}, so no trend test can be significant yet.")
     if t["kind"] == "oscillating":
         return f"{head}: no monotonic trend ({test}), oscillating within an envelope of {env}."
     return f"{head}: {t['kind']} but not significantly ({test}), within {env}."
@@ -363,9 +371,15 @@ def _overall(results, last, phase, level, window) -> str:
                   f"{directional}): a continual-learning gain over the seed. ")
     else:
         s += "No coherent divergence from the seed: the moved metrics do not agree in direction or are too few. "
-    tested = [r for r in measured if r["trend"]["kind"] not in ("too few", "constant")]
+    testable = [r for r in measured if r["trend"]["kind"] not in ("too few", "constant")]
+    tested = [r for r in testable if not r["trend"].get("underpowered")]
     trending = [r for r in tested if r["trend"]["kind"] in ("rising", "falling")]
     where = f"the {segment(rel_step(last, phase), phase)} phase" if phase else "the trajectory"
+    if not tested and testable:
+        drifting = [r for r in testable if r["trend"]["kind"].startswith("drifting")]
+        return s + (f"Within {where} ({len(window)} saves) no trend test can reach p < {level:g} (smallest attainable "
+                    f"p = {_p(testable[0]['trend']['min_p'])}); {len(drifting)} of {len(testable)} metrics moved "
+                    f"monotonically, the others not: more saves are needed to call a trend or an oscillation.")
     if not tested:
         return s + f"Within {where} there are too few saves ({len(window)}) for a trend test."
     chance = stats.binomtest(len(trending), len(tested), level, alternative="greater").pvalue

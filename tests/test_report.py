@@ -332,3 +332,11 @@ def test_update_cards_gives_each_branch_the_report_up_to_its_step(recs, monkeypa
     assert "0.822195" in early and "0.827363" not in early  # its own row, not later ones
     assert "0.827363" in main and "0.724738" in main
     assert len(R.update_cards("repo")) == len(recs)
+
+
+def test_short_series_are_underpowered_not_oscillating():
+    t = V.trend([1, 2, 3, 4], [4.0, 3.0, 2.0, 1.0])
+    assert t["kind"] == "drifting down" and t["underpowered"] and t["min_p"] == pytest.approx(2 / 24)
+    assert t["p_rho"] == pytest.approx(2 / 24)  # exact Spearman p, not scipy's 0 for |rho| = 1
+    t5 = V.trend([1, 2, 3, 4, 5], [5.0, 4.0, 3.0, 2.0, 1.0])
+    assert t5["kind"] == "falling" and not t5["underpowered"] and t5["p"] == pytest.approx(2 / 120)
