@@ -1,6 +1,6 @@
 """``poelm measure``: every per-checkpoint figure of the model card, from one pass per batch.
 
-What is measured (definitions in SPEC.md; the JSON record's keys in ``notes/record.md``):
+What is measured (definitions in SPEC.md; the JSON record's keys in ``docs/record.md``):
 full-K / single-stage / prefix-K' BPB, per-stage and full accuracy, the alpha sweep and the
 crossover gap, WAND p99 bounds (written back to the checkpoint), confidence-aware routing at a cap,
 self-speculative decoding statistics, the sample-mode probe, and a 95% block-bootstrap interval for
@@ -241,7 +241,7 @@ def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_T
             batch_size=DEFAULT_BATCH_SIZE, seq_len=None, cap=0.02, routing_metric="target_regression", confidence="maxprob",
             m=4, probe_set="card", max_new_tokens=60, against=None, block_tokens=DEFAULT_BLOCK_TOKENS,
             samples=DEFAULT_SAMPLES, level=DEFAULT_LEVEL, seed=0, dtype="auto", progress=True, target=None, data=None) -> dict:
-    """Measure one model; returns the record (``notes/record.md``). See the module docstring.
+    """Measure one model; returns the record (``docs/record.md``). See the module docstring.
 
     ``tokens``: the token stream the slices are cut from (default: the checkpoint's validation
     split, from ``meta["config"]``); ``data``: its label in the record. ``against``: a reference

@@ -1,7 +1,7 @@
 """The trajectory report: the card's tables, the verdict and the plots, from measurement records.
 
 Input: one measurement record per checkpoint/branch (``poelm measure``; schema in
-``notes/record.md``). Output: markdown with the reference card's table layout and column names
+``docs/record.md``). Output: markdown with the reference card's table layout and column names
 (branches, per-checkpoint val BPB, per-stage BPB, per-stage accuracy, self-speculative decoding,
 confidence-aware routing, WAND p99 bounds, alpha sweep with crossover gap, sample-mode probe),
 a table of deltas vs the seed with their 95% intervals, the verdict (``poelm.verdict``) and the

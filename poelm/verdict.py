@@ -2,7 +2,7 @@
 
 The card's question: does a re-warmed LR cycle make *several metrics diverge from the seed in a
 coherent direction*, or do the rows stay within noise of the seed (a null result)? This module
-answers it from the measurement records alone (schema: ``notes/record.md``); every sentence is
+answers it from the measurement records alone (schema: ``docs/record.md``); every sentence is
 generated from the numbers.
 
 Definitions (SPEC is silent on the statistics; these are ours):
