@@ -363,6 +363,40 @@ class PoEGPT(nn.Module):
             total = torch.stack(ces).sum() / (K ** (1.0 - cfg.alpha_train))
         return total, torch.stack([c.detach() for c in ces])
 
+    def backward_local(self, idx, targets, scale: float = 1.0, ignore_index: int = -1, autocast=None):
+        """Forward and backward of the local-learning loss one stage at a time; returns
+        ``(total, per_stage_ce)`` detached, like ``loss``, with the gradients of
+        ``scale * total`` accumulated into ``.grad``.
+
+        Because the stream entering stage k+1 is detached, stage k's graph is needed only by
+        stage k's own cross-entropy: running its backward before stage k+1's forward frees it, so
+        peak activation memory is that of the largest stage rather than of the whole trunk (16 of
+        32 layers for the card's (16,6,5,5)). The gradients equal those of ``loss(...).backward()``
+        up to summation order. The x0 residual is shared by every stage: it enters each stage as a
+        leaf and its accumulated gradient flows into the embedding once at the end. ``autocast``
+        is a context factory applied to each stage's forward. Only for ``objective = "poe"``."""
+        if self.config.objective != "poe":
+            raise ValueError("backward_local needs the local-learning objective (objective='poe')")
+        from contextlib import nullcontext
+
+        ctx = autocast or nullcontext
+        K = self.config.n_stages
+        w = scale / (K ** (1.0 - self.config.alpha_train))
+        with ctx():
+            x0 = self.embed(idx)
+        x0_leaf = x0.detach().requires_grad_(True)
+        x, ces = x0_leaf, []
+        for k in range(K):
+            with ctx():
+                h = self.run_stage(k, x if k == 0 else x.detach(), x0_leaf, idx)
+                ce = F.cross_entropy(self.stage_logits(k, h).flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+            (ce * w).backward()
+            ces.append(ce.detach())
+            x = h.detach()
+        x0.backward(x0_leaf.grad)
+        ces = torch.stack(ces)
+        return ces.sum() / (K ** (1.0 - self.config.alpha_train)), ces
+
     # ----------------------------------------------------------------------------- accounting
     def param_count(self) -> dict:
         """Parameter counts by group, with per-stage block counts."""

@@ -242,9 +242,12 @@ class Trainer:
             for _ in range(self.accum):
                 x, y = self.loader.next_batch(rows, rt.rank, rt.world)
                 x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                with rt.autocast():
-                    loss, ces = model.loss(x, y)
-                (loss / self.accum).backward()
+                if cfg.model.objective == "poe":  # stage by stage: each stage's graph freed early
+                    loss, ces = model.backward_local(x, y, scale=1.0 / self.accum, autocast=rt.autocast)
+                else:
+                    with rt.autocast():
+                        loss, ces = model.loss(x, y)
+                    (loss / self.accum).backward()
                 loss_sum += loss.detach().double()
                 ce_sum += ces.double()
             stats = torch.cat([loss_sum, ce_sum]) / (self.accum * rt.world)

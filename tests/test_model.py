@@ -132,3 +132,20 @@ def test_k1_is_plain_gpt():
     with torch.no_grad():
         z = m.stage_log_probs(idx)
         assert torch.allclose(m(idx), z[0], atol=1e-6)
+
+
+def test_stage_by_stage_backward_matches_one_backward():
+    a = tiny()
+    _perturb(a)
+    b = tiny()
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(8))
+    y = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(9))
+    la, ca = a.loss(idx, y)
+    (la * 0.25).backward()
+    lb, cb = b.backward_local(idx, y, scale=0.25)
+    assert torch.allclose(la, lb) and torch.equal(ca, cb)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-7, rtol=1e-5), name
+    with pytest.raises(ValueError, match="objective='poe'"):
+        tiny(objective="bp").backward_local(idx, y)
