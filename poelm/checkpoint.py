@@ -60,17 +60,16 @@ def write_manifest(d: Path) -> dict:
     return manifest
 
 
-def save(run_dir, step: int, model: PoEGPT, cfg, tokenizer, meta: dict, optimizer=None, extra_files: dict | None = None) -> Path:
+def save(run_dir, step: int, model: PoEGPT, cfg, tokenizer, meta: dict, optim_state=None) -> Path:
     """Write ``run_dir/step-XXXXX`` atomically and point ``run_dir/latest`` at it.
 
-    ``optimizer`` must offer ``full_state_dict() -> (tensors, meta)`` (a collective under
-    torch.distributed: every rank calls ``save``; only rank 0 writes, see ``train``)."""
+    ``optim_state`` is ``optimizer.full_state_dict()`` = (tensors, meta), gathered beforehand
+    (a collective under torch.distributed: every rank gathers, only rank 0 saves; see ``train``)."""
     run_dir = Path(run_dir)
     final = run_dir / step_name(step)
     model_sd = _state_for_save(model.state_dict())
-    opt = optimizer.full_state_dict() if optimizer is not None else None
     try:
-        _write(final, model_sd, opt, cfg, tokenizer, meta, step, extra_files)
+        _write(final, model_sd, optim_state, cfg, tokenizer, meta, step)
     except OSError as e:
         newest = latest(run_dir)
         raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; nothing was replaced (newest complete checkpoint: {newest})") from None
@@ -78,7 +77,7 @@ def save(run_dir, step: int, model: PoEGPT, cfg, tokenizer, meta: dict, optimize
     return final
 
 
-def _write(final: Path, model_sd, opt, cfg, tokenizer, meta, step, extra_files):
+def _write(final: Path, model_sd, opt, cfg, tokenizer, meta, step):
     with atomic_dir(final, overwrite=True) as tmp:
         save_file(model_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if opt is not None:
@@ -93,8 +92,6 @@ def _write(final: Path, model_sd, opt, cfg, tokenizer, meta, step, extra_files):
         atomic_write_json(tmp / "meta.json", {**meta, "step": step})
         atomic_write_json(tmp / "config.json", cfg.to_dict())
         tokenizer.save(tmp)
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
         write_manifest(tmp)
 
 

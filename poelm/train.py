@@ -210,7 +210,7 @@ class Trainer:
         opt_state = self.optimizer.full_state_dict()
         path = None
         if self.rt.master:
-            path = ckpt_mod.save(self.out_dir, self.step, self.model, self.cfg, self.tokenizer, meta, optimizer=_Frozen(opt_state))
+            path = ckpt_mod.save(self.out_dir, self.step, self.model, self.cfg, self.tokenizer, meta, optim_state=opt_state)
             if self.publisher is not None:
                 self.publisher.submit(path)
             else:  # with a publisher, pruning waits until every queued save is published (_finish)
@@ -285,16 +285,6 @@ class Trainer:
             bar.close()
         return {"step": self.step, "loss": last_loss, "val_bpb": self.last_val, "elapsed_s": time.time() - t_start,
                 "out": str(self.out_dir), "tokens": self.tokens}
-
-
-class _Frozen:
-    """Adapter: hands an already gathered optimizer state to ``checkpoint.save``."""
-
-    def __init__(self, state):
-        self._state = state
-
-    def full_state_dict(self):
-        return self._state
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -29,7 +29,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from poelm import checkpoint, config, data, train
@@ -71,14 +70,6 @@ log_every = 1
 save_every = 3
 """
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The machine's 2 cores are shared; in-process runs use 1 thread like each torchrun worker.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,6 @@ from poelm.infer import Engine, Sampler, parse_mode, wand_bounds_from
 from poelm.model import KVCache, ModelConfig, PoEGPT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops are fastest single-threaded, and immune to other processes holding the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make(seed=0, V=64, stage_layers=(2, 1, 1), head_noise=0.3, d=32, max_seq_len=48, scale=3.0, late=1.0):
     """A tiny model with every weight random (init_weights zeroes c_proj and the stage heads, which

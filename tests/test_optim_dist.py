@@ -13,7 +13,6 @@ import json
 import socket
 from datetime import timedelta
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -30,15 +29,6 @@ ATOL_EMBED = 2e-5  # ...wte/value_embeds: AdamW at lr 0.3 divides by |g|, so row
 # gradients amplify rounding; measured max 7e-6 after 5 steps (elements travel up to 1.5).
 CFG = dict(grad_clip=1.0)  # exercise the all-reduced global norm too
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine's cores are shared: for models this small, intra-op threads only add
-    # contention (measured: 3 s vs 4 ms per forward+backward under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def warm_model(**over):
