@@ -41,9 +41,9 @@ import time
 
 import torch
 
-from poelm import poe
-from poelm.infer import Engine
-from poelm.model import ModelConfig, PoEGPT
+from poelm.core import poe
+from poelm.infer.engine import Engine
+from poelm.core.model import ModelConfig, PoEGPT
 
 
 def build(args) -> PoEGPT:

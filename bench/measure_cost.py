@@ -22,8 +22,8 @@ import time
 import torch
 
 from poelm import config as config_mod
-from poelm import measure
-from poelm.model import PoEGPT
+from poelm.measure import run as measure
+from poelm.core.model import PoEGPT
 
 
 class ByteCounts:
@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    from poelm.train import evaluate_bpb
+    from poelm.train.loop import evaluate_bpb
 
     cfg = config_mod.load(args.config, args.overrides)
     torch.manual_seed(0)
@@ -106,7 +106,7 @@ def main():
           f"wall ratio {mm / e:.3f}x, CPU-time ratio {mc / ec:.3f}x (best of {args.reps}; CPU time is less sensitive to other load)")
     print(f"  all runs (wall s): eval {[round(x[0], 2) for x in te]}  measure {[round(x[0], 2) for x in tm]}")
     if args.probe:
-        from poelm.probe import get_engine, load_prompt_set, run_probe, run_spec
+        from poelm.measure.probe import get_engine, load_prompt_set, run_probe, run_spec
 
         label, prompts = load_prompt_set("card")
         engine = get_engine(model)

@@ -40,8 +40,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from poelm.config import OptimConfig
-from poelm.model import ModelConfig, PoEGPT
-from poelm.optim import STATE_KEYS, build_optimizer
+from poelm.core.model import ModelConfig, PoEGPT
+from poelm.train.optim import STATE_KEYS, build_optimizer
 
 PRESETS = {
     # ~2M parameters: a CPU step of a few hundred ms, so the bench finishes in about a minute.

@@ -19,7 +19,7 @@ import sys
 def child(a):
     import torch
 
-    from poelm.model import ModelConfig, PoEGPT
+    from poelm.core.model import ModelConfig, PoEGPT
 
     torch.manual_seed(0)
     stages = [int(s) for s in a.stages.split(",")]

@@ -17,8 +17,8 @@ import time
 import torch
 
 from poelm import config
-from poelm.model import ModelConfig, PoEGPT
-from poelm.optim import build_optimizer
+from poelm.core.model import ModelConfig, PoEGPT
+from poelm.train.optim import build_optimizer
 
 
 def make(cfg: ModelConfig, ocfg):

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 import sys
 
-from .errors import PoelmError
+from poelm.core.errors import PoelmError
 
 
 # ----------------------------------------------------------------------------- train / continue
@@ -25,7 +25,7 @@ def _add_train(sub):
     p.add_argument("--steps", type=int, help="override schedule.steps")
     p.add_argument("--save-every", type=int, help="override train.save_every")
     p.add_argument("--out", default="runs/embedded", help="run directory (checkpoints, log.jsonl)")
-    p.add_argument("--resume", help="checkpoint directory to continue exactly from")
+    p.add_argument("--resume", metavar="TARGET", help="checkpoint dir or run dir (its newest save) to continue exactly from")
     p.add_argument("--publish", help="publish every save as a step branch of this repo (path or hf://org/name)")
     p.add_argument("--device", help="override train.device")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -36,7 +36,7 @@ def _add_train(sub):
 
 def _add_continue(sub):
     p = sub.add_parser("continue", help="start a continual (cyclic LR) phase from an annealed checkpoint")
-    p.add_argument("--from", dest="source", required=True, help="checkpoint dir, or REPO@step-XXXXX branch")
+    p.add_argument("--from", dest="source", required=True, metavar="TARGET", help="checkpoint dir, run dir (newest save), exported folder, REPO, REPO@main, REPO@step-XXXXX or hf://org/name[@rev]")
     p.add_argument("--config", help="phase config (TOML or preset); default: the checkpoint's own config with the b2 schedule")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, help="phase length in steps")
@@ -61,32 +61,47 @@ def _apply_cli_overrides(args) -> list[str]:
     return ov
 
 
+def _publisher(repo):
+    """The factory training calls on rank 0 (the trajectory room sits above training)."""
+    if not repo:
+        return None
+    from functools import partial
+
+    from poelm.trajectory.publish import Publisher
+
+    return partial(Publisher, repo)
+
+
 def _run_train(args):
-    from . import checkpoint as ckpt_mod
-    from . import config as config_mod
-    from .errors import ConfigError
-    from .train import train
+    from poelm import config as config_mod
+    from poelm import targets
+    from poelm.train import checkpoint as ckpt_mod
+    from poelm.core.errors import ConfigError
+    from poelm.train.loop import train
 
     overrides = _apply_cli_overrides(args)
     if args.resume:
-        src = ckpt_mod.resolve_source(args.resume)
+        src = targets.resolve(args.resume, want="checkpoint").path
         base = ckpt_mod.load(src, with_optim=False).config
         bad = [o for o in overrides if not o.startswith("train.")]
         if bad:
             raise ConfigError(f"--resume continues the run exactly; only train.* settings may change (got {bad[0]}); use 'poelm continue' for a new phase")
         cfg = config_mod.validate(config_mod.from_dict(config_mod.apply_overrides(base.to_dict(), overrides)))
         out = args.out if args.out != "runs/embedded" else str(Path(src).parent)
-        summary = train(cfg, out, resume=src, publish=args.publish, progress=not args.quiet)
+        summary = train(cfg, out, resume=src, publisher=_publisher(args.publish), progress=not args.quiet)
     else:
         cfg = config_mod.load(args.config, overrides)
-        summary = train(cfg, args.out, publish=args.publish, progress=not args.quiet)
+        summary = train(cfg, args.out, publisher=_publisher(args.publish), progress=not args.quiet)
     _print_summary(summary)
     return 0
 
 
 def _run_continue(args):
-    from . import config as config_mod
-    from .train import continue_phase
+    import tempfile
+
+    from poelm import config as config_mod
+    from poelm import targets
+    from poelm.train.loop import continue_phase
 
     phase_cfg = config_mod.load(args.config, []) if args.config else None
     tokens = config_mod.parse_tokens(args.tokens) if args.tokens else None
@@ -95,8 +110,11 @@ def _run_continue(args):
         ov.append(f"train.save_every={args.save_every}")
     if args.device:
         ov.append(f'train.device="{args.device}"')
-    summary = continue_phase(args.source, args.out, phase_cfg, steps=args.steps, tokens_budget=tokens, publish=args.publish,
-                             progress=not args.quiet, allow_mismatch=args.allow_mismatch, overrides=ov)
+    with tempfile.TemporaryDirectory(prefix="poelm-continue-") as work:
+        src = targets.resolve(args.source, work)
+        summary = continue_phase(src.path, args.out, phase_cfg, steps=args.steps, tokens_budget=tokens,
+                                 publisher=_publisher(args.publish), progress=not args.quiet,
+                                 allow_mismatch=args.allow_mismatch, overrides=ov, source_label=src.label)
     _print_summary(summary)
     return 0
 
@@ -127,7 +145,7 @@ def _add_demo(sub):
 
 
 def _run_demo(args):
-    from . import demo
+    from poelm import demo
 
     demo.run_demo(args.workdir, args.config, args.base_steps, args.continual_steps, args.save_every,
                   args.split_tokens, args.calib_tokens, args.overrides, progress=not args.quiet, overwrite=args.overwrite)
@@ -144,9 +162,13 @@ def _add_report(sub):
 
 
 def _run_report(args):
-    from . import report
+    from poelm import targets
+    from poelm.report import tables as report
 
-    records = report.load_records([args.source, *args.more] if args.more else args.source)
+    source = args.source
+    if not args.more and "@" in source and not Path(source).exists():
+        source = targets.repository(source)[0]  # REPO@rev: the report is of the whole trajectory
+    records = report.load_records([source, *args.more] if args.more else source)
     paths = report.write_report(records, args.out)
     for line in report.verdict(records):
         print(line)
@@ -195,7 +217,7 @@ class TextStream:
 def mode_kwargs(mode_text: str, meta: dict | None, bounds=None, tau=None) -> dict:
     """``Engine.generate`` keywords for a CLI mode string; wand bounds default to the checkpoint's
     ``poe_wand_p99_bounds_per_stage_head`` and are required."""
-    from .infer import BOUNDS_KEY, parse_mode, wand_bounds_from
+    from poelm.infer.engine import BOUNDS_KEY, parse_mode, wand_bounds_from
 
     kw = parse_mode(mode_text)
     if kw["mode"] == "wand":
@@ -219,7 +241,7 @@ def format_stats(stats: dict) -> str:
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="generate text: full, stage=K, prefix=K, wand, route or speculative")
-    p.add_argument("target", metavar="TARGET", help="checkpoint dir, run dir or exported folder")
+    p.add_argument("target", metavar="TARGET", help="checkpoint dir, run dir (newest save), exported folder, REPO, REPO@main, REPO@step-XXXXX or hf://org/name[@rev]")
     p.add_argument("--prompt", required=True, help="prompt text (BOS is prepended)")
     p.add_argument("--mode", default="full", help="full | stage=K | prefix=K | wand | route | speculative (default full)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -236,9 +258,14 @@ def _add_generate(sub):
 
 
 def _run_generate(args):
-    from . import checkpoint, infer
+    import tempfile
 
-    model, tok, meta = checkpoint.load_model(args.target, device=args.device)
+    from poelm import targets
+    from poelm.infer import engine as infer
+    from poelm.train import checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="poelm-generate-") as work:
+        model, tok, meta = checkpoint.load_model(targets.resolve(args.target, work).path, device=args.device)
     kw = mode_kwargs(args.mode, meta, bounds=args.bounds, tau=args.tau)
     stop = () if args.no_stop else (tok.bos_id,)
     out = TextStream(tok, lambda s: (sys.stdout.write(s), sys.stdout.flush()), skip=stop)
@@ -253,16 +280,21 @@ def _run_generate(args):
 # ----------------------------------------------------------------------------- export / publish / branches / checkout / verify
 def _add_export(sub):
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (trust_remote_code)")
-    p.add_argument("ckpt", metavar="CKPT", help="checkpoint dir (or run dir: its newest checkpoint)")
+    p.add_argument("ckpt", metavar="TARGET", help="checkpoint dir, run dir (its newest checkpoint), exported folder, REPO[@step-XXXXX|@main]")
     p.add_argument("out", metavar="OUT", help="output folder (new, empty, or an earlier export)")
     p.add_argument("--bounds", type=_float_list, help="K-1 comma-separated WAND bounds (default: the checkpoint's calibration)")
     return p
 
 
 def _run_export(args):
-    from . import export
+    import tempfile
 
-    print(f"exported {export.export(args.ckpt, args.out, bounds=args.bounds)}")
+    from poelm import targets
+    from poelm.trajectory import export
+
+    with tempfile.TemporaryDirectory(prefix="poelm-export-") as work:
+        src = targets.resolve(args.ckpt, work)
+        print(f"exported {export.export(src.path, args.out, bounds=args.bounds)}")
     return 0
 
 
@@ -275,7 +307,7 @@ def _add_publish(sub):
 
 
 def _run_publish(args):
-    from . import publish
+    from poelm.trajectory import publish
 
     print(f"published {publish.publish(args.ckpt, args.repo, force=args.force)} to {args.repo}")
     return 0
@@ -288,9 +320,10 @@ def _add_branches(sub):
 
 
 def _run_branches(args):
-    from . import publish
+    from poelm import targets
+    from poelm.trajectory import publish
 
-    rows = publish.list_branches(args.repo)
+    rows = publish.list_branches(targets.repository(args.repo)[0])
     fmt = "{:<14} {:>9} {:>14} {:>8} {:<10} {:>9} {}"
     print(fmt.format("branch", "step", "tokens", "lrm", "phase", "bpb", ""))
     for r in rows:
@@ -302,16 +335,21 @@ def _run_branches(args):
 
 def _add_checkout(sub):
     p = sub.add_parser("checkout", help="materialise one branch of a trajectory repo as a folder")
-    p.add_argument("repo", metavar="REPO")
-    p.add_argument("branch", metavar="BRANCH", help="step-XXXXX or main")
-    p.add_argument("out", metavar="DIR", help="new or empty folder")
+    p.add_argument("repo", metavar="TARGET", help="REPO@step-XXXXX, REPO@main or REPO (= main); or REPO BRANCH DIR")
+    p.add_argument("rest", nargs="+", metavar="[BRANCH] DIR", help="new or empty folder (BRANCH: step-XXXXX or main)")
     return p
 
 
 def _run_checkout(args):
-    from . import publish
+    from poelm import targets
+    from poelm.trajectory import publish
 
-    print(f"checked out {args.branch} to {publish.checkout(args.repo, args.branch, args.out)}")
+    if len(args.rest) > 2:
+        raise targets.TargetError("checkout takes TARGET DIR or REPO BRANCH DIR")
+    text = f"{args.repo}@{args.rest[0]}" if len(args.rest) == 2 else args.repo
+    repo, branch = targets.repository(text)
+    branch = branch or targets.resolve_branch(repo, "main", text)
+    print(f"checked out {branch} to {publish.checkout(repo, branch, args.rest[-1])}")
     return 0
 
 
@@ -322,7 +360,7 @@ def _add_verify(sub):
 
 
 def _run_verify(args):
-    from . import publish
+    from poelm.trajectory import publish
 
     problems = publish.verify(args.repo)
     for line in problems:
@@ -336,7 +374,7 @@ def _run_verify(args):
 # ----------------------------------------------------------------------------- measure
 def _add_measure(sub):
     p = sub.add_parser("measure", help="measure checkpoints: BPB per stage/prefix, accuracy, alpha sweep, WAND bounds, routing, speculative, probe")
-    p.add_argument("targets", nargs="+", metavar="TARGET", help="checkpoint dir, run dir (newest checkpoint), exported folder, or REPO@step-XXXXX")
+    p.add_argument("targets", nargs="+", metavar="TARGET", help="checkpoint dir, run dir (newest save), exported folder, REPO, REPO@main, REPO@step-XXXXX or hf://org/name[@rev]")
     p.add_argument("--split-tokens", type=int, default=1_048_576, help="measurement slice: first N validation tokens (default 1,048,576)")
     p.add_argument("--calib-tokens", type=int, default=131_072, help="calibration slice right after it, for WAND bounds and routing tau (default 131,072; 0 skips)")
     p.add_argument("--data", help="measure on this txt/jsonl/parquet corpus instead of the checkpoint's validation split (calibration is then not written back)")
@@ -362,7 +400,7 @@ def _add_measure(sub):
 def _run_measure(args):
     from pathlib import Path
 
-    from . import measure
+    from poelm.measure import run as measure
 
     many = len(args.targets) > 1
     for t in args.targets:
@@ -377,15 +415,14 @@ def _run_measure(args):
             samples=args.samples, seed=args.seed, progress=not args.quiet)
         if rec is None:  # torchrun: a rank other than 0 (rank 0 prints and writes)
             continue
-        from .report import format_summary
+        from poelm.report.tables import format_summary
 
         print(format_summary(rec))
         print(f"  record: {rec['record_path']}" + (f"; calibration: {', '.join(rec['calibration_written'])}" if rec["calibration_written"] else ""))
-        if rec.get("branch") and "@" in t and not args.out:
-            from . import publish, report
+        if rec.get("branch") and rec.get("repo") and not args.out:
+            from poelm.report import tables as report
 
-            repo, branch = publish.parse_target(t)
-            updated = report.update_cards(repo, [branch])
+            updated = report.update_cards(rec["repo"], [rec["branch"]])
             print(f"  model cards refreshed: {', '.join(updated)}")
     return 0
 
@@ -401,7 +438,7 @@ def _add_doctor(sub):
 
 
 def _run_doctor(args):
-    from . import doctor
+    from poelm.ops import doctor
 
     return doctor.report(doctor.run_checks(args.config, args.overrides, args.workdir, args.device))
 
@@ -416,13 +453,15 @@ def _add_selftest(sub):
 
 
 def _run_selftest(args):
-    from . import selftest
+    from poelm.ops import selftest
 
     keep = args.workdir is not None
     if args.suite == "faults":
         results = selftest.faults(args.trials, seed=args.seed, workdir=args.workdir, keep=keep)
     else:
-        results = selftest.bad_inputs(workdir=args.workdir, keep=keep)
+        from poelm.ops import badinputs
+
+        results = badinputs.bad_inputs(workdir=args.workdir, keep=keep)
     return 0 if all(r.ok for r in results) else 1
 
 

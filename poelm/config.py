@@ -14,9 +14,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
-from .model import ModelConfig
-from .schedule import Phase
+from poelm.core.errors import ConfigError
+from poelm.core.model import ModelConfig
+from poelm.schedule import Phase
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

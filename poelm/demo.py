@@ -15,16 +15,18 @@ Everything lands under ``--workdir`` (default ``./poelm-demo``); the command pri
 from __future__ import annotations
 
 import shutil
+from functools import partial
 import time
 from pathlib import Path
 
-from . import config as config_mod
-from .errors import PoelmError
+from poelm import config as config_mod
+from poelm.core.errors import PoelmError
 
 
 def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual_steps=None, save_every=None,
              split_tokens=None, calib_tokens=None, overrides=None, progress=True, log=print, overwrite=False) -> dict:
-    from . import train
+    from poelm.train import loop as train
+    from poelm.trajectory import publish
 
     t0 = time.time()
     work = Path(workdir)
@@ -47,9 +49,9 @@ def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual
     every = save_every or max(1, n // 6)
     log(f"[2/4] continual B2 phase: {n} steps from step {base['step']}, saving every {every}, publishing to {repo}")
     ov = [f"train.save_every={every}"]
-    cont = train.continue_phase(seed_ckpt, work / "continual", steps=n, publish=str(repo), progress=progress, overrides=ov)
+    cont = train.continue_phase(seed_ckpt, work / "continual", steps=n, publisher=partial(publish.Publisher, str(repo)), progress=progress, overrides=ov)
 
-    from . import measure, publish
+    from poelm.measure import run as measure
 
     branches = [b["branch"] for b in publish.list_branches(repo)]
     log(f"[3/4] measuring {len(branches)} branches: {', '.join(branches)}")
@@ -63,7 +65,7 @@ def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual
         rec = measure.measure_target(f"{repo}@{b}", against=None if b == branches[0] else seed_target, progress=False, **kw)
         log(f"      {b}: full-K BPB {rec['bpb']['full']['value']:.4f}")
 
-    from . import report
+    from poelm.report import tables as report
 
     log("[4/4] trajectory report")
     records = report.load_records(repo)
@@ -80,6 +82,6 @@ def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual
 
 
 def _step_dir(step: int) -> str:
-    from .checkpoint import step_name
+    from poelm.train.checkpoint import step_name
 
     return step_name(step)

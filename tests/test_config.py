@@ -1,7 +1,7 @@
 import pytest
 
 from poelm import config
-from poelm.errors import ConfigError
+from poelm.core.errors import ConfigError
 
 
 def test_presets_load_and_overrides():

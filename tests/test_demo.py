@@ -5,8 +5,9 @@ import subprocess
 
 import pytest
 
-from poelm import demo, publish
-from poelm.errors import PoelmError
+from poelm import demo
+from poelm.trajectory import publish
+from poelm.core.errors import PoelmError
 
 TINY = [
     "model.vocab_size=320", "model.depth=3", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=1",

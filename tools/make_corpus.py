@@ -1,6 +1,6 @@
-"""Build ``poelm/corpus/embedded.jsonl.gz``, the public-domain corpus shipped with poelm.
+"""Build ``poelm/data/embedded/embedded.jsonl.gz``, the public-domain corpus shipped with poelm.
 
-Sources (both public domain; see ``poelm/corpus/README.md`` for the copyright lines):
+Sources (both public domain; see ``poelm/data/embedded/README.md`` for the copyright lines):
 
 * The Devil's Dictionary, Ambrose Bierce (1911), Debian package ``dict-devil`` 1.0-13.1;
 * The Jargon File 4.4.7 (29 Dec 2003), Debian package ``dict-jargon`` 4.4.7-3.1.
@@ -27,7 +27,7 @@ Paragraphs are joined with one blank line. Output: one JSON object per line,
 ``{"source": "devils-dictionary" | "jargon-file", "text": ...}``, gzip level 9 with mtime 0, so
 the same inputs always give byte-identical output.
 
-Usage: ``python tools/make_corpus.py [--src /usr/share/dictd] [--out poelm/corpus/embedded.jsonl.gz]``
+Usage: ``python tools/make_corpus.py [--src /usr/share/dictd] [--out poelm/data/embedded/embedded.jsonl.gz]``
 (get the inputs with ``apt-get download dict-devil dict-jargon && dpkg -x <deb> x``).
 """
 
@@ -142,7 +142,7 @@ def build(src: Path) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--src", default="/usr/share/dictd", help="directory holding devil.* and jargon.* dictd files")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "poelm/corpus/embedded.jsonl.gz"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "poelm/data/embedded/embedded.jsonl.gz"))
     args = ap.parse_args(argv)
     docs = build(Path(args.src))
     raw = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode("utf-8")

@@ -20,8 +20,8 @@ import importlib
 
 from transformers import PretrainedConfig
 
-if __package__ == "poelm.hf":  # inside the poelm package: model.py sits one level up
-    ModelConfig = importlib.import_module("poelm.model").ModelConfig
+if __package__ == "poelm.hf":  # inside the poelm package: model.py sits in poelm/core/
+    ModelConfig = importlib.import_module("poelm.core.model").ModelConfig
 else:  # the exported folder: model.py is the verbatim copy shipped next to this file
     from .model import ModelConfig  # model.py in turn imports .poe, which the loader also copies
 

@@ -32,10 +32,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 if __package__ == "poelm.hf":  # inside the poelm package: the same modules, one level up
     from .configuration_poelm import PoelmConfig
 
-    _model = importlib.import_module("poelm.model")
-    _poe = importlib.import_module("poelm.poe")
+    _model = importlib.import_module("poelm.core.model")
+    _poe = importlib.import_module("poelm.core.poe")
     ModelConfig, PoEGPT, aggregate = _model.ModelConfig, _model.PoEGPT, _poe.aggregate
-else:  # the exported folder: verbatim copies of poelm/model.py and poelm/poe.py
+else:  # the exported folder: verbatim copies of poelm/core/model.py and poelm/core/poe.py
     from .configuration_poelm import PoelmConfig
     from .model import ModelConfig, PoEGPT
     from .poe import aggregate
@@ -142,9 +142,9 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------------ PoE inference
     def _engine(self):
         if __package__ == "poelm.hf":
-            Engine = importlib.import_module("poelm.infer").Engine
-        else:  # the export ships infer.py; these lines are what make transformers copy the files
-            from .infer import Engine  # infer.py imports .speculative, which the loader copies too
+            Engine = importlib.import_module("poelm.infer.engine").Engine
+        else:  # the export ships engine.py; these lines are what make transformers copy the files
+            from .engine import Engine  # engine.py imports .speculative, which the loader copies too
         return Engine(self.model)
 
     @torch.no_grad()

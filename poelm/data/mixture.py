@@ -1,0 +1,220 @@
+"""The training loader: packed BOS-aligned rows from a weighted mixture, exactly resumable.
+
+Rows
+----
+Each source turns its training documents into a stream of rows of ``L = seq_len + 1`` tokens
+(``x = row[:-1]``, ``y = row[1:]``). Every document is ``[BOS] + encode(text)``; documents are laid
+end to end and every row starts with BOS:
+
+* a row that begins at a document boundary starts with that document's own BOS;
+* a document longer than the room left in a row is *continued*: its head fills the row, and the
+  next row is ``[BOS]`` followed by the rest of it. No token is dropped; the cost is one extra BOS
+  in a row that starts inside a document (at most 1/L of the tokens). We continue rather than
+  crop (nanochat's BOS-aligned best-fit drops the cropped tail) so that long documents are seen
+  whole and the stream position is a plain (document, token offset) pair.
+
+Order and epochs
+----------------
+A source's files are cut into *units*: a parquet row group, or a whole txt/jsonl file
+(``data.unit_count``). Epoch e visits the units in a shuffled order, and the training documents
+of each unit in a shuffled order. Both shuffles sort indices by a BLAKE2b key of
+``(seed, source name, epoch, unit, index)``: reproducible across machines and library versions.
+Only the unit being read is held in memory (read, split, tokenised in one batch); the embedded
+corpus is a single unit, so it is tokenised once and kept. For a large corpus use parquet (row
+groups of ~1k documents) or many jsonl shards: nothing is tokenised ahead of its unit.
+
+The position of a source is ``(epoch, unit, doc, tok)``: the ``unit``-th unit of the epoch's
+order, the ``doc``-th document of that unit's shuffled order, token offset ``tok`` into
+``[BOS] + ids``. Resuming re-reads that one unit, re-derives the same shuffles and continues at
+the same token, so a resumed run sees exactly the tokens the uninterrupted run would.
+
+Mixture
+-------
+Global row i is taken from source s where ``u_i = blake2b_64("mix", seed, i) / 2**64`` falls in
+s's interval of the cumulative normalised weights (``data.resolve_sources``). The choice is a
+pure function of (seed, i), so the loader state needs only the row counter, and the realised
+proportions converge to the weights (``proportions()`` reports them).
+
+Ranks
+-----
+The row stream is global and independent of the world size. ``next_batch(global_rows, rank,
+world_size)`` advances every source exactly as a single process would and returns rank r's
+contiguous slice ``[r * global_rows / W, (r + 1) * global_rows / W)`` of the global batch. Each
+rank therefore holds the same state (checkpoint it from any rank) and a run resumes on a different
+world size without skipping or repeating a token. Every rank tokenises the whole global batch but
+materialises only its own rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+
+import numpy as np
+import torch
+
+from poelm.data.corpus import data_fingerprint, is_val, read_unit, resolve_sources, source_files, unit_count
+from poelm.core.errors import DataError
+
+STATE_FORMAT = 1
+
+
+def _u64(*key) -> int:
+    return int.from_bytes(hashlib.blake2b(":".join(map(str, key)).encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def shuffled(n: int, *key) -> list[int]:
+    """A permutation of range(n): indices sorted by ``blake2b_64(key..., i)``."""
+    return sorted(range(n), key=lambda i: _u64(*key, i))
+
+
+class _SourceStream:
+    """One source's packed row stream (module docstring) with its position."""
+
+    def __init__(self, name: str, files, tokenizer, val_fraction: float, seed: int):
+        self.name, self.files, self.tok_ = name, files, tokenizer
+        self.val_fraction, self.seed = val_fraction, seed
+        self.units = [(fi, u) for fi, f in enumerate(files) for u in range(unit_count(f))]
+        if not self.units:
+            raise DataError(f"data source '{name}' has no documents (its files hold no row groups)")
+        self.epoch = self.unit = self.doc = self.tok = 0
+        self._order = (None, None)  # (epoch, unit order)
+        self._loaded = None  # (unit id, flat int32 tokens, offsets)
+        self._perm = (None, None)  # ((epoch, unit id), document order)
+
+    # ------------------------------------------------------------ documents
+    def _unit_order(self) -> list[int]:
+        if self._order[0] != self.epoch:
+            self._order = (self.epoch, shuffled(len(self.units), "units", self.seed, self.name, self.epoch))
+        return self._order[1]
+
+    def _load(self, uid: int):
+        if self._loaded is None or self._loaded[0] != uid:
+            fi, u = self.units[uid]
+            texts = [t for t in read_unit(self.files[fi], u) if not is_val(t, self.val_fraction)]
+            ids = self.tok_.encode_batch(texts) if texts else []
+            lens = np.array([len(x) + 1 for x in ids], dtype=np.int64)
+            offs = np.zeros(len(ids) + 1, dtype=np.int64)
+            np.cumsum(lens, out=offs[1:])
+            flat = np.empty(int(offs[-1]), dtype=np.int32)
+            for k, x in enumerate(ids):
+                flat[offs[k]] = self.tok_.bos_id
+                flat[offs[k] + 1: offs[k + 1]] = x
+            self._loaded = (uid, flat, offs)
+        return self._loaded
+
+    def _settle(self) -> np.ndarray:
+        """Move the position onto an existing document (next unit / next epoch as needed) and
+        return that document's tokens ``[BOS] + ids``."""
+        empty_units = 0
+        while True:
+            if self.unit >= len(self.units):
+                self.epoch, self.unit, self.doc, self.tok = self.epoch + 1, 0, 0, 0
+            uid = self._unit_order()[self.unit]
+            _, flat, offs = self._load(uid)
+            n = len(offs) - 1
+            if self.doc < n:
+                key = (self.epoch, uid)
+                if self._perm[0] != key:
+                    self._perm = (key, shuffled(n, "docs", self.seed, self.name, self.epoch, uid))
+                j = self._perm[1][self.doc]
+                return flat[offs[j]: offs[j + 1]]
+            empty_units = empty_units + 1 if n == 0 else 0
+            if empty_units > len(self.units):
+                raise DataError(f"data source '{self.name}' has no training documents (all are in the validation split or empty): lower data.val_fraction or add data")
+            self.unit, self.doc, self.tok = self.unit + 1, 0, 0
+
+    def next_row(self, length: int, out: np.ndarray | None) -> None:
+        """Advance by one row of ``length`` tokens, writing it into ``out`` unless None."""
+        filled = 0
+        self._settle()
+        if self.tok > 0:  # a continued document: the row still starts with BOS
+            if out is not None:
+                out[0] = self.tok_.bos_id
+            filled = 1
+        while filled < length:
+            doc = self._settle()
+            k = min(length - filled, len(doc) - self.tok)
+            if out is not None:
+                out[filled: filled + k] = doc[self.tok: self.tok + k]
+            filled += k
+            self.tok += k
+            if self.tok == len(doc):
+                self.doc, self.tok = self.doc + 1, 0
+
+    def position(self) -> dict:
+        return {"name": self.name, "epoch": self.epoch, "unit": self.unit, "doc": self.doc, "tok": self.tok}
+
+
+class TrainLoader:
+    """Mixture of packed source streams; see the module docstring.
+
+    ``TrainLoader(data_cfg, tokenizer, seq_len, seed=None)``; ``seed`` defaults to
+    ``data_cfg.mixture_seed`` and drives both the mixture draw and the per-epoch shuffles."""
+
+    def __init__(self, data_cfg, tokenizer, seq_len: int, seed: int | None = None):
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
+        self.seq_len = seq_len
+        self.seed = int(data_cfg.mixture_seed if seed is None else seed)
+        self.sources = resolve_sources(data_cfg)
+        self.streams = [_SourceStream(s.name, source_files(s), tokenizer, data_cfg.val_fraction, self.seed) for s in self.sources]
+        self._cum = list(np.cumsum([s.weight for s in self.sources]))
+        self.data_fingerprint = data_fingerprint(data_cfg)
+        self.tokenizer_fingerprint = tokenizer.fingerprint
+        self.rows = 0  # global rows handed out so far
+        self.counts = [0] * len(self.sources)  # ... of which from each source
+
+    def source_of(self, i: int) -> int:
+        """Index of the source global row ``i`` comes from (a pure function of seed and i)."""
+        if len(self.sources) == 1:
+            return 0
+        u = _u64("mix", self.seed, i) / 2.0**64
+        return min(bisect.bisect_right(self._cum, u), len(self.sources) - 1)
+
+    def next_batch(self, global_rows: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance by ``global_rows`` global rows; return this rank's (x, y), each
+        LongTensor[global_rows // world_size, seq_len]."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"bad rank {rank} for world size {world_size}")
+        if global_rows < world_size or global_rows % world_size:
+            raise DataError(f"global batch of {global_rows} rows does not split evenly over {world_size} ranks")
+        per = global_rows // world_size
+        lo = rank * per
+        length = self.seq_len + 1
+        out = np.empty((per, length), dtype=np.int64)
+        for j in range(global_rows):
+            s = self.source_of(self.rows)
+            self.streams[s].next_row(length, out[j - lo] if lo <= j < lo + per else None)
+            self.rows += 1
+            self.counts[s] += 1
+        t = torch.from_numpy(out)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    def proportions(self) -> dict[str, float]:
+        """Realised fraction of rows drawn from each source so far (for logging)."""
+        return {s.name: (c / self.rows if self.rows else 0.0) for s, c in zip(self.sources, self.counts)}
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position: identical on every rank."""
+        return {"format": STATE_FORMAT, "seed": self.seed, "rows": self.rows,
+                "data_fingerprint": self.data_fingerprint, "tokenizer_fingerprint": self.tokenizer_fingerprint,
+                "sources": [dict(st.position(), rows=c) for st, c in zip(self.streams, self.counts)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``; the data, tokenizer and seed must be those it was saved with."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise DataError(f"loader state has an unknown format {state.get('format') if isinstance(state, dict) else type(state).__name__}: it was not written by this poelm")
+        if state["data_fingerprint"] != self.data_fingerprint:
+            raise DataError("loader state was saved with different data (sources, weights, files or val_fraction): use the same data to resume, or start a new phase without the loader state")
+        if state["tokenizer_fingerprint"] != self.tokenizer_fingerprint:
+            raise DataError("loader state was saved with a different tokenizer: resume with the checkpoint's tokenizer")
+        if int(state["seed"]) != self.seed:
+            raise DataError(f"loader state was saved with data seed {state['seed']} but this loader uses {self.seed}: resume with the seed the run started with")
+        names = [s["name"] for s in state["sources"]]
+        if names != [s.name for s in self.sources]:
+            raise DataError(f"loader state sources {names} differ from the configured {[s.name for s in self.sources]}")
+        self.rows = int(state["rows"])
+        for st, pos in zip(self.streams, state["sources"]):
+            st.epoch, st.unit, st.doc, st.tok = (int(pos[k]) for k in ("epoch", "unit", "doc", "tok"))
+        self.counts = [int(pos["rows"]) for pos in state["sources"]]

@@ -1,0 +1,463 @@
+"""``poelm measure``: every per-checkpoint figure of the model card, from one pass per batch.
+
+What is measured (definitions in SPEC.md; the JSON record's keys in ``docs/record.md``):
+full-K / single-stage / prefix-K' BPB, per-stage and full accuracy, the alpha sweep and the
+crossover gap, WAND p99 bounds (written back to the checkpoint), confidence-aware routing at a cap,
+self-speculative decoding statistics, the sample-mode probe, and a 95% block-bootstrap interval for
+every BPB and accuracy figure and for every delta against a reference checkpoint (``--against``).
+
+Slices (the same for every checkpoint; deterministic in the data and the tokenizer):
+
+- measurement slice: the first ``split_tokens + 1`` validation tokens, i.e. ``split_tokens``
+  targets, cut into rows of ``seq_len`` (a final shorter row keeps every target) exactly as
+  ``data.val_batches`` cuts them (the training evaluation's layout);
+- calibration slice: the next ``calib_tokens + 1`` tokens (disjoint). WAND bounds and the routing
+  threshold are calibrated there; the routing fraction is then reported on the measurement slice.
+- If the validation split (or ``--data`` corpus) holds fewer tokens than both slices need, both
+  shrink in proportion and the record gives the sizes actually used.
+
+Performance: each slice position is visited once. A batch runs ``model.stage_log_probs`` (the
+same forward as the training evaluation) and ``metrics.position_stats`` derives every
+position-level value from it, in chunks of at most ``CHUNK_ELEMENTS`` logits (per device type);
+the accumulators (block sums, histograms, an exact 1% tail) have a fixed size, so peak memory does
+not depend on the slice length (apart from the token ids themselves and one row of ~30 sums per
+block of 1024 tokens). ``bench/measure_cost.py`` prints the cost against a plain evaluation. bf16
+autocast on CUDA (``dtype="auto"``); generation (probe, speculative) always runs in fp32 because
+SPEC defines speculative output as token-identical to fp32 full-K greedy.
+
+Distributed (``torchrun --nproc_per_node=N -m poelm measure ...``; ``measure_target`` joins the
+process group from torchrun's environment, gloo on CPU, NCCL on CUDA): batch b of each slice
+(``data.val_batches``' cut, unchanged) runs on rank ``b % world``, so every position is computed
+once, in the same batch (same shapes, same chunks) as on one process, and the accumulators are
+merged before anything is derived from them (``metrics``' ``all_reduce``: block sums and histograms
+summed in float64, the exact quantile tail gathered). The WAND bounds and the routing threshold
+are therefore calibrated on the merged calibration slice and identical on every rank before the
+measurement pass. Every position-level figure (BPB, accuracy, alpha sweep, WAND bounds and
+quantiles, exits, routing, bootstrap intervals from the same merged block sums and seed) equals
+the one-process figure up to float64 summation order (counts, quantile tails and tau exactly).
+Rank 0 alone then runs the bootstrap and the generation-based parts (probe, speculative
+statistics) and broadcasts the record, so ``measure`` returns the same record on every rank;
+``measure_target`` writes the record and the calibration on rank 0 only and returns None on the
+other ranks. Whole batches rather than rows go to ranks so that results do not depend on how
+rows were batched (CPU and GPU kernels may round differently for other batch shapes).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from poelm import __version__, targets
+from poelm.measure.bootstrap import DEFAULT_LEVEL, DEFAULT_SAMPLES, delta_intervals, figure_intervals
+from poelm.measure.calibrate import MANIFESTS, Calibrator, routing_entry, routing_summary, write_bounds
+from poelm.core.errors import DataError, PoelmError
+from poelm.fsio import atomic_write_bytes
+from poelm.trajectory import publish
+from poelm.measure.metrics import ALPHAS, BlockSums, RoutingHistogram, position_stats, routing_threshold, world_size
+from poelm.measure.probe import get_engine, load_prompt_set, run_probe, run_spec
+
+DEFAULT_SPLIT_TOKENS = 1_048_576  # the card's --split-tokens
+DEFAULT_CALIB_TOKENS = 131_072  # the card's WAND calibration slice
+DEFAULT_BLOCK_TOKENS = 1024
+DEFAULT_BATCH_SIZE = 8
+# positions x vocab per position_stats call. On CPU a small chunk keeps the ~40 passes over each
+# [chunk, V] row block in cache (measured ~15-20% faster than whole batches on the embedded model);
+# on a GPU large chunks amortise kernel launches (512 MB per fp32 temporary).
+CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 27}
+RECORD_NAME = "poelm_measure.json"
+ROUTING_METRICS = RoutingHistogram.METRICS
+
+
+# ----------------------------------------------------------------------------- slices
+def cut_slices(tokens: torch.Tensor, split_tokens: int, calib_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(measurement slice of split+1 tokens, calibration slice of calib+1 tokens or None); both
+    shrink in proportion when ``tokens`` is shorter than ``split + calib + 2``."""
+    n = int(tokens.numel())
+    need = split_tokens + calib_tokens + 2 if calib_tokens > 0 else split_tokens + 1
+    if n < need:
+        if calib_tokens > 0:
+            split_tokens = max(1, int((n - 2) * split_tokens / (split_tokens + calib_tokens)))
+            calib_tokens = max(0, n - split_tokens - 2)
+        else:
+            split_tokens = n - 1
+    if split_tokens < 1:
+        raise DataError(f"only {n} tokens to measure on: need at least 2")
+    meas = tokens[: split_tokens + 1]
+    calib = tokens[split_tokens + 1 : split_tokens + calib_tokens + 2] if calib_tokens > 0 else None
+    return meas, (calib if calib is not None and calib.numel() >= 2 else None)
+
+
+def corpus_tokens(path: str, tokenizer, n: int) -> torch.Tensor:
+    """The first ``n`` tokens of ``[BOS] + encode(doc)`` over the documents of a txt / jsonl /
+    parquet corpus (``data.read_documents``, file order): ``--data`` measures on it."""
+    from poelm.data.corpus import read_documents
+
+    out, have = [], 0
+    for text in read_documents(path):
+        ids = tokenizer.encode_doc(text)
+        out.append(torch.tensor(ids, dtype=torch.long))
+        have += len(ids)
+        if have >= n:
+            break
+    if not out:
+        raise DataError(f"no documents in {path}")
+    return torch.cat(out)[:n]
+
+
+def validation_tokens(meta: dict, tokenizer, n: int) -> torch.Tensor:
+    """The checkpoint's own validation split (``data.val_tokens``), all of it when shorter than n."""
+    from poelm import config as config_mod
+    from poelm.data.corpus import val_tokens
+
+    cfg = meta.get("config")
+    if not isinstance(cfg, dict):
+        raise PoelmError("this checkpoint carries no poelm config (its data settings are unknown): measure it with --data PATH")
+    data_cfg = config_mod.from_dict(cfg).data
+    return val_tokens(data_cfg, tokenizer, n, allow_fewer=True)
+
+
+# ----------------------------------------------------------------------------- one pass
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    if dtype == "fp32":
+        return (lambda: nullcontext()), "fp32"
+    if dtype != "bf16":
+        raise PoelmError(f"unknown dtype {dtype!r}: use auto, fp32 or bf16")
+    return (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)), "bf16"
+
+
+def _rows(tokens: torch.Tensor, seq_len: int, batch_size: int):
+    from poelm.data.corpus import val_batches
+
+    return val_batches(tokens, batch_size, seq_len)
+
+
+def _rank_world() -> tuple[int, int]:
+    world = world_size()
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
+@torch.no_grad()
+def run_pass(model, tokens, *, seq_len, batch_size, token_bytes, autocast, consumers, bounds=None,
+             confidence="maxprob", alphas=ALPHAS, bar=None, full=True):
+    """One forward per batch over ``tokens``; every consumer gets ``(stats, positions)`` for each
+    chunk of positions (``positions`` = target indices within the slice). Under
+    ``torch.distributed`` this rank runs batches ``b`` with ``b % world == rank`` only."""
+    dev = token_bytes.device
+    rank, world = _rank_world()
+    offset = 0
+    for b, (x, y) in enumerate(_rows(tokens, seq_len, batch_size)):
+        if b % world != rank:
+            offset += y.numel()
+            if bar is not None:
+                bar.update(y.numel())
+            continue
+        x, y = x.to(dev), y.to(dev)
+        with autocast():
+            z = model.stage_log_probs(x)
+        K, V = z.shape[0], z.shape[-1]
+        z = z.float().reshape(K, -1, V)
+        yf = y.reshape(-1)
+        N = yf.numel()
+        step = max(1, CHUNK_ELEMENTS.get(dev.type, 1 << 25) // V)
+        for a in range(0, N, step):
+            st = position_stats(z[:, a : a + step], yf[a : a + step], token_bytes, alphas, bounds, confidence, full)
+            pos = torch.arange(offset + a, offset + min(N, a + step), device=dev)
+            for c in consumers:
+                c(st, pos)
+        offset += N
+        if bar is not None:
+            bar.update(N)
+    return offset
+
+
+def evaluate(model, meas, calib, *, seq_len, batch_size, token_bytes, autocast, block_tokens, cap, metric,
+             confidence, alphas=ALPHAS, bar=None) -> dict:
+    """Calibration pass (WAND ranges, confidence histogram) then measurement pass (block sums,
+    held-out routing at the calibrated tau, WAND exits at the calibrated bounds)."""
+    K = model.config.n_stages
+    dev = token_bytes.device
+    kw = dict(seq_len=seq_len, batch_size=batch_size, token_bytes=token_bytes, autocast=autocast,
+              confidence=confidence, alphas=alphas, bar=bar)
+    cal = wand = None
+    if calib is not None:
+        cal = Calibrator(K, n_max=calib.numel(), softcap=model.config.softcap, device=dev)
+        run_pass(model, calib, consumers=[lambda st, pos: cal.add(st)], full=False, **kw)
+        wand = cal.all_reduce().wand_summary()  # bounds and tau from every rank's positions
+    bounds = wand["bounds"] if wand else None
+    index = None
+    if cal is not None:
+        index = routing_threshold(*cal.routing.arrays(metric), cap, metric)["index"]
+    blocks = BlockSums(K, meas.numel() - 1, block_tokens, len(alphas), device=dev)
+    held = RoutingHistogram(cal.routing.bins if cal else 10000, device=dev)
+    exits = torch.zeros(K + 1, dtype=torch.float64, device=dev)  # per exit stage, then agreements
+
+    def consume(st, pos):
+        if index is not None:
+            st["routed"] = held.routed(st["conf"], index)
+        blocks.add(st, pos)
+        held.add(st)
+        if "exit_stage" in st:
+            c = st["counted"]
+            exits[:K] += torch.bincount(st["exit_stage"][c], minlength=K).double()
+            exits[K] += (st["exit_agree"] & c).sum().double()
+
+    run_pass(model, meas, consumers=[consume], bounds=bounds, **kw)
+    blocks.all_reduce()
+    held.all_reduce()
+    if world_size() > 1:
+        torch.distributed.all_reduce(exits, op=torch.distributed.ReduceOp.SUM)
+    return {"calibrator": cal, "wand": wand, "blocks": blocks, "held": held, "exits": exits.cpu().numpy()}
+
+
+# ----------------------------------------------------------------------------- the record
+def _seq_len(model, meta: dict, seq_len: int | None) -> int:
+    if seq_len:
+        return min(int(seq_len), model.config.max_seq_len)
+    train = (meta.get("config") or {}).get("train") or {}
+    return int(train.get("seq_len") or 0) or model.config.max_seq_len
+
+
+def _unpack_against(against):
+    """A reference given as a model, or ``(model, tokenizer, meta)`` / ``(model, tokenizer, meta,
+    label)``; returns (model, tokenizer or None, label)."""
+    if against is None:
+        return None
+    if isinstance(against, torch.nn.Module):
+        return against, None, "reference"
+    model, tok, meta = against[0], against[1], against[2] if len(against) > 2 else {}
+    label = against[3] if len(against) > 3 else str((meta or {}).get("target") or (meta or {}).get("path") or "reference")
+    return model, tok, label
+
+
+@torch.no_grad()
+def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_TOKENS, calib_tokens=DEFAULT_CALIB_TOKENS,
+            batch_size=DEFAULT_BATCH_SIZE, seq_len=None, cap=0.02, routing_metric="target_regression", confidence="maxprob",
+            m=4, probe_set="card", max_new_tokens=60, against=None, block_tokens=DEFAULT_BLOCK_TOKENS,
+            samples=DEFAULT_SAMPLES, level=DEFAULT_LEVEL, seed=0, dtype="auto", progress=True, target=None, data=None) -> dict:
+    """Measure one model; returns the record (``docs/record.md``). See the module docstring.
+
+    ``tokens``: the token stream the slices are cut from (default: the checkpoint's validation
+    split, from ``meta["config"]``); ``data``: its label in the record. ``against``: a reference
+    model (or ``(model, tokenizer, meta[, label])``) evaluated on the same slices for paired
+    deltas. ``probe_set``: ``card``, ``embedded``, a JSONL path, or None to skip the probe and the
+    speculative statistics."""
+    t0 = time.time()
+    meta = dict(meta or {})
+    if routing_metric not in ROUTING_METRICS:
+        raise PoelmError(f"unknown routing metric {routing_metric!r}: use one of {', '.join(ROUTING_METRICS)}")
+    if confidence not in ("maxprob", "margin"):
+        raise PoelmError(f"unknown confidence {confidence!r}: use maxprob or margin")
+    for name, v in (("split_tokens", split_tokens), ("block_tokens", block_tokens), ("batch_size", batch_size)):
+        if int(v) <= 0:
+            raise PoelmError(f"{name} must be positive, got {v}")
+    if int(calib_tokens) < 0:
+        raise PoelmError(f"calib_tokens must be >= 0, got {calib_tokens}")
+    model.eval()
+    cfg = model.config
+    K = cfg.n_stages
+    dev = next(model.parameters()).device
+    ref = _unpack_against(against)
+    if ref is not None and ref[1] is not None and ref[1].fingerprint != tokenizer.fingerprint:
+        raise PoelmError("--against needs a checkpoint with the same tokenizer (paired deltas compare the same tokens)")
+    if ref is not None and ref[0].config.n_stages != K:
+        raise PoelmError(f"--against needs a model with the same number of stages (K={K} vs {ref[0].config.n_stages})")
+    if tokens is None:
+        tokens = validation_tokens(meta, tokenizer, split_tokens + calib_tokens + 2)
+        data = data or "val split"
+    meas, calib = cut_slices(torch.as_tensor(tokens, dtype=torch.long).flatten(), int(split_tokens), int(calib_tokens) if K > 1 else 0)
+    T = _seq_len(model, meta, seq_len)
+    autocast, dtype_label = _autocast(dev, dtype)
+    tb = tokenizer.token_bytes().to(dev)
+    if tb.numel() < cfg.vocab_size:
+        tb = torch.cat([tb, tb.new_zeros(cfg.vocab_size - tb.numel())])
+    n_meas, n_cal = meas.numel() - 1, (calib.numel() - 1 if calib is not None else 0)
+    rank, world = _rank_world()
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=(n_meas + n_cal) * (2 if ref is not None else 1), unit="tok", desc="measure", leave=False)
+    kw = dict(seq_len=T, batch_size=batch_size, token_bytes=tb, autocast=autocast, block_tokens=block_tokens, cap=cap,
+              metric=routing_metric, confidence=confidence, bar=bar)
+    ev = evaluate(model, meas, calib, **kw)
+    rk = dict(t0=t0, K=K, cfg=cfg, T=T, dev=dev, dtype_label=dtype_label, n_meas=n_meas, n_cal=n_cal, split_tokens=split_tokens,
+              calib_tokens=calib_tokens, block_tokens=block_tokens, samples=samples, seed=seed, level=level, cap=cap,
+              routing_metric=routing_metric, confidence=confidence, probe_set=probe_set, max_new_tokens=max_new_tokens, m=m,
+              target=target, data=data, world=world)
+    ref_ev = evaluate(ref[0], meas, calib, **kw) if ref is not None else None
+    if bar is not None:
+        bar.close()
+    if world == 1:
+        return _record(model, tokenizer, meta, ev, ref_ev, ref, **rk)
+    return _on_rank0(lambda: _record(model, tokenizer, meta, ev, ref_ev, ref, **rk), rank, world, dev)
+
+
+def _on_rank0(build, rank: int, world: int, dev) -> dict:
+    """``build()`` on rank 0 only; its record (JSON text, NaN kept) broadcast to every rank. A
+    failure on rank 0 is broadcast too, so the other ranks raise instead of waiting."""
+    from poelm.train.runtime import Runtime, _broadcast_text
+
+    rt = Runtime(rank, world, 0, torch.device(dev), torch.float32)
+    if rank != 0:
+        got = json.loads(_broadcast_text(None, rt))
+        if "__rank0_error__" in got:
+            raise PoelmError(f"rank 0 failed: {got['__rank0_error__']}")
+        return got
+    try:
+        rec = build()
+    except Exception as e:
+        _broadcast_text(json.dumps({"__rank0_error__": f"{type(e).__name__}: {e}"}), rt)
+        raise
+    _broadcast_text(json.dumps(rec, default=_json_default), rt)
+    return rec
+
+
+def _record(model, tokenizer, meta, ev, ref_ev, ref, *, t0, K, cfg, T, dev, dtype_label, n_meas, n_cal, split_tokens,
+            calib_tokens, block_tokens, samples, seed, level, cap, routing_metric, confidence, probe_set, max_new_tokens,
+            m, target, data, world) -> dict:
+    """The record from the merged accumulators (bootstrap, routing, WAND exits), plus the probe
+    and the speculative statistics (generation: one process)."""
+    figs = figure_intervals(ev["blocks"], K, ALPHAS, samples, seed, level)
+    flops = model.flops_per_token(T)
+    c0 = flops["per_stage"][0] / flops["total"]
+    rec = {
+        "schema": 1,
+        "target": target,
+        "branch": meta.get("branch"),
+        "step": int(meta["step"]) if meta.get("step") is not None else None,
+        **{k: meta.get(k) for k in ("rel_step", "phase", "lrm", "tokens", "tokens_in_phase", "train_val_bpb")},
+        "K": K, "stage_layers": list(cfg.stage_layers),
+        "split_tokens": n_meas, "calib_tokens": n_cal,
+        "split_tokens_requested": int(split_tokens), "calib_tokens_requested": int(calib_tokens),
+        "seq_len": T, "data": data or "tokens", "world_size": int(world),
+        "bpb": {"full": figs["bpb.full"], "single": [figs[f"bpb.single.{k}"] for k in range(K)],
+                "prefix": [figs[f"bpb.prefix.{j}"] for j in range(K - 1)]},
+        "acc": {"single": [figs[f"acc.single.{k}"] for k in range(K)], "full": figs["acc.full"]},
+        "alpha_sweep": {"alphas": list(ALPHAS), "bpb": [figs[f"alpha_sweep.bpb.{i}"]["value"] for i in range(len(ALPHAS))],
+                        "ci": [figs[f"alpha_sweep.bpb.{i}"]["ci"] for i in range(len(ALPHAS))]},
+        "crossover_gap": figs["crossover_gap"]["value"], "crossover_gap_ci": figs["crossover_gap"]["ci"],
+        "wand": None, "routing": None, "spec": None, "probe": None, "against": None,
+        "bootstrap": {"block_tokens": int(block_tokens), "blocks": ev["blocks"].n_blocks, "samples": int(samples),
+                      "seed": int(seed), "level": level, "interval": "percentile"},
+    }
+    agree = figs["routing.agreement_s0_full"]
+    if ev["wand"] is not None:
+        w = ev["wand"]
+        counted = float(ev["blocks"].array()[:, ev["blocks"].index["count"]].sum())
+        ex = ev["exits"]
+        rec["wand"] = {**w, "calib_tokens": n_cal,
+                       "exit": {"fraction_per_stage": [float(x / counted) if counted else None for x in ex[:K]],
+                                "agreement": float(ex[K] / counted) if counted else None}}
+    if ev["calibrator"] is not None:
+        r = routing_summary(ev["calibrator"].routing, ev["held"], cap, routing_metric, confidence, c0, agree["value"])
+        r["agreement_ci"] = agree["ci"]
+        r["fraction_ci"] = figs["routing.fraction"]["ci"]
+        rec["routing"] = r
+    if probe_set is not None:
+        label, prompts = load_prompt_set(probe_set)
+        engine = get_engine(model)
+        pr = run_probe(model, tokenizer, prompts, label, max_new_tokens, engine, m)
+        if K > 1:
+            rec["spec"] = run_spec(model, pr, m, engine)
+        for row in pr["results"]:
+            row.pop("_gen")
+        rec["probe"] = pr
+    if ref_ev is not None:
+        rec["against"] = {"target": ref[2], "deltas": delta_intervals(ev["blocks"], ref_ev["blocks"], K, ALPHAS, samples, seed, level,
+                                                                      routing=ref_ev["calibrator"] is not None)}
+    rec.update(elapsed_s=time.time() - t0, device=str(dev), dtype=dtype_label, poelm_version=__version__)
+    return rec
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n").encode("utf-8")
+
+
+def _clean(obj):
+    """NaN/inf -> None so the record is strict JSON."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def measure_target(target: str, *, data: str | None = None, out: str | None = None, against: str | None = None,
+                   device: str | None = "auto", write_calibration: bool | None = None, probe_set: str | None = "auto",
+                   split_tokens: int = DEFAULT_SPLIT_TOKENS, calib_tokens: int = DEFAULT_CALIB_TOKENS, **kw) -> dict:
+    """Load ``target`` (``checkpoint.load_model``), measure it, store the calibration and the record.
+
+    ``data``: measure on this txt/jsonl/parquet corpus instead of the validation split.
+    ``write_calibration`` (default: only when measuring the checkpoint's own validation split, so
+    a measurement on another corpus never overwrites the published calibration) stores the WAND
+    bounds and routing threshold with the checkpoint (``calibrate.write_bounds``). The record goes
+    to ``out``, else ``<checkpoint dir>/poelm_measure.json``; for ``REPO@branch`` both the
+    calibrated config.json and the record are committed to the branch
+    (``publish.update_branch_files``). ``probe_set="auto"``: ``embedded`` for a model trained on
+    the embedded corpus, else ``card``. Other keywords go to ``measure``.
+
+    Under torchrun the ranks share the work (module docstring) and rank 0 alone writes; the other
+    ranks return None."""
+    from poelm.train.checkpoint import load_model
+
+    from poelm.train.runtime import join_group, pick_device
+
+    dev = join_group(pick_device(device))
+    if write_calibration is None:
+        write_calibration = data is None
+    with tempfile.TemporaryDirectory(prefix="poelm-measure-") as work:
+        # both TARGETs resolve (and fail) before anything is loaded or computed
+        tgt = targets.resolve(target, Path(work) / "target")
+        rtgt = targets.resolve(against, Path(work) / "against") if against else None
+        path, repo, branch = tgt.path, tgt.repo, tgt.branch
+        model, tok, meta = load_model(path, device=dev)
+        if branch:
+            meta["branch"] = branch
+        label = tgt.label
+        if probe_set == "auto":
+            dcfg = (meta.get("config") or {}).get("data") or {}
+            probe_set = "embedded" if dcfg.get("path") == "embedded" and not dcfg.get("sources") else "card"
+        tokens = corpus_tokens(data, tok, split_tokens + calib_tokens + 2) if data else None
+        ref = None
+        if against:
+            rmodel, rtok, rmeta = load_model(rtgt.path, device=dev)
+            ref = (rmodel, rtok, rmeta, rtgt.label)
+        rec = measure(model, tok, meta, tokens=tokens, target=label, data=data, against=ref, probe_set=probe_set,
+                      split_tokens=split_tokens, calib_tokens=calib_tokens, **kw)
+        rec = _clean(rec)
+        if _rank_world()[0] != 0:
+            return None
+        written = []
+        if write_calibration and rec.get("wand"):
+            written = write_bounds(path, rec["wand"]["bounds"], routing_entry(rec.get("routing")))
+        if repo:  # the branch gets the data files; publish refreshes its manifest itself
+            written = [name for name in written if name not in MANIFESTS]
+        rec["calibration_written"] = written
+        body = _json_bytes(rec)
+        if out:
+            atomic_write_bytes(out, body)
+        if repo:
+            files = {name: (path / name).read_bytes() for name in written}
+            files[RECORD_NAME] = body
+            publish.update_branch_files(repo, branch, files)
+        elif not out:
+            atomic_write_bytes(path / RECORD_NAME, body)
+        rec["repo"] = repo  # after the record was serialised: the branch's file never holds a local path
+        rec["record_path"] = str(out) if out else (f"{tgt.label}:{RECORD_NAME}" if repo else str(path / RECORD_NAME))
+    return rec

@@ -1,0 +1,470 @@
+"""The trajectory report: the card's tables, the verdict and the plots, from measurement records.
+
+Input: one measurement record per checkpoint/branch (``poelm measure``; schema in
+``docs/record.md``). Output: markdown with the reference card's table layout and column names
+(branches, per-checkpoint val BPB, per-stage BPB, per-stage accuracy, self-speculative decoding,
+confidence-aware routing, WAND p99 bounds, alpha sweep with crossover gap, sample-mode probe),
+a table of deltas vs the seed with their 95% intervals, the verdict (``poelm.verdict``) and the
+plots (``poelm.plots``). The same markdown is the model card README of every step branch and of
+``main`` (``render_card``).
+
+K, m, the routing metric and cap, the alphas and the probe prompts all come from the records. A
+value's bootstrap interval, when the record has one, follows it in brackets; a missing
+measurement renders "not measured". Number formats follow the card: BPB 6 decimals, accuracy
+and acceptance 4, routing fraction as a percentage, speedups with "x".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from poelm.core.errors import PoelmError
+from poelm.fsio import atomic_write_text
+from poelm.trajectory import publish
+from poelm.report.plots import make_plots
+from poelm.report.verdict import fmt_num, fmt_pct, fmt_signed
+from poelm.report.verdict import branch_name, delta_ci, get, metrics_for, phase_of, rel_step, seed_position, segment, sort_records, value, verdict
+
+NM = "not measured"
+RECORD_NAME = "poelm_measure.json"
+
+
+# ----------------------------------------------------------------------------- loading
+def _records_in(path: Path, obj) -> list[dict]:
+    if isinstance(obj, dict) and isinstance(obj.get("records"), list):
+        obj = obj["records"]
+    items = obj if isinstance(obj, list) else [obj]
+    for r in items:
+        if not (isinstance(r, dict) and "schema" in r and isinstance(r.get("step"), int)):
+            raise PoelmError(f"{path} is not a poelm measurement record (needs 'schema' and an integer 'step'); "
+                             f"write it with `poelm measure`")
+    return items
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PoelmError(f"cannot read measurement record {path}: {e}") from None
+    return _records_in(path, obj)
+
+
+def _is_git_repo(path: Path) -> bool:
+    return (path / ".git").exists() or ((path / "HEAD").is_file() and (path / "refs").is_dir())
+
+
+def load_records(source) -> list[dict]:
+    """Measurement records, sorted by step, from ``source``:
+
+    - a list/tuple of JSON files;
+    - a JSON file (one record, a list of records, or ``{"records": [...]}``);
+    - a git repository / ``hf://`` address (a trajectory repo): ``poelm.trajectory.publish.read_records``
+      reads ``poelm_measure.json`` of every step branch;
+    - a directory of ``*.json`` records, or of ``*/poelm_measure.json`` (a run directory).
+    Two records for one step are an error (which one is meant is ambiguous)."""
+    if isinstance(source, (list, tuple)):
+        recs = [r for p in source for r in _read_json(Path(p))]
+    else:
+        path = Path(source)
+        if path.is_file():
+            recs = _read_json(path)
+        elif path.is_dir():
+            if _is_git_repo(path):
+                recs = publish.read_records(source)
+            else:
+                files = sorted(path.glob("*.json")) or sorted(path.glob(f"*/{RECORD_NAME}"))
+                if not files:
+                    raise PoelmError(f"no measurement records (*.json or */{RECORD_NAME}) in {path}; run `poelm measure` first")
+                recs = [r for p in files for r in _read_json(p)]
+        elif "://" in str(source) or re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(source)):
+            # an address (hf://org/name) or a hub repo id "org/name" that is not a local path
+            recs = publish.read_records(source)
+        else:
+            raise PoelmError(f"{source} does not exist; pass a directory of records, record files, or a trajectory repo")
+    recs = sort_records(recs)
+    steps = [int(r["step"]) for r in recs]
+    dup = sorted({s for s in steps if steps.count(s) > 1})
+    if dup:
+        raise PoelmError(f"two measurement records for step {dup[0]}; keep one per step")
+    if not recs:
+        raise PoelmError(f"no measurement records in {source}")
+    return recs
+
+
+# ----------------------------------------------------------------------------- cells
+def _x(d):
+    return lambda v: f"{v:.{d}f}x"
+
+
+def _cell(rec, key, fmt) -> str:
+    v, ci = get(rec, key)
+    if v is None:
+        return NM
+    return fmt(v) if ci is None else f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+def _esc(text) -> str:
+    """Make free text safe inside one markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _k(recs) -> int:
+    return max((int(r.get("K") or 0) for r in recs), default=0)
+
+
+def _newest(recs, key):
+    for r in reversed(recs):
+        if isinstance(r.get(key), dict):
+            return r[key]
+    return {}
+
+
+def _alpha_label(a: float) -> str:
+    s = "0" if a == 0 else (f"{a:.1f}" if float(a).is_integer() else f"{a:g}")
+    extra = {0: " (geom-mean)", 0.5: " (Bayesian √K)", 1: " (pure sum / Log-OP)"}.get(a, "")
+    return f"α={s}{extra}"
+
+
+def _tokens(n) -> str:
+    if n is None:
+        return "? tokens"
+    return f"{n / 1e6:.2f}M tokens" if n >= 1e6 else f"{n:,} tokens"
+
+
+# ----------------------------------------------------------------------------- tables
+def _position(rec, phase, is_seed) -> str:
+    rel = rel_step(rec, phase)
+    if rel is None:
+        return "n/a"
+    seg = segment(rel, phase)
+    head = f"{'continual phase ' if is_seed else ''}rel_it = {rel:,}"
+    if is_seed or seg is None:
+        return head
+    detail = {"warmup": "warmup", "peak": f"peak +{rel - phase.warmup:,}",
+              "warmdown": f"warmdown +{rel - phase.warmdown_start:,}", "after": "after the phase end",
+              "before": "before the phase"}[seg]
+    return f"{head} ({detail})"
+
+
+def _note(recs, i, seed_i, phase) -> str:
+    rec, seed = recs[i], recs[seed_i]
+    if i == seed_i:
+        return "seed: the phase's start checkpoint; every delta is taken against it"
+    parts = []
+    if phase is not None and i > 0:
+        prev_seg = segment(rel_step(recs[i - 1], phase), phase)
+        seg = segment(rel_step(rec, phase), phase)
+        if seg != prev_seg and seg in ("peak", "warmdown"):
+            parts.append(f"first save {'after warmup' if seg == 'peak' else 'in the warmdown'}")
+    ds = []
+    for key, name, fmt in (("bpb.full", "BPB", fmt_signed(6)), ("acc.full", "acc", None), ("spec.acceptance", "α", None)):
+        v, v0 = value(rec, key), value(seed, key)
+        if v is not None and v0 is not None:
+            ds.append(f"{name} {fmt(v - v0)}" if fmt else f"{name} {100 * (v - v0):+.2f}pp")
+    if ds:
+        parts.append("vs seed: " + " / ".join(ds))
+    return "; ".join(parts) or "no shared measurement with the seed"
+
+
+def _rows(recs, seed_i, cols):
+    """One row per record: branch, step, then ``cols`` (functions of the record)."""
+    out = []
+    for i, r in enumerate(recs):
+        name = f"`{branch_name(r)}`" + (" (seed)" if i == seed_i else "")
+        out.append([name, f"{int(r['step']):,}"] + [c(r) for c in cols])
+    return out
+
+
+def _sections(recs, main=False) -> list[tuple[str, str, str]]:
+    """``(heading, description, table)`` for every card table."""
+    seed_i, phase, K = seed_position(recs), phase_of(recs), _k(recs)
+    keyed = lambda key, fmt: (lambda r: _cell(r, key, fmt))  # noqa: E731
+    split = _newest_value(recs, "split_tokens")
+    out = []
+
+    rows = [[f"`{branch_name(r)}`", f"{int(r['step']):,}", _position(r, phase, i == seed_i),
+             NM if r.get("lrm") is None else f"{r['lrm']:.4f}", _esc(_note(recs, i, seed_i, phase))]
+            for i, r in enumerate(recs)]
+    if main:
+        rows.append(["main", "latest", "tracks newest published step", "", f"currently `{branch_name(recs[-1])}`"])
+    desc = "Every save is a `step-XXXXX` branch; `main` tracks the newest."
+    if phase is not None:
+        desc += (f" Phase {phase.name}: {phase.steps:,} steps from step {phase.start_step:,}, warmup {phase.warmup:,} "
+                 f"(lrm 0 → {phase.peak:g}), peak until rel_it {phase.warmdown_start:,}, then warmdown to "
+                 f"{phase.final:g} (warmdown_ratio {phase.warmdown_ratio:g}).")
+    out.append(("Branches", desc, _table(["Branch", "Step", "Phase position", "lrm", "Notes"], rows)))
+
+    rel = lambda r: NM if rel_step(r, phase) is None else f"{rel_step(r, phase):,}"  # noqa: E731
+    out.append(("Per-checkpoint val BPB",
+                f"Same local val slice for every checkpoint ({_tokens(split)}); full K={K} PoE aggregation.",
+                _table(["Branch", "Step", "Phase rel_it", "Training-log val BPB", f"Local-slice full K={K} BPB ({_tokens(split)})"],
+                       _rows(recs, seed_i, [rel, keyed("train_val_bpb", fmt_num(6)), keyed("bpb.full", fmt_num(6))]))))
+
+    cols = [keyed("bpb.full", fmt_num(6))] + [keyed(f"bpb.single.{k}", fmt_num(6)) for k in range(K)]
+    cols += [keyed(f"bpb.prefix.{j}", fmt_num(6)) for j in range(K - 1)]
+    header = ["Branch", "Step", f"full K={K}"] + [f"single s{k}" for k in range(K)] + [f"prefix K'={j}" for j in range(1, K)]
+    out.append(("Per-stage BPB", "Training-objective BPB at each PoE stage boundary, on the same local val slice.",
+                _table(header, _rows(recs, seed_i, cols))))
+
+    cols = [keyed(f"acc.single.{k}", fmt_num(4)) for k in range(K)] + [keyed("acc.full", fmt_num(4))]
+    out.append(("Per-stage standalone target accuracy",
+                "Top-1 accuracy of each stage's standalone prediction vs the target token, same val slice.",
+                _table(["Branch", "Step"] + [f"s{k}" for k in range(K)] + ["full"], _rows(recs, seed_i, cols))))
+
+    spec = _newest(recs, "spec")
+    m = spec.get("m", "m")
+    cols = [keyed("spec.acceptance", fmt_num(4)), keyed("spec.mean_accepted", fmt_num(2)), keyed("spec.speedup", _x(2))]
+    out.append((f"Self-speculative decoding (m={m} stage-0 draft, full K={K} verify)",
+                f"Greedy; mode: {spec.get('mode', NM)}; acceptance α = accepted / proposed draft tokens; "
+                f"speedup = wall time of full-K greedy / self-speculative greedy.",
+                _table(["Branch", "Step", "acceptance α", f"mean accepted / {m}", "end-to-end speedup"],
+                       _rows(recs, seed_i, cols))))
+
+    routes = [r["routing"] for r in recs if isinstance(r.get("routing"), dict)]
+    kinds = sorted({(str(x.get("metric")), x.get("cap")) for x in routes}, key=str)
+    label = " / ".join(f"{mt} cap = {cap:.3f}" if isinstance(cap, (int, float)) else f"{mt} cap = ?" for mt, cap in kinds)
+    conf = sorted({str(x.get("confidence")) for x in routes})
+    cols = [keyed("routing.fraction", fmt_pct), keyed("routing.projected_speedup", _x(3)),
+            keyed("routing.agreement_s0_full", fmt_num(4))]
+    out.append((f"Confidence-aware routing ({label or NM})",
+                f"A position goes to stage 0 alone when its stage-0 confidence ({', '.join(conf) or NM}) >= τ, the "
+                f"lowest threshold whose {' / '.join(k[0] for k in kinds) or 'regression metric'} stays within the cap; "
+                f"projected speedup = 1 / (f·c0 + 1 - f).",
+                _table(["Branch", "Step", "fraction routed to stage 0", "projected speedup", "base s0=full agreement"],
+                       _rows(recs, seed_i, cols))))
+
+    calib = _newest(recs, "wand").get("calib_tokens")
+    cols = [keyed(f"wand.bounds.{s}", fmt_num(4)) for s in range(K - 1)]
+    out.append(("WAND p99 bounds (cumulative-PoE delta range, constant-shift invariant)",
+                f"Calibrated on a {_tokens(calib)} val slice using range(delta) = max(delta) − min(delta); each "
+                f"branch's config.json carries its own bounds in poe_wand_p99_bounds_per_stage_head.",
+                _table(["Branch", "Step"] + [f"bound {s} → {s + 1}" for s in range(K - 1)], _rows(recs, seed_i, cols))))
+
+    alphas = list(_newest(recs, "alpha_sweep").get("alphas") or [])
+    cols = [(lambda a: lambda r: _sweep_cell(r, a))(a) for a in alphas] + [keyed("crossover_gap", fmt_signed(6))]
+    out.append(("Bayesian PoE α-sweep (renormed BPB)",
+                "α=0 is the geometric-mean PoE aggregate; α=1 the pure sum (log opinion pool). Crossover gap = "
+                f"BPB(full K, α=0) − BPB(single s{K - 1}).",
+                _table(["Branch", "Step"] + [_alpha_label(a) for a in alphas] + [f"crossover gap (α=0 vs single s{K - 1})"],
+                       _rows(recs, seed_i, cols))))
+
+    out.append(_probe_section(recs, seed_i, K))
+    out.append(_delta_section(recs, seed_i, K))
+    return out
+
+
+def _newest_value(recs, key):
+    for r in reversed(recs):
+        if r.get(key) is not None:
+            return r[key]
+    return None
+
+
+def _sweep_cell(rec, a) -> str:
+    sw = rec.get("alpha_sweep")
+    if not isinstance(sw, dict):
+        return NM
+    for x, b in zip(sw.get("alphas") or [], sw.get("bpb") or []):
+        if x == a and isinstance(b, (int, float)):
+            return f"{b:.6f}"
+    return NM
+
+
+def _probe_section(recs, seed_i, K):
+    probes = [r["probe"] for r in recs if isinstance(r.get("probe"), dict)]
+    names = []
+    for p in probes:
+        for res in p.get("results") or []:
+            if res.get("name") not in names:
+                names.append(res.get("name"))
+    p0 = probes[-1] if probes else {}
+
+    def cols_for(r):
+        p = r.get("probe")
+        if not isinstance(p, dict):
+            return [NM] * len(names) + [NM]
+        by = {x.get("name"): x for x in p.get("results") or []}
+        cells = [NM if n not in by else f"{'✓' if by[n].get('pass') else '✗'} {_esc(by[n].get('continuation', ''))}"
+                 for n in names]
+        return cells + [f"{p.get('passed', NM)}/{p.get('total', NM)} passed"]
+
+    rows = [[f"`{branch_name(r)}`" + (" (seed)" if i == seed_i else ""), f"{int(r['step']):,}"] + cols_for(r)
+            for i, r in enumerate(recs)]
+    total = p0.get("total", len(names))
+    head = (f"Sample-mode probe (full K={K}, greedy, {p0.get('max_new_tokens', '?')} tokens, {total}-prompt set "
+            f"'{p0.get('set', NM)}')")
+    desc = "✓: the continuation matches the prompt's expectation; ✗: it does not. Each cell gives the continuation."
+    return head, desc, _table(["Branch", "Step"] + [_esc(n) for n in names] + ["Note"], rows)
+
+
+def _delta_section(recs, seed_i, K):
+    wanted = ["train_val_bpb", "bpb.full", "acc.full", "spec.acceptance", "routing.fraction"]
+    wanted += [f"wand.bounds.{s}" for s in range(K - 1)] + ["crossover_gap"]
+    ms = {m.key: m for m in metrics_for(recs)}
+    seed = recs[seed_i]
+    rows = []
+    for i, r in enumerate(recs):
+        name = f"`{branch_name(r)}`" + (" (seed)" if i == seed_i else "")
+        cells = []
+        for key in wanted:
+            v, v0 = value(r, key), value(seed, key)
+            if i == seed_i:
+                cells.append("—" if v is not None else NM)
+            elif v is None or v0 is None:
+                cells.append(NM)
+            else:
+                ci = delta_ci(r, seed, key)
+                f = ms[key].dfmt
+                cells.append(f"{f(v - v0)} " + (f"[{f(ci[0])}, {f(ci[1])}]" if ci else "(CI n/a)"))
+        rows.append([name, f"{int(r['step']):,}"] + cells)
+    desc = ("Δ = value − seed value, with its 95% interval from the record's `against` block (a paired bootstrap vs "
+            "the seed); \"CI n/a\": the interval is not available (the record was not measured against the seed).")
+    return "Deltas vs the seed (95% intervals)", desc, _table(["Branch", "Step"] + [ms[k].label for k in wanted], rows)
+
+
+def build_tables(records) -> str:
+    """All card tables (and the deltas table) as markdown, one ``###`` section each."""
+    recs = sort_records(records)
+    if not recs:
+        return "_No measurement records._\n"
+    return "\n\n".join(f"### {h}\n\n{d}\n\n{t}" for h, d, t in _sections(recs)) + "\n"
+
+
+# ----------------------------------------------------------------------------- card / report
+# ----------------------------------------------------------------------------- one record, as text (poelm measure)
+def _f(x, d=6):
+    return "n/a" if x is None else f"{x:.{d}f}"
+
+
+def _ci(node, d=6):
+    v, ci = node.get("value"), node.get("ci") or [None, None]
+    if ci[0] is None:
+        return _f(v, d)
+    return f"{_f(v, d)} [{_f(ci[0], d)}, {_f(ci[1], d)}]"
+
+
+def format_summary(rec: dict) -> str:
+    """A few lines for the terminal (the record has everything)."""
+    K = rec["K"]
+    L = [f"{rec.get('target') or 'model'}  step {rec.get('step')}  K={K} {rec['stage_layers']}  "
+         f"{rec['split_tokens']:,} tokens ({rec['data']}), calib {rec['calib_tokens']:,}, {rec['device']} {rec['dtype']}, "
+         f"{rec['elapsed_s']:.1f}s"]
+    b = rec["bpb"]
+    L.append(f"  BPB full K    {_ci(b['full'])}   (95% block-bootstrap interval)")
+    L.append("  BPB single    " + "  ".join(f"s{k} {_f(x['value'])}" for k, x in enumerate(b["single"])))
+    if b["prefix"]:
+        L.append("  BPB prefix    " + "  ".join(f"K'={j + 1} {_f(x['value'])}" for j, x in enumerate(b["prefix"])))
+    a = rec["acc"]
+    L.append("  accuracy      " + "  ".join(f"s{k} {_f(x['value'], 4)}" for k, x in enumerate(a["single"])) + f"  full {_f(a['full']['value'], 4)}")
+    sw = rec["alpha_sweep"]
+    L.append("  alpha sweep   " + "  ".join(f"{al:g}: {_f(v)}" for al, v in zip(sw["alphas"], sw["bpb"])) + f"   crossover gap {_f(rec['crossover_gap'])}")
+    if rec.get("wand"):
+        L.append("  WAND p99      " + "  ".join(f"{s}->{s + 1} {v:.4f}" for s, v in enumerate(rec["wand"]["bounds"])))
+    r = rec.get("routing")
+    if r:
+        L.append(f"  routing       {r['metric']} <= {r['cap']}: tau {r['tau']:.4f}, routed {100 * r['fraction']:.2f}%, "
+                 f"projected {r['projected_speedup']:.3f}x, s0=full agreement {_f(r['agreement_s0_full'], 4)}")
+    s = rec.get("spec")
+    if s:
+        sp = "n/a" if s.get("speedup") is None else f"{s['speedup']:.2f}x"
+        L.append(f"  speculative   m={s['m']} ({s['mode']}): acceptance {_f(s['acceptance'], 4)}, "
+                 f"mean accepted {_f(s['mean_accepted'], 2)}/{s['m']}, speedup {sp}")
+    p = rec.get("probe")
+    if p:
+        marks = " ".join(f"{x['name']} {'PASS' if x['pass'] else 'fail'}" for x in p["results"])
+        L.append(f"  probe ({p['set']}) {p['passed']}/{p['total']}: {marks}")
+    ag = rec.get("against")
+    if ag:
+        d = ag["deltas"]
+        noisy = [k for k, v in d.items() if v.get("inside_noise")]
+        L.append(f"  vs {ag['target']}: dBPB full {_ci(d['bpb.full'])}, dacc full {_ci(d['acc.full'], 4)}; "
+                 f"{len(d) - len(noisy)} of {len(d)} deltas outside noise")
+    return "\n".join(L)
+
+
+def update_cards(repo, branches=None) -> list[str]:
+    """Make the report the model card (README.md) of trajectory branches: each branch gets the
+    tables and verdict over the records up to its own step, the newest (``main``) the whole
+    trajectory. ``branches`` None = every measured branch; the newest is always refreshed, since
+    a newly measured earlier branch changes its tables. Returns the branches updated."""
+    records = sort_records(publish.read_records(repo))
+    if not records:
+        return []
+    newest = records[-1].get("branch")
+    wanted = set(branches) if branches is not None else {r.get("branch") for r in records}
+    wanted.add(newest)
+    done = []
+    for rec in records:
+        b = rec.get("branch")
+        if b not in wanted:
+            continue
+        card = render_card(records, upto_step=int(rec["step"]), main=b == newest)
+        publish.update_branch_files(repo, b, {"README.md": card.encode("utf-8")})
+        done.append(b)
+    return done
+
+
+def render_card(records, *, title: str | None = None, repo_id: str | None = None, upto_step: int | None = None,
+                main: bool = False, plots: dict | None = None, front_matter: bool = True) -> str:
+    """The model card README (markdown) of a branch: tables and verdict over the records up to its step.
+
+    ``upto_step`` drops later records (pass the branch's step; None keeps all); ``main`` adds the
+    ``main`` row; ``plots`` maps a caption to an image path relative to the README."""
+    recs = sort_records(records)
+    if upto_step is not None:
+        recs = [r for r in recs if int(r["step"]) <= upto_step]
+    if not recs:
+        raise PoelmError(f"no measurement records up to step {upto_step}; measure the branch first")
+    last = recs[-1]
+    title = title or (repo_id.split("/")[-1] if repo_id else "PoE per-stage-head model: trajectory")
+    out = []
+    if front_matter:
+        out.append("---\nlibrary_name: transformers\npipeline_tag: text-generation\n"
+                   "tags:\n- poelm\n- product-of-experts\n- trajectory\n---\n")
+    K, layers = _k(recs), last.get("stage_layers")
+    intro = (f"Product-of-Experts per-stage-head language model, K={K} stages"
+             + (f" (stage_layers = {tuple(layers)})" if layers else "") + ". "
+             + ("`main` tracks " if main else "Newest save: ") + f"branch `{branch_name(last)}` (step "
+             f"{int(last['step']):,}); the tables cover the {len(recs)} measured save(s) up to that step.")
+    out.append(f"# {title}\n\n{intro}\n")
+    if repo_id:
+        rev = "main" if main else branch_name(last)
+        out.append("## Inference\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                   f"model = AutoModelForCausalLM.from_pretrained(\"{repo_id}\", revision=\"{rev}\", trust_remote_code=True)\n"
+                   f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\", revision=\"{rev}\", trust_remote_code=True)\n"
+                   "```\n\nPrepend the BOS token to a prompt; any `step-XXXXX` branch loads the same way.\n")
+    secs = _sections(recs, main=main)
+    out.append("## " + secs[0][0] + "\n\n" + secs[0][1] + "\n\n" + secs[0][2] + "\n")
+    out.append("## Trajectory measurements\n")
+    out += [f"### {h}\n\n{d}\n\n{t}\n" for h, d, t in secs[1:]]
+    out.append("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(recs)) + "\n")
+    if plots:
+        out.append("## Plots\n\n" + "\n\n".join(f"![{cap}]({path})" for cap, path in plots.items()) + "\n")
+    return "\n".join(out)
+
+
+def write_report(records, out_dir) -> dict:
+    """Write ``report.md`` (tables, verdict, plot links) and the PNGs into ``out_dir``, atomically.
+
+    Returns ``{"report": Path, <plot name>: Path, ...}``."""
+    recs = sort_records(records)
+    if not recs:
+        raise PoelmError("no measurement records to report; run `poelm measure` first")
+    out_dir = Path(out_dir)
+    pngs = make_plots(recs, out_dir)
+    captions = {"bpb_vs_step": "BPB per stage vs step with the LR multiplier",
+                "spec_routing_vs_step": "Spec acceptance and routing fraction vs step",
+                "wand_vs_step": "WAND p99 bounds vs step", "alpha_sweep": "Alpha sweep: seed and newest"}
+    plots = {captions.get(p.stem, p.stem): p.name for p in pngs}
+    text = render_card(recs, title="Trajectory report", main=False, plots=plots, front_matter=False)
+    report = out_dir / "report.md"
+    atomic_write_text(report, text)
+    return {"report": report, **{p.stem: p for p in pngs}}

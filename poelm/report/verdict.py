@@ -1,0 +1,424 @@
+"""The trajectory verdict: every metric's change vs the seed, its noise band, its trend, in words.
+
+The card's question: does a re-warmed LR cycle make *several metrics diverge from the seed in a
+coherent direction*, or do the rows stay within noise of the seed (a null result)? This module
+answers it from the measurement records alone (schema: ``docs/record.md``); every sentence is
+generated from the numbers.
+
+Definitions (SPEC is silent on the statistics; these are ours):
+- **seed**: the record whose step equals the phase's ``start_step`` (the resume checkpoint), else
+  the first record. Every delta is ``value(newest) - value(seed)``.
+- **noise band** of a delta, two tests, both applied when available:
+  (a) the bootstrap interval: the record's ``against`` block gives the paired delta's 95% CI
+  (outside noise iff it excludes 0); without it, when both records carry value CIs, the two value
+  intervals must not overlap (a conservative stand-in);
+  (b) the card's empirical floor: ``|value(first save) - value(seed)|`` where the first save after
+  the seed still lies in the warmup (the card: "77 steps at warmup-near-zero LR cannot move the
+  model meaningfully", so that difference is pure measurement noise). ``|delta|`` must exceed it.
+- **segment** of the phase at relative step ``rel``: warmup ``rel < warmup``, peak
+  ``warmup <= rel < warmdown_start`` (the first decayed step, ``poelm.schedule.Phase``), warmdown
+  after. Trends are tested over the saves of the newest record's segment (excluding the seed), so
+  the LR shock at the re-warmup does not masquerade as a trend inside the peak phase.
+- **trend**: Mann–Kendall (Kendall's tau of value vs step; exact p for small n, scipy) at
+  ``level`` (default 0.05), with Spearman's rho alongside. Not significant -> "oscillating within
+  an envelope [min, max]" (or "drifting" when the series is monotone yet not significant).
+  Across N metrics about ``N * level`` trends are expected by chance; the overall line compares
+  the count with that (a one-sided binomial test, which ignores correlation between metrics).
+- **LR shock**: the largest save-to-save change of a metric falls at the first save after warmup
+  and exceeds the noise floor.
+- **coherent divergence**: at least 2 metrics with a preferred direction are outside the noise
+  band and at least ``COHERENT_SHARE`` of them moved the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from scipy import stats
+
+from poelm.schedule import Phase
+
+COHERENT_SHARE = 0.75
+
+
+# ----------------------------------------------------------------------------- record access
+def get(rec: dict, key: str):
+    """``(value, ci)`` at dotted ``key`` ("bpb.single.0", "spec.acceptance"); ``(None, None)`` if absent.
+
+    List indices are integers in the path; a ``{"value", "ci"}`` leaf yields both, a bare number
+    yields ``(number, None)``. Non-numeric leaves count as not measured."""
+    node = rec
+    for part in key.split("."):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None, None
+        if node is None:
+            return None, None
+    ci = None
+    if isinstance(node, dict):
+        ci = node.get("ci")
+        node = node.get("value")
+    if isinstance(node, bool) or not isinstance(node, (int, float)) or math.isnan(node):
+        return None, None
+    if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci)):
+        ci = None
+    return float(node), (tuple(float(c) for c in ci) if ci else None)
+
+
+def value(rec: dict, key: str):
+    return get(rec, key)[0]
+
+
+def branch_name(rec: dict) -> str:
+    return rec.get("branch") or f"step-{int(rec['step']):05d}"
+
+
+def sort_records(records) -> list[dict]:
+    return sorted(records, key=lambda r: int(r["step"]))
+
+
+def phase_of(records) -> Phase | None:
+    """The phase of the newest record that has one (``Phase`` of ``poelm.schedule``)."""
+    for rec in reversed(sort_records(records)):
+        ph = rec.get("phase")
+        if isinstance(ph, dict):
+            fields = {k: ph[k] for k in ("steps", "warmup", "peak", "warmdown_ratio", "final", "start_step", "name") if k in ph}
+            return Phase(**fields)
+    return None
+
+
+def seed_position(records: list[dict]) -> int:
+    """Index (in step order) of the seed: the record at the phase's start step, else the first."""
+    recs = sort_records(records)
+    ph = phase_of(recs)
+    if ph is not None:
+        for i, r in enumerate(recs):
+            if int(r["step"]) == ph.start_step:
+                return i
+    return 0
+
+
+def rel_step(rec: dict, phase: Phase | None):
+    if rec.get("rel_step") is not None:
+        return int(rec["rel_step"])
+    return None if phase is None else int(rec["step"]) - phase.start_step
+
+
+def segment(rel, phase: Phase | None) -> str | None:
+    """"warmup" | "peak" | "warmdown" | "after" | "before" for a relative step (None: no phase)."""
+    if phase is None or rel is None:
+        return None
+    if rel < 0:
+        return "before"
+    if rel > phase.steps:
+        return "after"
+    if rel < phase.warmup:
+        return "warmup"
+    return "peak" if rel < phase.warmdown_start else "warmdown"
+
+
+# ----------------------------------------------------------------------------- metric catalogue
+def fmt_num(d):
+    """Formatter of a value with d decimals (tables and sentences share it)."""
+    return lambda v: f"{v:.{d}f}"
+
+
+def fmt_signed(d):
+    return lambda v: f"{v:+.{d}f}"
+
+
+def fmt_pct(v):
+    return f"{100 * v:.2f}%"
+
+
+def _dpct(v):
+    return f"{100 * v:+.2f} pp"
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # dotted path into the record (same keys as the record's "against" deltas)
+    label: str
+    family: str
+    better: str | None  # "lower" | "higher" | None (no preferred direction)
+    fmt: Callable[[float], str]
+    dfmt: Callable[[float], str]
+
+
+def metrics_for(records) -> list[Metric]:
+    """The metrics the verdict speaks about; K and m come from the records."""
+    K = max((int(r.get("K") or 0) for r in records), default=0)
+    m = next((r["spec"].get("m") for r in reversed(sort_records(records)) if isinstance(r.get("spec"), dict)), None) or "m"
+    b6, d6, b4, d4 = fmt_num(6), fmt_signed(6), fmt_num(4), fmt_signed(4)
+    out = [Metric("train_val_bpb", "training-log val BPB", "BPB", "lower", b6, d6),
+           Metric("bpb.full", f"full K={K} BPB", "BPB", "lower", b6, d6)]
+    out += [Metric(f"bpb.single.{k}", f"single s{k} BPB", "BPB", "lower", b6, d6) for k in range(K)]
+    out += [Metric("acc.full", "full accuracy", "accuracy", "higher", b4, d4),
+            Metric("acc.single.0", "s0 accuracy", "accuracy", "higher", b4, d4),
+            Metric("spec.acceptance", "spec acceptance α", "spec decoding", "higher", b4, d4),
+            Metric("spec.mean_accepted", f"spec mean accepted / {m}", "spec decoding", "higher", fmt_num(2), fmt_signed(2)),
+            Metric("spec.speedup", "spec end-to-end speedup", "spec decoding", "higher", fmt_num(2), fmt_signed(2)),
+            Metric("routing.fraction", "routing fraction to stage 0", "routing", "higher", fmt_pct, _dpct),
+            Metric("routing.projected_speedup", "routing projected speedup", "routing", "higher", fmt_num(3), fmt_signed(3)),
+            Metric("routing.agreement_s0_full", "base s0=full agreement", "routing", "higher", b4, d4)]
+    out += [Metric(f"wand.bounds.{s}", f"WAND p99 bound {s} → {s + 1}", "WAND", None, b4, d4) for s in range(K - 1)]
+    out += [Metric("crossover_gap", "crossover gap", "alpha sweep", None, d6, d6),
+            Metric("probe.passed", "probe prompts passed", "probe", "higher", fmt_num(0), fmt_signed(0))]
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+def delta_ci(rec: dict, seed: dict, key: str):
+    """95% interval of ``value(rec) - value(seed)`` from the record's ``against`` block, if it is
+    against the seed (its target names the seed's target or branch); else None."""
+    ag = rec.get("against")
+    if not isinstance(ag, dict) or not isinstance(ag.get("deltas"), dict):
+        return None
+    tgt = str(ag.get("target") or "")
+    names = {str(seed.get("target") or ""), branch_name(seed)} - {""}
+    if tgt and not any(tgt == n or tgt.endswith("@" + n) or tgt.endswith("/" + n) for n in names):
+        return None
+    deltas = ag["deltas"]  # flat dotted keys ("bpb.single.0") per the record schema; nested also read
+    return get({"d": deltas[key]}, "d")[1] if key in deltas else get(deltas, key)[1]
+
+
+def noise_test(recs: list[dict], seed_i: int, last_i: int, key: str, phase: Phase | None) -> dict:
+    """Is ``value(last) - value(seed)`` outside the noise band? See the module docstring."""
+    seed, last = recs[seed_i], recs[last_i]
+    (v0, ci0), (v1, ci1) = get(seed, key), get(last, key)
+    out = {"delta": None if v0 is None or v1 is None else v1 - v0, "ci": None, "floor": None, "outside": None,
+           "boot": None, "floor_step": None}
+    if out["delta"] is None:
+        return out
+    d = out["delta"]
+    dci = delta_ci(last, seed, key) if last_i != seed_i else None
+    out["ci"] = dci
+    if dci is not None:
+        out["boot"] = not (dci[0] <= 0.0 <= dci[1])
+    elif ci0 is not None and ci1 is not None and last_i != seed_i:
+        out["boot"] = ci1[0] > ci0[1] or ci1[1] < ci0[0]
+    first_i = seed_i + 1
+    if first_i < last_i:
+        fr = rel_step(recs[first_i], phase)
+        fv = value(recs[first_i], key)
+        if fv is not None and phase is not None and fr is not None and fr < phase.warmup:
+            out["floor"], out["floor_step"] = abs(fv - v0), int(recs[first_i]["step"])
+    tests = [t for t in (out["boot"], None if out["floor"] is None else abs(d) > out["floor"]) if t is not None]
+    out["outside"] = all(tests) if tests else None
+    return out
+
+
+def _spearman_exact_p(steps, values, rho: float) -> float:
+    """Two-sided exact permutation p-value of Spearman's rho (all n! orderings; n <= 8).
+
+    scipy's t approximation returns p = 0 for a perfectly monotone short series (|rho| = 1),
+    which overstates the evidence of a handful of saves; the exact value is 2/n! there."""
+    import itertools
+
+    import numpy as np
+
+    ry = stats.rankdata(values)
+    rx = stats.rankdata(steps)
+    denom = math.sqrt(((rx - rx.mean()) ** 2).sum() * ((ry - ry.mean()) ** 2).sum())
+    if denom == 0:
+        return 1.0
+    rxc = rx - rx.mean()
+    perms = np.array(list(itertools.permutations(ry - ry.mean())))
+    rhos = perms @ rxc / denom
+    return float(np.mean(np.abs(rhos) >= abs(rho) - 1e-12))
+
+
+def trend(steps, values, level: float = 0.05) -> dict:
+    """Mann–Kendall (Kendall's tau vs step) and Spearman over one series; ``kind`` in
+    rising | falling | drifting up | drifting down | oscillating | constant | too few."""
+    n = len(values)
+    out = {"n": n, "tau": None, "p": None, "rho": None, "p_rho": None,
+           "lo": min(values) if values else None, "hi": max(values) if values else None}
+    if n < 3:
+        return {**out, "kind": "too few"}
+    if max(values) == min(values):
+        return {**out, "kind": "constant"}
+    kt = stats.kendalltau(steps, values)
+    sp = stats.spearmanr(steps, values)
+    p_rho = _spearman_exact_p(steps, values, float(sp.statistic)) if n <= 8 else float(sp.pvalue)
+    out.update(tau=float(kt.statistic), p=float(kt.pvalue), rho=float(sp.statistic), p_rho=p_rho)
+    # With n saves the smallest two-sided Mann–Kendall p is 2/n! (a perfectly monotone series):
+    # n <= 4 can never reach p < 0.05, so such a series is "underpowered", not "oscillating".
+    out["min_p"] = 2.0 / math.factorial(n)
+    out["underpowered"] = out["min_p"] >= level
+    if out["p"] < level:
+        kind = "rising" if out["tau"] > 0 else "falling"
+    else:
+        diffs = [b - a for a, b in zip(values, values[1:]) if b != a]
+        monotone = all(x > 0 for x in diffs) or all(x < 0 for x in diffs)
+        kind = ("drifting up" if diffs[0] > 0 else "drifting down") if monotone else "oscillating"
+    return {**out, "kind": kind}
+
+
+def lr_shock(recs, seed_i, last_i, key, phase, floor):
+    """``(step, change)`` when the largest save-to-save change from the seed on lies at the first
+    save after warmup and exceeds the noise floor; else None."""
+    if phase is None:
+        return None
+    pts = [(int(r["step"]), value(r, key), rel_step(r, phase)) for r in recs[seed_i:last_i + 1]]
+    pts = [p for p in pts if p[1] is not None]
+    if len(pts) < 2:
+        return None
+    jumps = [(abs(b[1] - a[1]), b[1] - a[1], b[0], a[2], b[2]) for a, b in zip(pts, pts[1:])]
+    size, change, step, rel_a, rel_b = max(jumps)
+    crosses = rel_a is not None and rel_b is not None and rel_a < phase.warmup <= rel_b
+    if crosses and (floor is None or size > floor) and size > 0:
+        return step, change
+    return None
+
+
+# ----------------------------------------------------------------------------- sentences
+def _p(x):
+    return f"{x:.3f}" if x >= 0.001 else f"{x:.1e}"
+
+
+def _trend_text(t: dict, m: Metric, where: str, steps) -> str:
+    head = f"{where} ({t['n']} saves, steps {steps[0]:,}–{steps[-1]:,})" if t["n"] else where
+    if t["kind"] == "too few":
+        return f"{head}: too few saves for a trend test."
+    if t["kind"] == "constant":
+        return f"{head}: constant at {m.fmt(t['lo'])}."
+    test = f"Mann–Kendall τ = {t['tau']:+.2f}, p = {_p(t['p'])}; Spearman ρ = {t['rho']:+.2f}, p = {_p(t['p_rho'])}"
+    env = f"{m.fmt(t['lo'])}–{m.fmt(t['hi'])}, range {m.dfmt(t['hi'] - t['lo']).lstrip('+')}"
+    if t["kind"] in ("rising", "falling"):
+        return f"{head}: {t['kind']} ({test}) over {env}."
+    if t.get("underpowered"):
+        shape = t["kind"] if t["kind"] != "oscillating" else "not monotone"
+        return (f"{head}: {shape} ({test}), within {env}; with {t['n']} saves the smallest attainable p is "
+                f"{_p(t['min_p'])}, so no trend test can be significant yet.")
+    if t["kind"] == "oscillating":
+        return f"{head}: no monotonic trend ({test}), oscillating within an envelope of {env}."
+    return f"{head}: {t['kind']} but not significantly ({test}), within {env}."
+
+
+def _direction(m: Metric, d: float) -> str:
+    if d == 0:
+        return "unchanged"
+    if m.better is None:
+        return "higher (no preferred direction)" if d > 0 else "lower (no preferred direction)"
+    good = (d < 0) if m.better == "lower" else (d > 0)
+    return "better than the seed" if good else "worse than the seed"
+
+
+def _metric_sentence(m, recs, seed_i, last_i, phase, level, window):
+    seed, last = recs[seed_i], recs[last_i]
+    v0, v1 = value(seed, m.key), value(last, m.key)
+    if v1 is None or v0 is None:
+        where = "the newest save" if v1 is None else "the seed"
+        return f"{m.label}: not measured at {where}; no comparison.", None
+    nt = noise_test(recs, seed_i, last_i, m.key, phase)
+    d = nt["delta"]
+    ci = f"95% CI [{m.dfmt(nt['ci'][0])}, {m.dfmt(nt['ci'][1])}]" if nt["ci"] else "95% interval not available"
+    parts = []
+    if nt["boot"] is not None:
+        parts.append("bootstrap interval " + ("excludes" if nt["boot"] else "includes") + " no change")
+    if nt["floor"] is not None:
+        parts.append(f"seed → first save at step {nt['floor_step']:,}: |Δ| {m.dfmt(nt['floor']).lstrip('+')}")
+    if nt["outside"] is None:
+        band = "noise band not available (no bootstrap interval, no warmup save after the seed)"
+    else:
+        band = ("outside" if nt["outside"] else "inside") + " the noise band (" + "; ".join(parts) + ")"
+    s = (f"{m.label}: {m.fmt(v1)} at step {int(last['step']):,} vs {m.fmt(v0)} at the seed: "
+         f"Δ {m.dfmt(d)} ({ci}), {band}")
+    if nt["outside"]:
+        s += f", {_direction(m, d)}"
+    elif nt["outside"] is False:
+        s += ", indistinguishable from the seed"
+    shock = lr_shock(recs, seed_i, last_i, m.key, phase, nt["floor"])
+    if shock and nt["outside"]:
+        s += (f"; the largest save-to-save change, {m.dfmt(shock[1])} at step {shock[0]:,} (the first save "
+              f"after warmup), is an LR shock")
+    pts = [(int(r["step"]), value(r, m.key)) for r in window]
+    pts = [p for p in pts if p[1] is not None]
+    t = trend([p[0] for p in pts], [p[1] for p in pts], level)
+    where = f"Within the {segment(rel_step(last, phase), phase)} phase" if phase else "Since the seed"
+    return s + ". " + _trend_text(t, m, where, [p[0] for p in pts]), {"metric": m, "noise": nt, "trend": t}
+
+
+def _overall(results, last, phase, level, window) -> str:
+    measured = [r for r in results if r is not None]
+    out = [r for r in measured if r["noise"]["outside"]]
+    worse = [r for r in out if r["metric"].better and "worse" in _direction(r["metric"], r["noise"]["delta"])]
+    better = [r for r in out if r["metric"].better and "better" in _direction(r["metric"], r["noise"]["delta"])]
+    neutral = [r for r in out if r["metric"].better is None]
+
+    def fam(rs):
+        counts = {}
+        for r in rs:
+            counts[r["metric"].family] = counts.get(r["metric"].family, 0) + 1
+        return ", ".join(f"{k} ×{v}" for k, v in counts.items()) or "none"
+
+    s = (f"Overall (step {int(last['step']):,} vs the seed): {len(out)} of {len(measured)} measured metrics are "
+         f"outside the noise band; {len(worse)} moved the worse way ({fam(worse)}), {len(better)} the better way "
+         f"({fam(better)}), {len(neutral)} have no preferred direction ({fam(neutral)}). ")
+    directional = len(worse) + len(better)
+    if directional >= 2 and max(len(worse), len(better)) >= COHERENT_SHARE * directional:
+        if len(worse) > len(better):
+            s += (f"Several metrics diverge from the seed in a coherent direction, but it is the worse one "
+                  f"({len(worse)} of {directional}): no continual-learning gain over the seed yet. ")
+        else:
+            s += (f"Several metrics diverge from the seed in a coherent, better direction ({len(better)} of "
+                  f"{directional}): a continual-learning gain over the seed. ")
+    else:
+        s += "No coherent divergence from the seed: the moved metrics do not agree in direction or are too few. "
+    testable = [r for r in measured if r["trend"]["kind"] not in ("too few", "constant")]
+    tested = [r for r in testable if not r["trend"].get("underpowered")]
+    trending = [r for r in tested if r["trend"]["kind"] in ("rising", "falling")]
+    where = f"the {segment(rel_step(last, phase), phase)} phase" if phase else "the trajectory"
+    if not tested and testable:
+        drifting = [r for r in testable if r["trend"]["kind"].startswith("drifting")]
+        return s + (f"Within {where} ({len(window)} saves) no trend test can reach p < {level:g} (smallest attainable "
+                    f"p = {_p(testable[0]['trend']['min_p'])}); {len(drifting)} of {len(testable)} metrics moved "
+                    f"monotonically, the others not: more saves are needed to call a trend or an oscillation.")
+    if not tested:
+        return s + f"Within {where} there are too few saves ({len(window)}) for a trend test."
+    chance = stats.binomtest(len(trending), len(tested), level, alternative="greater").pvalue
+    names = "; ".join(f"{r['metric'].label} {r['trend']['kind']}, p = {_p(r['trend']['p'])}" for r in trending)
+    s += (f"Within {where} ({len(window)} saves), {len(trending)} of {len(tested)} metrics "
+          f"{'shows' if len(trending) == 1 else 'show'} a monotonic trend at p < {level:g}" + (f" ({names})" if names else "") +
+          f", against {level * len(tested):.2f} expected by chance (binomial p = {_p(chance)}): ")
+    if chance < level:
+        s += f"{where} is a phase of monotonic change."
+    else:
+        s += f"{where} is an oscillation regime, not monotonic improvement."
+    return s
+
+
+def verdict(records, seed_index: int | None = None, level: float = 0.05) -> list[str]:
+    """The verdict lines: a context line, one sentence per metric, and the overall line.
+
+    ``seed_index`` indexes the records in step order; None (default) picks the seed by rule
+    (the record at the phase's start step, else the first)."""
+    recs = sort_records(records)
+    if not recs:
+        return ["No measurement records: nothing to judge."]
+    seed_i = seed_position(recs) if seed_index is None else seed_index
+    last_i = len(recs) - 1
+    phase = phase_of(recs)
+    seed, last = recs[seed_i], recs[last_i]
+    seg = segment(rel_step(last, phase), phase)
+    window = [r for r in recs[seed_i + 1:] if phase is None or segment(rel_step(r, phase), phase) == seg]
+    head = f"Seed {branch_name(seed)} (step {int(seed['step']):,}); newest {branch_name(last)} (step {int(last['step']):,})"
+    if phase is not None:
+        head += (f"; phase {phase.name}: warmup ends at step {phase.start_step + phase.warmup:,}, warmdown starts "
+                 f"at step {phase.start_step + phase.warmdown_start:,}; the newest save is in the {seg} phase")
+    lines = [head + "."]
+    if last_i == seed_i:
+        return lines + ["Only the seed is measured: no deltas and no trends yet."]
+    results = []
+    for m in metrics_for(recs):
+        line, res = _metric_sentence(m, recs, seed_i, last_i, phase, level, window)
+        lines.append(line)
+        results.append(res)
+    lines.append(_overall(results, last, phase, level, window))
+    return lines

@@ -1,0 +1,460 @@
+"""The training loop: base phases, exact resume, and continual (cyclic LR) phases.
+
+One loop serves ``poelm train`` (a phase anchored at step 0, or resumed from a checkpoint) and
+``poelm continue`` (a new phase anchored at the resume step of an annealed checkpoint, the card's
+"B2" cycle). Per optimizer step: ``accum`` micro-batches of ``device_batch_size`` rows on every
+rank (gradients summed, then averaged across ranks by the optimizer's reduce-scatter), one
+Muon+AdamW step with every group's LR = base LR x ``lrm(step)``.
+
+Exact resume: a checkpoint holds the model, the optimizer state, the loader position and the RNG
+states taken at a step boundary, and nothing in the loop depends on wall time, so N steps
+straight and N/2 + save + resume + N/2 give bitwise-equal parameters on CPU in fp32 (tested).
+
+Step convention (nanochat): ``step`` counts completed optimizer updates; the update taking the
+model from ``step`` to ``step + 1`` uses ``lrm(step)``; a save after it is ``step-{step+1}``.
+The ``lrm`` recorded with a save is ``lrm(save_step)``, so the card's step-84000 (rel 77) reads
+0.0385 ("lrm ~ 0.04").
+
+Distributed (``torchrun``, see docs/distributed.md): rank and world size come from the
+environment; NCCL on CUDA, gloo on CPU; no DDP wrapper (the ZeRO-2 optimizer averages gradients
+itself, see ``Trainer``). Every rank takes its own disjoint rows of each global batch; the global
+batch (``train.tokens_per_step``) is fixed when a run starts, so a resume on another number of
+ranks re-derives only the accumulation and consumes the same rows (``resolve_global_batch``).
+Checkpoints hold the full (gathered) optimizer state, resharded on load. Evaluation splits rows
+over ranks and all-reduces the sums. Rank 0 alone logs, prints, writes checkpoints and publishes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from poelm.train import checkpoint as ckpt_mod
+from poelm import config as config_mod
+from poelm.core import poe
+from poelm.core.errors import CheckpointError, ConfigError, PoelmError
+from poelm.fsio import append_line
+from poelm.core.model import PoEGPT
+from poelm.train.runtime import Runtime, _all_sum, _broadcast_text, setup_runtime, teardown_runtime  # noqa: F401
+from poelm.schedule import CARD_B2, Phase, lrm
+from poelm.data.mixture import TrainLoader
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_bpb(model: PoEGPT, tokens: torch.Tensor, token_bytes: torch.Tensor, batch_size: int, seq_len: int, rt: Runtime | None = None) -> dict:
+    """Validation BPB of the full-K PoE (alpha=0) and of every single stage on ``tokens``.
+
+    ``tokens`` is cut into rows of ``seq_len + 1``; BPB = sum NLL / (ln 2 * sum target bytes),
+    special-token targets excluded (``poe.bpb_sums``). Under torchrun each rank takes every
+    world-th row and the sums are all-reduced."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    K = model.config.n_stages
+    tb = token_bytes.to(dev)
+    n_rows = (tokens.numel() - 1) // seq_len
+    rank, world = (rt.rank, rt.world) if rt else (0, 1)
+    sums = torch.zeros(K + 2, dtype=torch.float64, device=dev)  # K singles, full, bytes
+    rows = list(range(rank, n_rows, world))
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        x = torch.stack([tokens[r * seq_len : r * seq_len + seq_len] for r in chunk]).to(dev)
+        y = torch.stack([tokens[r * seq_len + 1 : r * seq_len + seq_len + 1] for r in chunk]).to(dev)
+        ctx = rt.autocast() if rt else nullcontext()
+        with ctx:
+            z = model.stage_log_probs(x)
+        for k in range(K):
+            s, b = poe.bpb_sums(z[k], y, tb)
+            sums[k] += s.double()
+        s, b = poe.bpb_sums(poe.aggregate(z), y, tb)
+        sums[K] += s.double()
+        sums[K + 1] += b.double()
+    if rt is not None:
+        _all_sum(sums, rt)
+    if was_training:
+        model.train()
+    nbytes = sums[K + 1].item()
+    return {"full": poe.bpb(sums[K].item(), nbytes), "single": [poe.bpb(sums[k].item(), nbytes) for k in range(K)]}
+
+
+# ----------------------------------------------------------------------------- the loop
+def _build_model(cfg, rt: Runtime) -> PoEGPT:
+    model = PoEGPT(cfg.model)
+    model.to(rt.device)
+    model.init_weights(seed=cfg.train.seed)
+    return model
+
+
+def _phase_dict(p: Phase) -> dict:
+    return {"name": p.name, "start_step": p.start_step, "steps": p.steps, "warmup": p.warmup, "peak": p.peak,
+            "warmdown_ratio": p.warmdown_ratio, "final": p.final}
+
+
+def _phase_from(d: dict) -> Phase:
+    return Phase(**d)
+
+
+def _tokenizer_for(cfg, out_dir: Path, rt: Runtime):
+    """Train the BPE on the training split, or reuse the run's saved one. Rank 0 alone trains,
+    loads and saves it; the others receive its JSON (nodes need not share a filesystem)."""
+    from poelm.data import corpus as data
+    from poelm.data.tokenizer import Tokenizer, train_tokenizer
+
+    path = out_dir / "tokenizer.json"
+    text = None
+    if rt.master:
+        if path.is_file():
+            tok = Tokenizer.load(out_dir)
+        else:
+            tok = train_tokenizer(data.tokenizer_texts(cfg.data, cfg.data.tokenizer_train_chars), cfg.model.vocab_size)
+            tok.save(out_dir)
+        text = tok.to_json()
+    if rt.world > 1:
+        text = _broadcast_text(text, rt)
+        tok = Tokenizer.from_json(text, source=f"rank 0's {path}")
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer in {out_dir} has {tok.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; use a new --out directory")
+    return tok
+
+
+class Trainer:
+    """State of one phase of training; ``run()`` trains to the end of the phase.
+
+    Batch accounting (W ranks, ``b = device_batch_size``, ``accum = grad_accum_steps``): one
+    micro-step takes the next ``W * b`` rows of the loader's global row stream, rank r keeping
+    rows ``[r b, (r+1) b)`` of them; one optimizer step takes ``accum`` micro-steps, i.e. the next
+    ``R = tokens_per_step / seq_len`` rows, a contiguous block of the stream whatever W is. With
+    1 rank x accum 2 and 2 ranks x accum 1, step n sees rows ``[n R, (n+1) R)`` in both, cut into
+    the same micro-batches of b rows. Gradient: each rank backpropagates ``loss / accum`` (the
+    loss is a per-micro-batch mean, so the rank's gradient is the mean over its micro-batches)
+    and the optimizer's reduce-scatter averages over ranks: the mean over all ``W * accum``
+    micro-batches, as one process would compute it. The loop never divides by W and there is no
+    DDP wrapper (the optimizer does the ZeRO-2 communication itself)."""
+
+    def __init__(self, cfg, out_dir, rt: Runtime, model, tokenizer, optimizer, loader, phase: Phase, step: int,
+                 tokens: int, tokens_in_phase: int, publisher=None, progress=True, extra_meta=None):
+        self.cfg, self.out_dir, self.rt = cfg, Path(out_dir), rt
+        self.model, self.tokenizer, self.optimizer, self.loader = model, tokenizer, optimizer, loader
+        self.phase, self.step, self.tokens, self.tokens_in_phase = phase, step, tokens, tokens_in_phase
+        self.publisher, self.progress = publisher, progress
+        self.extra_meta = extra_meta or {}
+        self.accum = config_mod.grad_accum_steps(cfg, rt.world)
+        self.tokens_per_step = self.accum * cfg.train.device_batch_size * cfg.seq_len * rt.world
+        self.last_val = None
+        self._val = None
+        self.log_path = self.out_dir / "log.jsonl"
+
+    # -- helpers
+    def val_tokens(self):
+        if self._val is None:
+            from poelm.data import corpus as data
+
+            self._val = data.val_tokens(self.cfg.data, self.tokenizer, self.cfg.train.eval_tokens)
+        return self._val
+
+    def evaluate(self) -> dict:
+        res = evaluate_bpb(self.model, self.val_tokens(), self.tokenizer.token_bytes(), self.cfg.train.device_batch_size, self.cfg.seq_len, self.rt)
+        self.last_val = res
+        self.log({"kind": "eval", "step": self.step, "val_bpb": res["full"], "val_bpb_stages": res["single"]})
+        return res
+
+    def log(self, rec: dict):
+        if self.rt.master:
+            import json
+
+            append_line(self.log_path, json.dumps(rec, sort_keys=True))
+
+    def _log_layout(self):
+        """One ``dist`` record: world size, accumulation and the optimizer-state elements each
+        rank holds (ZeRO-2: about 1/W of ``optim_state_numel_unsharded`` per rank). A collective,
+        called on every rank after the first step (the state is allocated lazily)."""
+        from poelm.train.optim import STATE_KEYS
+
+        per_rank = torch.zeros(self.rt.world, dtype=torch.int64, device=self.rt.device)
+        per_rank[self.rt.rank] = self.optimizer.owned_state_numel()
+        _all_sum(per_rank, self.rt)
+        full = sum(s.param.numel() * len(STATE_KEYS[s.kind]) for s in self.optimizer.slots)
+        self.log({"kind": "dist", "step": self.step + 1, "world_size": self.rt.world, "accum": self.accum,
+                  "device_batch_size": self.cfg.train.device_batch_size, "tokens_per_step": self.tokens_per_step,
+                  "optim_state_numel": per_rank.tolist(), "optim_state_numel_unsharded": full})
+
+    def meta(self) -> dict:
+        return {
+            "step": self.step,
+            "phase": _phase_dict(self.phase),
+            "rel_step": self.step - self.phase.start_step,
+            "lrm": lrm(self.step, self.phase),
+            "tokens": self.tokens,
+            "tokens_in_phase": self.tokens_in_phase,
+            "tokens_per_step": self.tokens_per_step,
+            "train_val_bpb": self.last_val["full"] if self.last_val else None,
+            "train_val_bpb_stages": self.last_val["single"] if self.last_val else None,
+            "loader_state": self.loader.state_dict(),
+            "world_size": self.rt.world,
+            **self.extra_meta,
+        }
+
+    def save(self) -> Path | None:
+        val = self.evaluate()  # every save carries its training-log val BPB
+        if not math.isfinite(val["full"]):
+            good = ckpt_mod.latest(self.out_dir)
+            where = f"the last good checkpoint is {good}" if good else "no checkpoint was saved yet"
+            raise PoelmError(f"validation BPB became {val['full']} at step {self.step}; this checkpoint was not saved; {where} (lower the learning rates and resume from it)")
+        meta = self.meta()
+        # full_state_dict is a collective: every rank calls it; rank 0 writes.
+        opt_state = self.optimizer.full_state_dict()
+        path = None
+        if self.rt.master:
+            path = ckpt_mod.save(self.out_dir, self.step, self.model, self.cfg, self.tokenizer, meta, optim_state=opt_state)
+            if self.publisher is not None:
+                self.publisher.submit(path)
+            else:  # with a publisher, pruning waits until every queued save is published (_finish)
+                ckpt_mod.prune(self.out_dir, self.cfg.train.keep_last)
+        if self.rt.world > 1:
+            dist.barrier()
+        return path
+
+    # -- the loop
+    def run(self) -> dict:
+        cfg, rt, model = self.cfg, self.rt, self.model
+        end = self.phase.end_step
+        bar = None
+        if self.progress and rt.master:
+            from tqdm import tqdm
+
+            bar = tqdm(total=end, initial=self.step, desc=f"{self.phase.name}", unit="step", dynamic_ncols=True)
+        model.train()
+        rows = cfg.train.device_batch_size * rt.world
+        last_loss = float("nan")
+        first = True
+        t_start = time.time()
+        while self.step < end:
+            t0 = time.time()
+            m = lrm(self.step, self.phase)
+            self.optimizer.set_lrm(m)
+            loss_sum = torch.zeros(1, dtype=torch.float64, device=rt.device)
+            ce_sum = torch.zeros(cfg.model.n_stages, dtype=torch.float64, device=rt.device)
+            for _ in range(self.accum):
+                x, y = self.loader.next_batch(rows, rt.rank, rt.world)
+                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                if cfg.model.objective == "poe":  # stage by stage: each stage's graph freed early
+                    loss, ces = model.backward_local(x, y, scale=1.0 / self.accum, autocast=rt.autocast)
+                else:
+                    with rt.autocast():
+                        loss, ces = model.loss(x, y)
+                    (loss / self.accum).backward()
+                loss_sum += loss.detach().double()
+                ce_sum += ces.double()
+            stats = torch.cat([loss_sum, ce_sum]) / (self.accum * rt.world)
+            _all_sum(stats, rt)
+            last_loss = stats[0].item()
+            if not math.isfinite(last_loss):
+                good = ckpt_mod.latest(self.out_dir)
+                where = f"the last good checkpoint is {good}" if good else "no checkpoint was saved yet"
+                raise PoelmError(f"training loss became {last_loss} at step {self.step}; stopped without updating the model; {where} (lower the learning rates and resume from it)")
+            grad_norm = self.optimizer.step().item()  # pre-clip norm of the rank-averaged gradient
+            self.optimizer.zero_grad(set_to_none=True)
+            if first:
+                self._log_layout()
+                first = False
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            self.tokens_in_phase += self.tokens_per_step
+            dt = time.time() - t0
+            tps = self.tokens_per_step / max(dt, 1e-9)
+            if self.step % max(1, cfg.train.log_every) == 0 or self.step == end:
+                rec = {"kind": "train", "step": self.step, "loss": last_loss, "stage_ce": stats[1:].tolist(), "lrm": m,
+                       "grad_norm": grad_norm, "tokens": self.tokens, "tok_per_s": tps}
+                if len(self.loader.sources) > 1:  # realised mixture proportions since the run began
+                    rec["mix"] = self.loader.proportions()
+                self.log(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.3f}", lrm=f"{m:.3f}", tok_s=f"{tps:,.0f}")
+            saving = self.step == end or (cfg.train.save_every and self.step % cfg.train.save_every == 0)
+            if saving:
+                self.save()
+            elif cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                self.evaluate()
+        if bar is not None:
+            bar.close()
+        return {"step": self.step, "loss": last_loss, "val_bpb": self.last_val, "elapsed_s": time.time() - t_start,
+                "out": str(self.out_dir), "tokens": self.tokens}
+
+
+# ----------------------------------------------------------------------------- entry points
+def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publisher_factory, progress: bool,
+                  phase: Phase | None = None, init_ckpt=None) -> Trainer:
+    from poelm.data import corpus as data
+    from poelm.train.optim import build_optimizer
+
+    for s in data.resolve_sources(cfg.data):  # every rank: a missing source fails everywhere, first
+        data.source_files(s)
+    src = None
+    if resume is not None:
+        src = ckpt_mod.load(resume)
+    elif init_ckpt is not None:
+        src = init_ckpt
+    resolve_global_batch(cfg, rt.world, src.meta if src is not None else None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if rt.master:
+        ckpt_mod.clean_run_dir(out_dir)
+    torch.manual_seed(cfg.train.seed)
+    if src is not None:
+        from poelm.data.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(src.path)
+        if rt.master and not (out_dir / "tokenizer.json").exists():
+            tokenizer.save(out_dir)
+    else:
+        tokenizer = _tokenizer_for(cfg, out_dir, rt)
+    model = _build_model(cfg, rt)
+    optimizer = build_optimizer(model, cfg.optim, world_size=rt.world, rank=rt.rank)
+    # The data order is the data's own seed (data.mixture_seed), apart from train.seed (the
+    # init), so init and data order can be varied separately; a resumed stream keeps the seed it
+    # was saved with.
+    saved = (src.meta.get("loader_state") or {}) if src is not None else {}
+    loader = TrainLoader(cfg.data, tokenizer, cfg.seq_len, seed=saved.get("seed", cfg.data.mixture_seed))
+    step = tokens = tokens_in_phase = 0
+    extra = {}
+    if src is not None:
+        ckpt_mod.load_state_into(model, src.model_state, f"checkpoint {src.path}")
+        if src.optim_tensors is not None:
+            optimizer.load_full_state_dict(src.optim_tensors, src.optim_meta)
+        elif resume is not None:
+            raise CheckpointError(f"checkpoint {src.path} has no optimizer state; it cannot be resumed exactly")
+        if src.meta.get("loader_state") is not None:
+            loader.load_state_dict(src.meta["loader_state"])
+        if src.rng is not None and "cpu" in src.rng:
+            torch.set_rng_state(src.rng["cpu"])
+        step, tokens = int(src.meta["step"]), int(src.meta.get("tokens", 0))
+        if resume is not None:
+            phase = _phase_from(src.meta["phase"])
+            tokens_in_phase = int(src.meta.get("tokens_in_phase", 0))
+            extra = {k: src.meta[k] for k in ("continued_from",) if k in src.meta}
+    if phase is None:
+        phase = cfg.schedule.phase(start_step=0)
+    # The trajectory room sits above training: the caller hands in a factory (e.g.
+    # ``functools.partial(trajectory.publish.Publisher, repo)``) and rank 0 alone calls it.
+    publisher = publisher_factory() if publisher_factory is not None and rt.master else None
+    return Trainer(cfg, out_dir, rt, model, tokenizer, optimizer, loader, phase, step, tokens, tokens_in_phase,
+                   publisher=publisher, progress=progress, extra_meta=extra)
+
+
+def resolve_global_batch(cfg, world: int, meta: dict | None = None) -> int:
+    """Fix the run's global batch ``train.tokens_per_step`` (in place; returns accum).
+
+    The global batch is what the schedule, the loader position and the optimizer state are
+    defined against, so it is a property of the run, not of the launch: ``0`` means "one
+    micro-batch per rank" *at the run's first start* (``device_batch_size x seq_len x W``) and
+    is then recorded, resolved, in every checkpoint's config.json. A resume or continual phase
+    on another number of ranks keeps it and re-derives the accumulation
+    ``tokens_per_step / (device_batch_size x seq_len x W)``; a checkpoint written before the
+    value was recorded supplies it from ``meta["tokens_per_step"]``."""
+    t = cfg.train
+    if not t.tokens_per_step:
+        prev = (meta or {}).get("tokens_per_step")
+        t.tokens_per_step = int(prev) if prev else t.device_batch_size * cfg.seq_len * world
+    micro = t.device_batch_size * cfg.seq_len * world
+    if t.tokens_per_step % micro:
+        rows = t.tokens_per_step // cfg.seq_len
+        raise ConfigError(f"global batch train.tokens_per_step = {t.tokens_per_step} ({rows} rows of {cfg.seq_len}) does not split over "
+                          f"{world} ranks x train.device_batch_size {t.device_batch_size}: use ranks x device_batch_size dividing {rows}")
+    return config_mod.grad_accum_steps(cfg, world)
+
+
+def _finish(trainer: Trainer) -> None:
+    if trainer.publisher is not None:
+        trainer.publisher.close()
+        if trainer.rt.master:
+            ckpt_mod.prune(trainer.out_dir, trainer.cfg.train.keep_last)
+
+
+def train(cfg, out_dir, resume=None, publisher=None, progress=True) -> dict:
+    """Train (or resume) one phase; returns a summary. ``resume`` is a checkpoint dir;
+    ``publisher`` a zero-argument factory of an object with ``submit(ckpt_dir)`` / ``close()``
+    (``functools.partial(poelm.trajectory.publish.Publisher, repo)``), called on rank 0 only."""
+    rt = setup_runtime(cfg)
+    try:
+        trainer = _make_trainer(cfg, Path(out_dir), rt, Path(resume) if resume else None, publisher, progress)
+        try:
+            return trainer.run()
+        finally:
+            _finish(trainer)
+    finally:
+        teardown_runtime(rt)
+
+
+def continual_phase_config(base_cfg, phase_cfg=None, steps: int | None = None, tokens_budget: int | None = None,
+                           default_tokens_per_step: int | None = None):
+    """The config of a continual phase: the checkpoint's own config with a new schedule.
+
+    Without a phase config the schedule is the card's B2 shape (warmup 1000 of 50,800 steps, peak
+    0.5, warmdown 55%, final 0) scaled to ``steps``: warmup = round(steps * 1000 / 50800). A
+    token budget is converted with the phase's global batch (``train.tokens_per_step``, else the
+    source run's, ``default_tokens_per_step``)."""
+    cfg = phase_cfg if phase_cfg is not None else config_mod.from_dict(base_cfg.to_dict())
+    if not cfg.train.tokens_per_step and default_tokens_per_step:
+        cfg.train.tokens_per_step = int(default_tokens_per_step)
+    tps = cfg.train.tokens_per_step or cfg.train.device_batch_size * cfg.seq_len
+    if tokens_budget is not None:
+        steps = config_mod.steps_for_tokens(tokens_budget, tps)
+    if phase_cfg is None:
+        n = steps or CARD_B2["steps"]
+        cfg.schedule = config_mod.ScheduleConfig(name="b2", steps=n, warmup=max(1, round(n * CARD_B2["warmup"] / CARD_B2["steps"])),
+                                                 peak=CARD_B2["peak"], warmdown_ratio=CARD_B2["warmdown_ratio"], final=CARD_B2["final"])
+    elif steps is not None:
+        cfg.schedule.steps = steps
+    config_mod.validate(cfg)
+    return cfg
+
+
+def check_same_run(base, new, allow: bool, tokenizer_src, tokenizer_new=None):
+    """A continual phase keeps architecture, tokenizer and data mix (the card's definition)."""
+    if allow:
+        return
+    if base.model.to_dict() != new.model.to_dict():
+        diff = [k for k, v in base.model.to_dict().items() if new.model.to_dict().get(k) != v]
+        raise ConfigError(f"continual phase changes the architecture (model.{diff[0]}); a continual phase keeps it (pass --allow-mismatch to override)")
+    from poelm.data import corpus as data
+
+    if data.data_fingerprint(base.data) != data.data_fingerprint(new.data):
+        raise ConfigError("continual phase changes the data mix ([data]); a continual phase keeps it (pass --allow-mismatch to override)")
+    if tokenizer_new is not None and tokenizer_new.fingerprint != tokenizer_src.fingerprint:
+        raise ConfigError("continual phase changes the tokenizer; a continual phase keeps it (pass --allow-mismatch to override)")
+
+
+def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=None, publisher=None, progress=True,
+                   allow_mismatch=False, overrides=None, source_label=None) -> dict:
+    """Start a continual phase from an annealed checkpoint (SPEC "continual phase").
+
+    Restores model, optimizer state and data position; the new phase is anchored at the resume
+    step; its first save is the resume checkpoint itself (the "seed" row, rel_step 0)."""
+    src_path = Path(source)  # a local checkpoint or export folder (``poelm.targets`` resolves TARGETs)
+    src = ckpt_mod.load(src_path)
+    if src.optim_tensors is None:
+        raise CheckpointError(f"{src_path} carries no optimizer state (an exported branch?); continue from the run's checkpoint directory")
+    cfg = continual_phase_config(src.config, phase_cfg, steps, tokens_budget, src.meta.get("tokens_per_step"))
+    if overrides:
+        d = config_mod.apply_overrides(cfg.to_dict(), overrides)
+        cfg = config_mod.validate(config_mod.from_dict(d))
+    check_same_run(src.config, cfg, allow_mismatch, None)
+    rt = setup_runtime(cfg)
+    try:
+        phase = cfg.schedule.phase(start_step=src.step)
+        trainer = _make_trainer(cfg, Path(out_dir), rt, None, publisher, progress, phase=phase, init_ckpt=src)
+        trainer.extra_meta = {"continued_from": str(source_label or src_path)}
+        trainer.tokens_in_phase = 0
+        try:
+            trainer.save()  # the seed: identical weights, the new phase's rel_step 0
+            return trainer.run()
+        finally:
+            _finish(trainer)
+    finally:
+        teardown_runtime(rt)

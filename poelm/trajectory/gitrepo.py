@@ -1,0 +1,170 @@
+"""Git plumbing for trajectory repositories: branches written without a work tree.
+
+A local trajectory repository is a bare git repository (``git init --bare``; an existing
+repository of either kind is accepted). A branch is written by hashing the exported files into
+the object store (``git hash-object -w``), building its tree (``git mktree``) and commit
+(``git commit-tree``), and only then moving the refs, all of them in ONE ``git update-ref
+--stdin`` transaction with the expected old values. Until that transaction commits, the new
+objects are unreferenced (``git gc`` drops them), so a kill at any moment leaves the branches as
+they were: never a half-written branch, never ``main`` moved without its branch. The expected
+old values also make a concurrent writer fail instead of being overwritten.
+
+git itself is run through ``subprocess`` (the files here are plain git objects that any git
+client, ``git clone`` included, reads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+
+from poelm.core.errors import PublishError
+
+ZERO = "0" * 40
+_ENV = {
+    # Commits need an identity; a machine without git config must still publish.
+    "GIT_AUTHOR_NAME": "poelm",
+    "GIT_AUTHOR_EMAIL": "poelm@localhost",
+    "GIT_COMMITTER_NAME": "poelm",
+    "GIT_COMMITTER_EMAIL": "poelm@localhost",
+    "GIT_TERMINAL_PROMPT": "0",
+}
+
+
+class GitRepo:
+    """A local git repository holding one flat folder per branch."""
+
+    def __init__(self, path, create: bool = False):
+        self.path = Path(path)
+        if create and (not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))):
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._run(["git", "init", "--bare", "-q", "--initial-branch=main", str(self.path)], what="git init")
+        if not self.path.is_dir():
+            raise PublishError(f"trajectory repository not found: {self.path} (publish a checkpoint to create it)")
+        proc = subprocess.run(["git", "-C", str(self.path), "rev-parse", "--absolute-git-dir"], capture_output=True, env=self._env())
+        if proc.returncode != 0:
+            raise PublishError(f"{self.path} is not a git repository; give a new or empty folder, or an existing trajectory repository")
+        self.git_dir = proc.stdout.decode().strip()
+
+    # ------------------------------------------------------------------ running git
+    @staticmethod
+    def _env() -> dict:
+        return {**os.environ, **_ENV}
+
+    def _run(self, args, input: bytes | None = None, what: str = "git") -> bytes:
+        proc = subprocess.run(args, input=input, capture_output=True, env=self._env())
+        if proc.returncode != 0:
+            msg = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise PublishError(f"{what} failed in {self.path}: {msg[-1] if msg else f'exit {proc.returncode}'}")
+        return proc.stdout
+
+    def git(self, *args, input: bytes | None = None, what: str | None = None) -> bytes:
+        return self._run(["git", f"--git-dir={self.git_dir}", *args], input=input, what=what or f"git {args[0]}")
+
+    # ------------------------------------------------------------------ reading
+    def refs(self) -> dict[str, str]:
+        """Branch name -> commit id."""
+        out = self.git("for-each-ref", "--format=%(refname:strip=2) %(objectname)", "refs/heads/").decode()
+        return dict(line.split(" ", 1) for line in out.splitlines() if line)
+
+    def tree(self, rev: str) -> dict[str, str]:
+        """File name -> blob id of the (flat) tree of ``rev``."""
+        out = self.git("ls-tree", "-z", rev, what=f"reading {rev}").decode()
+        entries = {}
+        for item in out.split("\0"):
+            if item:
+                meta, name = item.split("\t", 1)
+                mode, kind, sha = meta.split()
+                if kind == "blob":
+                    entries[name] = sha
+        return entries
+
+    def read(self, rev: str, name: str) -> bytes | None:
+        sha = self.tree(rev).get(name)
+        return None if sha is None else self.git("cat-file", "blob", sha)
+
+    @contextlib.contextmanager
+    def stream(self, rev: str, name: str):
+        """A binary stream of one file (large weights are never held in memory)."""
+        sha = self.tree(rev).get(name)
+        if sha is None:
+            raise PublishError(f"{rev} has no {name}")
+        proc = subprocess.Popen(["git", f"--git-dir={self.git_dir}", "cat-file", "blob", sha], stdout=subprocess.PIPE, env=self._env())
+        try:
+            yield proc.stdout
+        finally:
+            proc.stdout.close()
+            proc.kill()
+            proc.wait()
+
+    def materialise(self, rev: str, out: Path) -> None:
+        """Write every file of ``rev`` into the existing directory ``out``."""
+        for name, sha in self.tree(rev).items():
+            with open(out / name, "wb") as f:
+                proc = subprocess.run(["git", f"--git-dir={self.git_dir}", "cat-file", "blob", sha], stdout=f, env=self._env())
+            if proc.returncode != 0:
+                raise PublishError(f"cannot read {name} of {rev} in {self.path}: the repository is damaged (git fsck)")
+
+    # ------------------------------------------------------------------ writing objects
+    def hash_files(self, paths: list[Path]) -> list[str]:
+        if not paths:
+            return []
+        data = "".join(f"{p}\n" for p in paths).encode()
+        out = self.git("hash-object", "-w", "--no-filters", "--stdin-paths", input=data, what="git hash-object").decode().split()
+        if len(out) != len(paths):
+            raise PublishError(f"git hash-object returned {len(out)} ids for {len(paths)} files in {self.path}")
+        return out
+
+    def hash_bytes(self, data: bytes) -> str:
+        return self.git("hash-object", "-w", "--no-filters", "--stdin", input=data).decode().strip()
+
+    def mktree(self, entries: dict[str, str]) -> str:
+        data = "".join(f"100644 blob {sha}\t{name}\0" for name, sha in sorted(entries.items())).encode()
+        return self.git("mktree", "-z", input=data).decode().strip()
+
+    def commit(self, tree: str, parents: list[str], message: str) -> str:
+        args = ["commit-tree", tree]
+        for p in parents:
+            args += ["-p", p]
+        return self.git(*args, input=message.encode()).decode().strip()
+
+    def update_refs(self, updates: list[tuple[str, str, str | None]]) -> None:
+        """Move branches atomically: ``(branch, new, old)`` with ``old`` None for "must not exist".
+
+        One ``update-ref --stdin`` transaction: every ref moves or none does (git locks all refs,
+        checks every old value, then commits)."""
+        lines = ["start"]
+        for branch, new, old in updates:
+            lines.append(f"update refs/heads/{branch} {new} {old or ZERO}")
+        lines += ["prepare", "commit"]
+        self.git("update-ref", "--stdin", input=("\n".join(lines) + "\n").encode(), what="updating branches")
+
+    # ------------------------------------------------------------------ branches
+    def write_branch(self, folder: Path, branch: str, parent: str | None, old: str | None, move_main: bool,
+                     main_old: str | None, message: str) -> str:
+        """Commit the flat ``folder`` as ``branch`` (child of ``parent``); move ``main`` with it
+        when ``move_main``. ``old``/``main_old``: the values the refs must still hold."""
+        names = sorted(p.name for p in folder.iterdir() if p.is_file())
+        tree = self.mktree(dict(zip(names, self.hash_files([folder / n for n in names]))))
+        commit = self.commit(tree, [parent] if parent else [], message)
+        updates = [(branch, commit, old)]
+        if move_main:
+            updates.append(("main", commit, main_old))
+        self.update_refs(updates)
+        return commit
+
+    def write_files(self, branch: str, files: dict[str, bytes], old: str, main_follows: bool, message: str) -> str:
+        """A new commit on ``branch`` with ``files`` replaced or added; ``main`` follows when it
+        pointed at the same commit."""
+        entries = self.tree(old)
+        for name, data in files.items():
+            entries[name] = self.hash_bytes(data)
+        commit = self.commit(self.mktree(entries), [old], message)
+        updates = [(branch, commit, old)]
+        if main_follows:
+            updates.append(("main", commit, old))
+        self.update_refs(updates)
+        return commit
+

@@ -1,0 +1,369 @@
+"""Trajectory publishing: every save becomes branch ``step-XXXXX`` of a repository; ``main``
+tracks the newest step (SPEC "Trajectory").
+
+A repository is a local path (a bare git repository, created on first publish; ``gitrepo.py``)
+or ``hf://org/name`` on the Hugging Face Hub (``hubrepo.py``). Each branch holds one exported
+Hugging Face folder (``export.py``) whose ``poelm_manifest.json`` records step, tokens, lrm, phase
+and the sha256 of every file, so a trajectory can be audited (``verify``).
+
+Rules (the ones public trajectories have broken):
+- all-or-nothing: a failed or killed publish leaves no branch behind and ``main`` untouched;
+- ``main`` only moves forward: to a step >= the step it holds;
+- an existing step branch is never replaced unless ``force``;
+- branch names are ``step-\\d{5,}`` (or ``main`` when reading); anything else (``..``, ``/``,
+  spaces, shell metacharacters) is refused before any git or Hub call.
+
+``Publisher`` runs publishes on a background thread so training never waits for them; a failed
+publish is logged and reported by ``close()``, and never touches the local checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import re
+import struct
+import tempfile
+import threading
+from pathlib import Path
+
+from poelm.trajectory import export as export_mod
+from poelm.core.errors import PublishError
+from poelm.fsio import atomic_dir, sha256_file
+from poelm.trajectory.gitrepo import GitRepo
+from poelm.trajectory.hubrepo import STAGING, HubRepo
+
+log = logging.getLogger("poelm.trajectory.publish")
+
+# fullmatch throughout: "$" would accept a trailing newline.
+STEP_BRANCH = re.compile(r"step-(\d{5,})")
+MANIFEST = export_mod.MANIFEST
+MEASURE = "poelm_measure.json"
+HUB_PREFIX = "hf://"
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+# ----------------------------------------------------------------------------- names
+def branch_name(step: int) -> str:
+    """``step-XXXXX``: zero-padded to 5 digits, more when needed."""
+    if int(step) < 0:
+        raise PublishError(f"step must be >= 0, got {step}")
+    return f"step-{int(step):05d}"
+
+
+def check_branch(name: str, allow_main: bool = True) -> str:
+    """Accept ``step-\\d{5,}`` (and ``main`` when reading); refuse everything else in one line."""
+    if isinstance(name, str) and (STEP_BRANCH.fullmatch(name) or (allow_main and name == "main")):
+        return name
+    allowed = "step-XXXXX (5+ digits) or main" if allow_main else "step-XXXXX (5+ digits)"
+    raise PublishError(f"invalid branch {name!r}: expected {allowed}")
+
+
+def branch_step(name: str) -> int:
+    return int(STEP_BRANCH.fullmatch(name).group(1))
+
+
+def open_repo(repo, create: bool = False, api=None):
+    """A ``GitRepo`` for a local path, a ``HubRepo`` for ``hf://org/name``."""
+    repo = str(repo)
+    if repo.startswith(HUB_PREFIX):
+        repo_id = repo[len(HUB_PREFIX):]
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id) or ".." in repo_id:
+            raise PublishError(f"invalid Hub repository {repo!r}: expected hf://org/name")
+        return HubRepo(repo_id, api=api, create=create)
+    if not repo:
+        raise PublishError("no repository given: pass a local path or hf://org/name")
+    return GitRepo(repo, create=create)
+
+
+# ----------------------------------------------------------------------------- reading branches
+def read_json(backend, rev: str, name: str) -> dict | None:
+    data = backend.read(rev, name)
+    if data is None:
+        return None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _step_branches(refs: dict) -> list[str]:
+    return sorted((b for b in refs if STEP_BRANCH.fullmatch(b)), key=branch_step)
+
+
+def list_branches(repo, api=None) -> list[dict]:
+    """The trajectory: one dict per step branch, by step: ``branch, step, tokens, lrm, phase,
+    rel_step, bpb`` (full-K BPB from ``poelm_measure.json`` when measured, else None), ``main``
+    (whether main holds this step) and ``commit``."""
+    backend = open_repo(repo, api=api)
+    refs = backend.refs()
+    main = read_json(backend, "main", MANIFEST) if "main" in refs else None
+    rows = []
+    for b in _step_branches(refs):
+        man = read_json(backend, b, MANIFEST) or {}
+        rec = read_json(backend, b, MEASURE)
+        bpb = None
+        if rec:
+            bpb = ((rec.get("bpb") or {}).get("full") or {}).get("value")
+        rows.append({
+            "branch": b, "step": branch_step(b), "tokens": man.get("tokens"), "lrm": man.get("lrm"),
+            "phase": man.get("phase"), "rel_step": man.get("rel_step"), "bpb": bpb,
+            "main": bool(main) and main.get("step") == branch_step(b), "commit": refs[b],
+        })
+    return rows
+
+
+def read_records(repo, api=None) -> list[dict]:
+    """Every branch's ``poelm_measure.json``, sorted by step; unmeasured branches are skipped."""
+    backend = open_repo(repo, api=api)
+    out = []
+    for b in _step_branches(backend.refs()):
+        rec = read_json(backend, b, MEASURE)
+        if rec is not None:
+            rec.setdefault("branch", b)
+            out.append(rec)
+    return sorted(out, key=lambda r: int(r.get("step", branch_step(r["branch"]))))
+
+
+def checkout(repo, branch: str, out_dir, api=None) -> Path:
+    """Materialise ``branch`` as a plain folder (transformers loads it) and check it against the
+    branch manifest; the folder appears complete or not at all."""
+    check_branch(branch)
+    backend = open_repo(repo, api=api)
+    if branch not in backend.refs():
+        raise PublishError(f"{repo} has no branch {branch} (see `poelm branches {repo}`)")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise PublishError(f"{out} exists and is not empty; check out into a new folder")
+    with atomic_dir(out, overwrite=True) as tmp:
+        backend.materialise(branch, tmp)
+        problems = _check_folder(tmp, branch)
+        if problems:
+            raise PublishError(problems[0])
+    return out
+
+
+def _check_folder(folder: Path, branch: str) -> list[str]:
+    man_path = folder / MANIFEST
+    if not man_path.is_file():
+        return [f"{branch}: no {MANIFEST}"]
+    man = json.loads(man_path.read_text())
+    problems = []
+    files = {p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST}
+    for name in sorted(files ^ set(man.get("files", {}))):
+        problems.append(f"{branch}: {name} is {'not in the manifest' if name in files else 'missing'}")
+    for name in sorted(files & set(man.get("files", {}))):
+        if sha256_file(folder / name) != man["files"][name]["sha256"]:
+            problems.append(f"{branch}: {name} does not match its manifest sha256")
+    return problems
+
+
+# ----------------------------------------------------------------------------- writing branches
+def _main_step(backend, refs) -> int | None:
+    if "main" not in refs:
+        return None
+    man = read_json(backend, "main", MANIFEST)
+    return None if man is None or man.get("step") is None else int(man["step"])
+
+
+def publish(ckpt_dir, repo, force: bool = False, readme: str | None = None, api=None) -> str:
+    """Export ``ckpt_dir`` and publish it as branch ``step-XXXXX`` of ``repo``; return the branch.
+
+    ``main`` moves to it when its step is >= the step main holds. Refused (``PublishError``) when
+    the branch exists, unless ``force``. The checkpoint itself is only read. A write error (disk
+    full ...) is one ``PublishError`` line; the refs are untouched then (they move last)."""
+    try:
+        return _publish(ckpt_dir, repo, force, readme, api)
+    except OSError as e:
+        raise PublishError(f"cannot publish {ckpt_dir} to {repo}: {e.strerror or e}; the repository is unchanged and the checkpoint is kept") from None
+
+
+def _publish(ckpt_dir, repo, force, readme, api) -> str:
+    backend = open_repo(repo, create=True, api=api)
+    with tempfile.TemporaryDirectory(prefix="poelm-publish-") as tmp:
+        folder = Path(tmp) / "export"
+        export_mod.export(ckpt_dir, folder, readme=readme)
+        cfg = json.loads((folder / "config.json").read_text())
+        branch = check_branch(branch_name(cfg["step"]), allow_main=False)
+        refs = backend.refs()
+        old = refs.get(branch)
+        if old is not None and not force:
+            raise PublishError(f"{branch} already exists in {repo}; pass --force to replace it")
+        main_step = _main_step(backend, refs)
+        move_main = main_step is None or branch_step(branch) >= main_step
+        earlier = [b for b in _step_branches(refs) if branch_step(b) < branch_step(branch)]
+        parent = old or (refs[earlier[-1]] if earlier else None)
+        message = f"{branch}: step {cfg['step']}, tokens {cfg.get('tokens')}, lrm {cfg.get('lrm')}, phase {cfg.get('phase_name')}"
+        backend.write_branch(folder, branch, parent, old, move_main, refs.get("main"), message)
+    log.info("published %s to %s%s", branch, repo, " (main)" if move_main else "")
+    return branch
+
+
+def update_branch_files(repo, branch: str, files: dict[str, bytes], api=None) -> None:
+    """A new commit on ``branch`` replacing (or adding) ``files`` and refreshing its manifest;
+    ``main`` follows when it holds that branch. Used by measure (bounds in config.json,
+    ``poelm_measure.json``). Manifest entries of unchanged files are carried over (their blobs are
+    unchanged); those of the given files are recomputed."""
+    check_branch(branch, allow_main=False)
+    for name in files:
+        if not FILE_NAME.fullmatch(name) or name == MANIFEST:
+            raise PublishError(f"invalid file name {name!r} for a branch (a flat name, not {MANIFEST})")
+    backend = open_repo(repo, api=api)
+    refs = backend.refs()
+    if branch not in refs:
+        raise PublishError(f"{repo} has no branch {branch} (see `poelm branches {repo}`)")
+    old = refs[branch]
+    man = read_json(backend, branch, MANIFEST)
+    if man is None:
+        raise PublishError(f"{branch} in {repo} has no {MANIFEST}: not a poelm branch")
+    cfg = json.loads(files["config.json"]) if "config.json" in files else read_json(backend, branch, "config.json") or {}
+    entries = dict(man.get("files", {}))
+    for name, data in files.items():
+        entries[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    new_man = export_mod.manifest_dict({**cfg, "phase_name": cfg.get("phase_name", man.get("phase"))}, dict(sorted(entries.items())))
+    payload = dict(files)
+    payload[MANIFEST] = (json.dumps(new_man, indent=2, sort_keys=True) + "\n").encode()
+    if isinstance(backend, GitRepo):
+        main_follows = refs.get("main") == old
+    else:  # on the Hub main is a copy of the newest branch, not the same commit
+        main_follows = _main_step(backend, refs) == branch_step(branch)
+    backend.write_files(branch, payload, old, main_follows, f"{branch}: update {', '.join(sorted(files))}")
+
+
+# ----------------------------------------------------------------------------- verify
+def _hash_stream(f, header: bool = False) -> tuple[str, int, dict]:
+    """(sha256, size, safetensors ``__metadata__`` when ``header``) of a binary stream, read once.
+
+    A safetensors file starts with an 8-byte little-endian header size and the JSON header."""
+    h, size, meta = hashlib.sha256(), 0, {}
+    if header:
+        head = f.read(8)
+        h.update(head)
+        size += len(head)
+        if len(head) == 8 and (n := struct.unpack("<Q", head)[0]) < 100_000_000:
+            blob = f.read(n)
+            h.update(blob)
+            size += len(blob)
+            try:
+                meta = json.loads(blob).get("__metadata__") or {}
+            except (ValueError, AttributeError):
+                meta = {}
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size, meta
+
+
+def verify(repo, api=None) -> list[str]:
+    """Every problem of the trajectory in ``repo``, one line each (empty: all good).
+
+    Checks each step branch against its manifest (files present, sizes and sha256), that the
+    manifest, config.json and the weights' header all name the branch's step, that no two
+    branches hold the same weights, that tokens strictly increase with steps, and that ``main``
+    holds the newest step. Hashing streams every file once."""
+    backend = open_repo(repo, api=api)
+    refs = backend.refs()
+    problems, seen, tokens = [], {}, []
+    branches = _step_branches(refs)
+    if not branches:
+        return [f"{repo} holds no step-XXXXX branches"]
+    for b in branches:
+        step = branch_step(b)
+        man = read_json(backend, b, MANIFEST)
+        if man is None:
+            problems.append(f"{b}: no readable {MANIFEST}")
+            continue
+        if man.get("step") != step:
+            problems.append(f"{b}: manifest says step {man.get('step')}")
+        cfg = read_json(backend, b, "config.json") or {}
+        if cfg.get("step") != step:
+            problems.append(f"{b}: config.json says step {cfg.get('step')}")
+        listed, present = man.get("files", {}), set(backend.tree(b)) - {MANIFEST}
+        for name in sorted(present ^ set(listed)):
+            problems.append(f"{b}: {name} is {'not in the manifest' if name in present else 'missing'}")
+        for name in sorted(present & set(listed)):
+            with backend.stream(b, name) as f:
+                digest, size, header = _hash_stream(f, header=name == "model.safetensors")
+            if digest != listed[name].get("sha256") or size != listed[name].get("bytes"):
+                problems.append(f"{b}: {name} does not match its manifest (sha256/size): corrupted or replaced")
+            if name == "model.safetensors":
+                if header.get("poelm_step") not in (None, str(step)):
+                    problems.append(f"{b}: model.safetensors holds the weights of step {header.get('poelm_step')}")
+                if digest in seen:
+                    problems.append(f"{b}: holds the same weights as {seen[digest]}")
+                seen.setdefault(digest, b)
+        tokens.append((b, man.get("tokens")))
+    for (b0, t0), (b1, t1) in zip(tokens, tokens[1:]):
+        if t0 is not None and t1 is not None and not t1 > t0:
+            problems.append(f"{b1}: tokens {t1} do not increase over {b0} ({t0})")
+    main_step = _main_step(backend, refs)
+    if main_step is None:
+        problems.append("main: missing or without a manifest")
+    elif main_step != branch_step(branches[-1]):
+        problems.append(f"main: holds step {main_step}, not the newest step {branch_step(branches[-1])}")
+    stale = [b for b in refs if b.startswith(STAGING)]
+    problems += [f"{b}: a staging branch left by a failed publish (delete it)" for b in stale]
+    return problems
+
+
+# ----------------------------------------------------------------------------- background publishing
+class Publisher:
+    """Publish checkpoints on a background thread, in submission order.
+
+    ``submit(ckpt_dir)`` returns at once; ``close()`` waits for the queue to drain and raises one
+    ``PublishError`` naming every failed checkpoint (each failure is also logged when it happens).
+    A failure never touches the checkpoint directory and does not stop later publishes. The
+    checkpoint must stay on disk until its publish ran (``close`` or ``pending == 0``)."""
+
+    def __init__(self, repo, force: bool = False, api=None, publish_fn=None):
+        self.repo, self.force, self.api = repo, force, api
+        self._publish = publish_fn or publish
+        self._queue: queue.Queue = queue.Queue()
+        self.published: list[str] = []
+        self.failures: list[tuple[str, str]] = []
+        self._thread = threading.Thread(target=self._work, name="poelm-publisher", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def submit(self, ckpt_dir) -> None:
+        if self._closed:
+            raise PublishError("publisher is closed")
+        self._queue.put(str(ckpt_dir))
+
+    @property
+    def pending(self) -> int:
+        return self._queue.unfinished_tasks
+
+    def _work(self):
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                try:
+                    self.published.append(self._publish(item, self.repo, force=self.force, api=self.api))
+                except Exception as e:  # reported by close(); training goes on
+                    line = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    log.error("publishing %s to %s failed: %s", item, self.repo, line)
+                    self.failures.append((item, line))
+            finally:
+                self._queue.task_done()
+
+    def close(self, raise_errors: bool = True) -> list[str]:
+        """Wait for every submitted publish; return the branches published."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+        if self.failures and raise_errors:
+            first = self.failures[0]
+            raise PublishError(f"{len(self.failures)} publish(es) to {self.repo} failed, first {first[0]}: {first[1]} (the checkpoints are intact; rerun `poelm publish`)")
+        return list(self.published)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.close(raise_errors=exc_type is None)
