@@ -483,8 +483,26 @@ VERBS = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house rule for bad input: one line ``error: ...`` on stderr, exit code 2.
+
+    argparse's own ``error`` prints the whole usage block first; a mistyped flag then reads like a
+    wall of text. Here the usage is one ``--help`` away, named in the line. Subparsers are built
+    from this class too (``add_subparsers`` uses ``type(parser)``), so a bad flag of a verb points
+    at that verb's help."""
+
+    verb_hint: str | None = None  # set by main(): the verb in argv, for errors the top level raises
+
+    def error(self, message: str):
+        where = self.prog
+        if where == "poelm" and self.verb_hint and message.startswith("unrecognized arguments"):
+            where = f"poelm {self.verb_hint}"  # unknown flags of a verb are collected by the top level
+        line = " ".join(str(message).split())  # one line whatever argparse composed
+        self.exit(2, f"error: {line} (see {where} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="poelm", description="Product-of-Experts per-stage-head language models")
+    parser = _Parser(prog="poelm", description="Product-of-Experts per-stage-head language models")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, add, run in VERBS:
         p = add(sub)
@@ -494,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser.verb_hint = next((a for a in argv if a in {v for v, _, _ in VERBS}), None)
     args = parser.parse_args(argv)
     try:
         rc = args._run(args)

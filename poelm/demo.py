@@ -61,8 +61,10 @@ def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual
         kw["split_tokens"] = split_tokens
     if calib_tokens:
         kw["calib_tokens"] = calib_tokens
+    recs = []
     for b in branches:
         rec = measure.measure_target(f"{repo}@{b}", against=None if b == branches[0] else seed_target, progress=False, **kw)
+        recs.append(rec)
         log(f"      {b}: full-K BPB {rec['bpb']['full']['value']:.4f}")
 
     from poelm.report import tables as report
@@ -75,10 +77,35 @@ def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual
     out = {"workdir": str(work), "trajectory": str(repo), "branches": branches, "report": str(paths.get("report", work / "report")),
            "elapsed_s": elapsed, "base": base, "continual": cont}
     log(f"done in {elapsed:.0f} s")
-    log(f"  trajectory repo : {repo}  (branches: {', '.join(branches)}; main = {branches[-1]})")
-    log(f"  checkpoints     : {work / 'base'}, {work / 'continual'}")
+    for line in summary_table(recs):
+        log(line)
     log(f"  report          : {out['report']}")
+    log(f"  trajectory repo : {repo}  (branches: {', '.join(branches)}; main = {branches[-1]})")
+    log(f"  checkout        : poelm checkout {repo}@main DIR   (or {repo}@{branches[0]}: any branch)")
+    log(f"  checkpoints     : {work / 'base'}, {work / 'continual'}")
     return out
+
+
+def summary_table(records: list[dict]) -> list[str]:
+    """The demo's closing table: one row per branch (the seed first) with its step, lrm, full-K
+    BPB and the paired delta against the seed, each with its 95 % block-bootstrap interval."""
+
+    def ci(node) -> str:
+        lo, hi = node.get("ci") or (None, None)
+        return f"{node['value']:+.4f}" if lo is None else f"{node['value']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+    def bpb(node) -> str:
+        lo, hi = node.get("ci") or (None, None)
+        return f"{node['value']:.4f}" if lo is None else f"{node['value']:.4f} [{lo:.4f}, {hi:.4f}]"
+
+    fmt = "  {:<11} {:>6} {:>6}  {:<26} {}"
+    lines = [fmt.format("branch", "step", "lrm", "full-K BPB [95% CI]", "delta vs seed [95% CI]")]
+    for r in records:
+        d = ((r.get("against") or {}).get("deltas") or {}).get("bpb.full")
+        lrm = "-" if r.get("lrm") is None else f"{r['lrm']:.3f}"
+        lines.append(fmt.format(r.get("branch") or "-", r.get("step") if r.get("step") is not None else "-", lrm,
+                                bpb(r["bpb"]["full"]), ci(d) if d else "(the seed)"))
+    return lines
 
 
 def _step_dir(step: int) -> str:

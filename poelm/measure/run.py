@@ -284,7 +284,8 @@ def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_T
     if progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=(n_meas + n_cal) * (2 if ref is not None else 1), unit="tok", desc="measure", leave=False)
+        # disable=None: a bar on a terminal only; piped, the summary the caller prints is the line
+        bar = tqdm(total=(n_meas + n_cal) * (2 if ref is not None else 1), unit="tok", desc="measure", leave=False, disable=None)
     kw = dict(seq_len=T, batch_size=batch_size, token_bytes=tb, autocast=autocast, block_tokens=block_tokens, cap=cap,
               metric=routing_metric, confidence=confidence, bar=bar)
     ev = evaluate(model, meas, calib, **kw)

@@ -53,6 +53,11 @@ def build_bad_inputs(fx: Fixture, root: Path) -> list[Case]:
     T = [a for o in TINY for a in ("--set", o)]
     cases = []
 
+    # the parser itself: one line naming the verb's --help, not argparse's usage block
+    cases.append(Case("unknown verb", ["frobnicate", good], r"invalid choice: 'frobnicate' .*\(see poelm --help\)$"))
+    cases.append(Case("unknown flag", ["export", good, root / "flag-export", "--bogus"], r"unrecognized arguments: --bogus \(see poelm export --help\)$"))
+    cases.append(Case("flag value of the wrong type", ["train", *T, "--steps", "many", "--out", root / "o0"], r"argument --steps: invalid int value: 'many' \(see poelm train --help\)$"))
+
     trunc = _copy_ckpt(good, root / "trunc" / "step-00004")
     f = trunc / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
