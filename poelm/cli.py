@@ -27,6 +27,7 @@ def _add_train(sub):
     p.add_argument("--out", default="runs/embedded", help="run directory (checkpoints, log.jsonl)")
     p.add_argument("--resume", metavar="TARGET", help="checkpoint dir or run dir (its newest save) to continue exactly from")
     p.add_argument("--publish", help="publish every save as a step branch of this repo (path or hf://org/name)")
+    p.add_argument("--publish-dtype", choices=["bf16", "fp16", "fp32"], help="weights of the published branches (default: bf16 for a bf16-autocast run, else fp32); the checkpoints keep fp32")
     p.add_argument("--device", help="override train.device")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -44,10 +45,63 @@ def _add_continue(sub):
     p.add_argument("--save-every", type=int)
     p.add_argument("--out", required=True, help="run directory for the new phase")
     p.add_argument("--publish", help="publish every save (the seed first) as step branches of this repo")
+    p.add_argument("--publish-dtype", choices=["bf16", "fp16", "fp32"], help="weights of the published branches (default: bf16 for a bf16-autocast run, else fp32)")
     p.add_argument("--allow-mismatch", action="store_true", help="allow a different architecture/tokenizer/data mix (not a continual phase then)")
+    p.add_argument("--cooldown-every", type=int, metavar="K", help="a cooldown probe at every K-th save after the seed (run between saves; see `poelm cooldown`)")
+    p.add_argument("--cooldown-steps", type=int, metavar="N", help="steps of each probe (with --cooldown-every)")
+    p.add_argument("--cooldown-shape", default="linear", help="probe decay shape: linear or 1-sqrt (default linear)")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def _add_cooldown(sub):
+    p = sub.add_parser("cooldown", help="cooldown probe: decay the LR from a checkpoint over N steps, save (\"what would BPB be if we annealed here?\")")
+    p.add_argument("target", metavar="TARGET", help="checkpoint dir or run dir (newest save); with --fresh-optimizer also an exported folder, REPO@step-XXXXX, REPO@main")
+    p.add_argument("--steps", type=int, required=True, help="N: cooldown length in steps")
+    p.add_argument("--shape", default="linear", help="linear or 1-sqrt (Hägele et al. 2024; default linear)")
+    p.add_argument("--to-lrm", type=float, default=0.0, help="LR multiplier at the end (default 0; at most the checkpoint's current lrm)")
+    p.add_argument("--out", help="directory of the probe (default: <run dir>/cooldowns/cooldown-XXXXX-N, or ./cooldowns/... for a branch)")
+    p.add_argument("--publish", metavar="REPO", help="publish it as branch cooldown-XXXXX-N of REPO (which must hold step-XXXXX)")
+    p.add_argument("--fresh-optimizer", action="store_true", help="allow a TARGET without optimizer state / loader position: fresh AdamW/Muon state, "
+                   "loader position from the token count (recorded in the manifest)")
+    p.add_argument("--device", help="override train.device")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _run_cooldown(args):
+    import tempfile
+
+    from poelm import targets
+    from poelm.train import cooldown as cd
+    from poelm.trajectory import publish
+
+    cd.check_args(args.steps, args.shape, args.to_lrm)  # before any IO
+    with tempfile.TemporaryDirectory(prefix="poelm-cooldown-") as work:
+        src = targets.resolve(args.target, work, want="model" if args.fresh_optimizer else "checkpoint", hint=cd.FRESH_HINT)
+        ckpt = cd.load_source(src.path, args.fresh_optimizer)
+        if args.device:
+            ckpt.config.train.device = args.device
+        cool = cd.plan(ckpt, args.steps, args.shape, args.to_lrm)
+        if args.out:
+            out = Path(args.out)
+        elif src.kind == "checkpoint":
+            out = cd.default_out(ckpt.path, ckpt.step, args.steps)
+        else:
+            out = Path("cooldowns") / cd.probe_name(ckpt.step, args.steps)
+        cd.check_out(out)
+        if args.publish:
+            publish.check_cooldown_source(args.publish, ckpt.step)
+        s = cd.cooldown(ckpt, out, args.steps, args.shape, args.to_lrm, publisher=_publisher(args.publish), progress=not args.quiet,
+                        fresh_optimizer=args.fresh_optimizer, source_label=src.label)
+    vb = (s.get("val_bpb") or {}).get("full")
+    print(f"cooldown: step {cool.start_step} -> {cool.end_step} ({cool.steps} steps, {cool.shape}, lrm {cool.from_lrm:g} -> {cool.to_lrm:g}) "
+          f"in {s['elapsed_s']:.1f}s" + (f", training-log val BPB {vb:.4f}" if vb is not None else ""))
+    print(f"checkpoint: {s['ckpt']}")
+    for b in s["branches"]:
+        print(f"published {b} to {args.publish} (measure it: poelm measure {args.publish}@{b})")
+    return 0
 
 
 def _apply_cli_overrides(args) -> list[str]:
@@ -61,7 +115,7 @@ def _apply_cli_overrides(args) -> list[str]:
     return ov
 
 
-def _publisher(repo):
+def _publisher(repo, dtype=None):
     """The factory training calls on rank 0 (the trajectory room sits above training)."""
     if not repo:
         return None
@@ -69,7 +123,7 @@ def _publisher(repo):
 
     from poelm.trajectory.publish import Publisher
 
-    return partial(Publisher, repo)
+    return partial(Publisher, repo, dtype=dtype)
 
 
 def _run_train(args):
@@ -88,10 +142,10 @@ def _run_train(args):
             raise ConfigError(f"--resume continues the run exactly; only train.* settings may change (got {bad[0]}); use 'poelm continue' for a new phase")
         cfg = config_mod.validate(config_mod.from_dict(config_mod.apply_overrides(base.to_dict(), overrides)))
         out = args.out if args.out != "runs/embedded" else str(Path(src).parent)
-        summary = train(cfg, out, resume=src, publisher=_publisher(args.publish), progress=not args.quiet)
+        summary = train(cfg, out, resume=src, publisher=_publisher(args.publish, args.publish_dtype), progress=not args.quiet)
     else:
         cfg = config_mod.load(args.config, overrides)
-        summary = train(cfg, args.out, publisher=_publisher(args.publish), progress=not args.quiet)
+        summary = train(cfg, args.out, publisher=_publisher(args.publish, args.publish_dtype), progress=not args.quiet)
     _print_summary(summary)
     return 0
 
@@ -110,12 +164,24 @@ def _run_continue(args):
         ov.append(f"train.save_every={args.save_every}")
     if args.device:
         ov.append(f'train.device="{args.device}"')
+    prober = None
+    if args.cooldown_every is not None or args.cooldown_steps is not None:
+        from poelm.core.errors import ConfigError
+        from poelm.train.cooldown import Prober
+
+        if args.cooldown_every is None or args.cooldown_steps is None:
+            raise ConfigError("--cooldown-every K and --cooldown-steps N go together")
+        prober = Prober(args.cooldown_every, args.cooldown_steps, args.cooldown_shape)
     with tempfile.TemporaryDirectory(prefix="poelm-continue-") as work:
         src = targets.resolve(args.source, work)
         summary = continue_phase(src.path, args.out, phase_cfg, steps=args.steps, tokens_budget=tokens,
-                                 publisher=_publisher(args.publish), progress=not args.quiet,
-                                 allow_mismatch=args.allow_mismatch, overrides=ov, source_label=src.label)
+                                 publisher=_publisher(args.publish, args.publish_dtype), progress=not args.quiet,
+                                 allow_mismatch=args.allow_mismatch, overrides=ov, source_label=src.label, after_save=prober)
     _print_summary(summary)
+    if prober is not None and prober.probes:
+        spent = sum(p["elapsed_s"] for p in prober.probes)
+        print(f"cooldown probes: {len(prober.probes)} x {prober.steps} steps, {spent:.1f}s of {summary['elapsed_s']:.1f}s "
+              f"({100 * spent / max(summary['elapsed_s'], 1e-9):.1f}% of the phase's wall time)")
     return 0
 
 
@@ -227,6 +293,7 @@ def mode_kwargs(mode_text: str, meta: dict | None, bounds=None, tau=None) -> dic
     if kw["mode"] == "route":
         routing = (meta or {}).get("poe_routing") or {}
         kw["tau"] = tau if tau is not None else routing.get("tau")  # calibrated by `poelm measure`
+        kw["confidence"] = routing.get("confidence") or "maxprob"  # threshold the kind that was calibrated
     return kw
 
 
@@ -283,6 +350,7 @@ def _add_export(sub):
     p.add_argument("ckpt", metavar="TARGET", help="checkpoint dir, run dir (its newest checkpoint), exported folder, REPO[@step-XXXXX|@main]")
     p.add_argument("out", metavar="OUT", help="output folder (new, empty, or an earlier export)")
     p.add_argument("--bounds", type=_float_list, help="K-1 comma-separated WAND bounds (default: the checkpoint's calibration)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights dtype (default: bf16 for a bf16-autocast run, else the stored dtype)")
     return p
 
 
@@ -294,7 +362,7 @@ def _run_export(args):
 
     with tempfile.TemporaryDirectory(prefix="poelm-export-") as work:
         src = targets.resolve(args.ckpt, work)
-        print(f"exported {export.export(src.path, args.out, bounds=args.bounds)}")
+        print(f"exported {export.export(src.path, args.out, bounds=args.bounds, dtype=args.dtype)}")
     return 0
 
 
@@ -303,13 +371,14 @@ def _add_publish(sub):
     p.add_argument("ckpt", metavar="CKPT", help="checkpoint dir")
     p.add_argument("repo", metavar="REPO", help="local path (git repo, created if absent) or hf://org/name")
     p.add_argument("--force", action="store_true", help="replace the branch if it exists")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights dtype of the branch (default: bf16 for a bf16-autocast run, else fp32)")
     return p
 
 
 def _run_publish(args):
     from poelm.trajectory import publish
 
-    print(f"published {publish.publish(args.ckpt, args.repo, force=args.force)} to {args.repo}")
+    print(f"published {publish.publish(args.ckpt, args.repo, force=args.force, dtype=args.dtype)} to {args.repo}")
     return 0
 
 
@@ -323,7 +392,7 @@ def _run_branches(args):
     from poelm import targets
     from poelm.trajectory import publish
 
-    rows = publish.list_branches(targets.repository(args.repo)[0])
+    rows = publish.list_branches(targets.repository(args.repo)[0], cooldowns=True)
     fmt = "{:<14} {:>9} {:>14} {:>8} {:<10} {:>9} {}"
     print(fmt.format("branch", "step", "tokens", "lrm", "phase", "bpb", ""))
     for r in rows:
@@ -384,7 +453,9 @@ def _add_measure(sub):
     p.add_argument("--batch-size", type=int, default=8, help="rows of seq_len per forward (default 8)")
     p.add_argument("--seq-len", type=int, help="row length (default: the run's train.seq_len, else max_seq_len)")
     p.add_argument("--cap", type=float, default=0.02, help="routing cap (default 0.020)")
-    p.add_argument("--routing-metric", default="target_regression", choices=["target_regression", "agreement", "nll"])
+    p.add_argument("--routing-metric", default="agreement", choices=["agreement", "target", "nll", "target_regression"],
+                   help="routing regression metric: agreement (default: routed positions where stage-0 top-1 != full-K top-1), "
+                        "target (full K right, stage 0 wrong; old name target_regression) or nll")
     p.add_argument("--confidence", default="maxprob", choices=["maxprob", "margin"], help="stage-0 confidence for routing")
     p.add_argument("--m", type=int, default=4, help="speculative draft length (default 4)")
     p.add_argument("--probe", default="auto", help="prompt set: card, embedded, a JSONL file, or none (default: embedded for embedded-corpus models, else card)")
@@ -424,6 +495,38 @@ def _run_measure(args):
 
             updated = report.update_cards(rec["repo"], [rec["branch"]])
             print(f"  model cards refreshed: {', '.join(updated)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="lm-evaluation-harness benchmarks on a branch or every branch; scores go into each measurement record")
+    p.add_argument("target", metavar="TARGET", help="REPO (every step branch), REPO@step-XXXXX, REPO@main, checkpoint dir, run dir or exported folder")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. poelm_devils_cloze (offline, shipped) or hellaswag")
+    p.add_argument("--stages", default="full", help="full (default), k (stage k alone) or prefix=K' (stages 0..K'-1)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward (default 8)")
+    p.add_argument("--limit", type=int, help="the first N documents of each task")
+    p.add_argument("--out", metavar="FILE", help="write the records to this JSON file instead of the branches / folders")
+    p.add_argument("--include-path", action="append", metavar="DIR", help="folder of your own lm-eval task YAMLs (repeatable)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--verbose", action="store_true", help="show lm-eval's own log and progress bars")
+    return p
+
+
+def _run_eval(args):
+    from poelm.measure import evals
+
+    tasks = [t.strip() for t in args.tasks.split(",")]
+    records = evals.run_eval(args.target, tasks, stages=args.stages, batch_size=args.batch_size, limit=args.limit, out=args.out,
+                             device=args.device, include_path=args.include_path, quiet=not args.verbose)
+    if args.out:
+        print(f"records: {args.out}")
+        return 0
+    done = [r for r in records if r["repo"]]
+    if done:  # the branches' model cards show the new scores (the report's benchmarks section)
+        from poelm.report import tables as report
+
+        print(f"model cards refreshed: {', '.join(report.update_cards(done[0]['repo'], [r['branch'] for r in done]))}")
     return 0
 
 
@@ -469,6 +572,7 @@ def _run_selftest(args):
 VERBS = [
     ("train", _add_train, _run_train),
     ("continue", _add_continue, _run_continue),
+    ("cooldown", _add_cooldown, _run_cooldown),
     ("demo", _add_demo, _run_demo),
     ("report", _add_report, _run_report),
     ("generate", _add_generate, _run_generate),
@@ -478,6 +582,7 @@ VERBS = [
     ("checkout", _add_checkout, _run_checkout),
     ("verify", _add_verify, _run_verify),
     ("measure", _add_measure, _run_measure),
+    ("eval", _add_eval, _run_eval),
     ("doctor", _add_doctor, _run_doctor),
     ("selftest", _add_selftest, _run_selftest),
 ]

@@ -12,6 +12,7 @@ TARGET                           means
 ``REPO``                         a trajectory repository (local git repo): its ``main``
 ``REPO@main``                    the step branch ``main`` points to (results written there)
 ``REPO@step-XXXXX``              that step branch
+``REPO@cooldown-XXXXX-N``        a cooldown probe: N steps of LR decay from step XXXXX
 ``hf://org/name[@rev]``          the same on the Hugging Face Hub (``rev`` default ``main``)
 ===============================  =======================================================
 
@@ -21,8 +22,8 @@ on that step branch, which is what a reader of the trajectory looks at.
 
 A TARGET that does not resolve is one :class:`TargetError` line naming what was tried and what
 exists (the nearest branches, or the folder's contents), raised before anything is computed or
-written. Revisions are checked against ``step-\\d{5,}`` / ``main`` first, so shell
-metacharacters or ``..`` never reach git.
+written. Revisions are checked against ``step-\\d{5,}`` / ``main`` / ``cooldown-\\d{5,}-N``
+first, so shell metacharacters or ``..`` never reach git.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from poelm.train import checkpoint
 from poelm.trajectory import publish
 
 HUB = publish.HUB_PREFIX
-REVISION = re.compile(r"main|step-\d{5,}")
+REVISION = re.compile(r"main|step-\d{5,}|cooldown-\d{5,}-[1-9]\d*")
 
 
 class TargetError(PoelmError):
@@ -48,7 +49,7 @@ class TargetError(PoelmError):
 class Target:
     """A resolved TARGET. ``path`` is a local folder holding a checkpoint or an export (None for a
     repository that was not materialised); ``repo``/``branch`` are set for trajectory targets
-    (``branch`` is always a ``step-XXXXX`` name, ``main`` resolved)."""
+    (``branch`` is a ``step-XXXXX`` name, ``main`` resolved, or a ``cooldown-XXXXX-N`` probe)."""
 
     text: str
     kind: str  # "checkpoint" | "export" | "branch" | "repo"
@@ -77,7 +78,7 @@ def split(text: str) -> tuple[str, str | None]:
     if not where:
         raise TargetError(f"{text!r}: nothing before '@'; give REPO@{rev}")
     if not REVISION.fullmatch(rev):
-        raise TargetError(f"invalid revision {rev!r} in {text!r}: expected main or step-XXXXX (5+ digits)")
+        raise TargetError(f"invalid revision {rev!r} in {text!r}: expected main, step-XXXXX (5+ digits) or cooldown-XXXXX-N")
     return where, rev
 
 
@@ -86,6 +87,9 @@ def _is_repo(path: Path) -> bool:
 
 
 def _nearest(branches: list[str], rev: str, n: int = 3) -> str:
+    if publish.cooldown_of(rev):
+        probes = sorted((b for b in branches if publish.cooldown_of(b)), key=publish.cooldown_of)
+        return f"it has cooldown branches {', '.join(probes)}" if probes else "it has no cooldown branches"
     steps = [b for b in branches if publish.STEP_BRANCH.fullmatch(b)]
     if not steps:
         return "it has no step branches"
@@ -138,17 +142,18 @@ def repository(text: str, api=None) -> tuple[str, str | None]:
     return where, (resolve_branch(where, rev, text, api) if rev else None)
 
 
-def resolve(text: str, workdir=None, *, want: str = "model", api=None) -> Target:
+def resolve(text: str, workdir=None, *, want: str = "model", api=None, hint: str | None = None) -> Target:
     """Resolve ``text`` to a :class:`Target`; materialise a branch under ``workdir`` (a fresh
     temporary folder if None; the caller owns it).
 
     ``want``: ``"model"`` (anything loadable: checkpoint, export, branch), ``"checkpoint"`` (a
     full training checkpoint with optimizer state and loader position: ``train --resume``), or
-    ``"repo"`` (a trajectory repository, not materialised)."""
+    ``"repo"`` (a trajectory repository, not materialised). ``hint``: what to do instead, in the
+    error for a ``want="checkpoint"`` TARGET that holds weights only (default: the resume advice)."""
     where, rev = split(text)
     local = None if where.startswith(HUB) else Path(where)
     if rev is None and local is not None and local.is_dir() and not _is_repo(local):
-        return _folder(text, local, want)
+        return _folder(text, local, want, hint)
     if rev is None and local is not None and not local.exists():
         raise TargetError(f"{text}: not found (give a checkpoint dir, a run dir, an exported folder, REPO, REPO@step-XXXXX or REPO@main)")
     if rev is None and local is not None and local.is_file():
@@ -158,14 +163,14 @@ def resolve(text: str, workdir=None, *, want: str = "model", api=None) -> Target
         return Target(text, "repo", None, where, branch)
     if want == "checkpoint":
         raise TargetError(f"{text}: a published branch holds weights only (no optimizer state or loader position); "
-                          "resume from the run's checkpoint dir, or start a new phase with `poelm continue --from`")
+                          + (hint or "resume from the run's checkpoint dir, or start a new phase with `poelm continue --from`"))
     out = Path(workdir or tempfile.mkdtemp(prefix="poelm-target-")) / branch
     if out.is_dir() and checkpoint.is_hf_export(out):
         return Target(text, "branch", out, where, branch)
     return Target(text, "branch", publish.checkout(where, branch, out, api=api), where, branch)
 
 
-def _folder(text: str, p: Path, want: str) -> Target:
+def _folder(text: str, p: Path, want: str, hint: str | None = None) -> Target:
     if want == "repo":
         raise TargetError(f"{text}: not a trajectory repository (no git repo there)")
     d = p
@@ -178,6 +183,6 @@ def _folder(text: str, p: Path, want: str) -> Target:
     if checkpoint.is_hf_export(d):
         if want == "checkpoint":
             raise TargetError(f"{text}: an exported folder holds weights only (no optimizer state or loader position); "
-                              "resume from the run's checkpoint dir, or start a new phase with `poelm continue --from`")
+                              + (hint or "resume from the run's checkpoint dir, or start a new phase with `poelm continue --from`"))
         return Target(text, "export", d)
     return Target(text, "checkpoint", d)

@@ -42,7 +42,7 @@ from poelm.core.errors import CheckpointError, ConfigError, PoelmError
 from poelm.fsio import append_line
 from poelm.core.model import PoEGPT
 from poelm.train.runtime import Runtime, _all_sum, _broadcast_text, setup_runtime, teardown_runtime  # noqa: F401
-from poelm.schedule import CARD_B2, Phase, lrm
+from poelm.schedule import CARD_B2, Cooldown, Phase, lrm
 from poelm.data.mixture import TrainLoader
 
 
@@ -93,11 +93,15 @@ def _build_model(cfg, rt: Runtime) -> PoEGPT:
 
 
 def _phase_dict(p: Phase) -> dict:
+    if isinstance(p, Cooldown):  # a cooldown probe (poelm.train.cooldown)
+        return p.to_dict()
     return {"name": p.name, "start_step": p.start_step, "steps": p.steps, "warmup": p.warmup, "peak": p.peak,
             "warmdown_ratio": p.warmdown_ratio, "final": p.final}
 
 
 def _phase_from(d: dict) -> Phase:
+    if d.get("kind") == Cooldown.kind:  # resuming a cooldown probe continues its decay exactly
+        return Cooldown.from_dict(d)
     return Phase(**d)
 
 
@@ -150,6 +154,7 @@ class Trainer:
         self.last_val = None
         self._val = None
         self.log_path = self.out_dir / "log.jsonl"
+        self.after_save = None  # callable(trainer, ckpt path or None), e.g. a cooldown probe (cooldown.py)
 
     # -- helpers
     def val_tokens(self):
@@ -198,6 +203,8 @@ class Trainer:
             "train_val_bpb_stages": self.last_val["single"] if self.last_val else None,
             "loader_state": self.loader.state_dict(),
             "world_size": self.rt.world,
+            # what the forward ran in: an export publishes bf16 weights for a bf16-autocast run
+            "autocast_dtype": "bf16" if self.rt.dtype == torch.bfloat16 else "fp32",
             **self.extra_meta,
         }
 
@@ -219,6 +226,8 @@ class Trainer:
                 ckpt_mod.prune(self.out_dir, self.cfg.train.keep_last)
         if self.rt.world > 1:
             dist.barrier()
+        if self.after_save is not None:
+            self.after_save(self, path)
         return path
 
     # -- the loop
@@ -441,11 +450,13 @@ def check_same_run(base, new, allow: bool, tokenizer_src, tokenizer_new=None):
 
 
 def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=None, publisher=None, progress=True,
-                   allow_mismatch=False, overrides=None, source_label=None) -> dict:
+                   allow_mismatch=False, overrides=None, source_label=None, after_save=None) -> dict:
     """Start a continual phase from an annealed checkpoint (SPEC "continual phase").
 
     Restores model, optimizer state and data position; the new phase is anchored at the resume
-    step; its first save is the resume checkpoint itself (the "seed" row, rel_step 0)."""
+    step; its first save is the resume checkpoint itself (the "seed" row, rel_step 0).
+    ``after_save``: called as ``after_save(trainer, ckpt_path)`` after every later save, e.g.
+    ``poelm.train.cooldown.Prober`` (cooldown probes between saves)."""
     src_path = Path(source)  # a local checkpoint or export folder (``poelm.targets`` resolves TARGETs)
     src = ckpt_mod.load(src_path)
     if src.optim_tensors is None:
@@ -463,6 +474,7 @@ def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=No
         trainer.tokens_in_phase = 0
         try:
             trainer.save()  # the seed: identical weights, the new phase's rel_step 0
+            trainer.after_save = after_save
             return trainer.run()
         finally:
             _finish(trainer)

@@ -11,7 +11,11 @@ Rules (the ones public trajectories have broken):
 - ``main`` only moves forward: to a step >= the step it holds;
 - an existing step branch is never replaced unless ``force``;
 - branch names are ``step-\\d{5,}`` (or ``main`` when reading); anything else (``..``, ``/``,
-  spaces, shell metacharacters) is refused before any git or Hub call.
+  spaces, shell metacharacters) is refused before any git or Hub call;
+- a cooldown probe (``poelm cooldown``, ``poelm.train.cooldown``) is published as
+  ``cooldown-XXXXX-N`` (XXXXX = the step it starts from, N = its steps), forked from its source
+  step branch, with a ``cooldown`` block in its manifest; it never becomes a step branch, never
+  moves ``main``, and is not part of the step trajectory (``verify`` checks it on its own).
 
 ``Publisher`` runs publishes on a background thread so training never waits for them; a failed
 publish is logged and reported by ``close()``, and never touches the local checkpoint.
@@ -31,7 +35,7 @@ from pathlib import Path
 
 from poelm.trajectory import export as export_mod
 from poelm.core.errors import PublishError
-from poelm.fsio import atomic_dir, sha256_file
+from poelm.fsio import atomic_dir, atomic_write_json, sha256_file
 from poelm.trajectory.gitrepo import GitRepo
 from poelm.trajectory.hubrepo import STAGING, HubRepo
 
@@ -39,6 +43,7 @@ log = logging.getLogger("poelm.trajectory.publish")
 
 # fullmatch throughout: "$" would accept a trailing newline.
 STEP_BRANCH = re.compile(r"step-(\d{5,})")
+COOLDOWN_BRANCH = re.compile(r"cooldown-(\d{5,})-([1-9]\d*)")
 MANIFEST = export_mod.MANIFEST
 MEASURE = "poelm_measure.json"
 HUB_PREFIX = "hf://"
@@ -53,12 +58,29 @@ def branch_name(step: int) -> str:
     return f"step-{int(step):05d}"
 
 
-def check_branch(name: str, allow_main: bool = True) -> str:
-    """Accept ``step-\\d{5,}`` (and ``main`` when reading); refuse everything else in one line."""
-    if isinstance(name, str) and (STEP_BRANCH.fullmatch(name) or (allow_main and name == "main")):
+def check_branch(name: str, allow_main: bool = True, allow_cooldown: bool = True) -> str:
+    """Accept ``step-\\d{5,}`` (and ``main`` when reading, ``cooldown-XXXXX-N`` unless told
+    otherwise); refuse everything else in one line."""
+    if isinstance(name, str) and (STEP_BRANCH.fullmatch(name) or (allow_main and name == "main")
+                                  or (allow_cooldown and COOLDOWN_BRANCH.fullmatch(name))):
         return name
     allowed = "step-XXXXX (5+ digits) or main" if allow_main else "step-XXXXX (5+ digits)"
+    if allow_cooldown:
+        allowed += " or cooldown-XXXXX-N"
     raise PublishError(f"invalid branch {name!r}: expected {allowed}")
+
+
+def cooldown_branch_name(step: int, steps: int) -> str:
+    """``cooldown-XXXXX-N``: a cooldown probe of N steps from step XXXXX (5+ digits)."""
+    if int(step) < 0 or int(steps) < 1:
+        raise PublishError(f"a cooldown branch needs step >= 0 and steps >= 1, got {step}, {steps}")
+    return f"cooldown-{int(step):05d}-{int(steps)}"
+
+
+def cooldown_of(name: str) -> tuple[int, int] | None:
+    """``(source step, steps)`` of a ``cooldown-XXXXX-N`` name; None for any other name."""
+    m = COOLDOWN_BRANCH.fullmatch(name) if isinstance(name, str) else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def branch_step(name: str) -> int:
@@ -93,12 +115,20 @@ def _step_branches(refs: dict) -> list[str]:
     return sorted((b for b in refs if STEP_BRANCH.fullmatch(b)), key=branch_step)
 
 
-def list_branches(repo, api=None) -> list[dict]:
+def _cooldown_branches(refs: dict) -> list[str]:
+    return sorted((b for b in refs if COOLDOWN_BRANCH.fullmatch(b)), key=cooldown_of)
+
+
+def list_branches(repo, api=None, cooldowns: bool = False) -> list[dict]:
     """The trajectory: one dict per step branch, by step: ``branch, step, tokens, lrm, phase,
     rel_step, bpb`` (full-K BPB from ``poelm_measure.json`` when measured, else None), ``main``
-    (whether main holds this step) and ``commit``."""
+    (whether main holds this step) and ``commit``. ``cooldowns``: the cooldown probes follow, one
+    dict each with ``kind = "cooldown"``, ``source_step`` and ``steps`` (``step`` is where the
+    probe ends); they are never part of the step trajectory."""
     backend = open_repo(repo, api=api)
     refs = backend.refs()
+    if cooldowns:
+        return list_branches(repo, api=api) + [_cooldown_row(backend, refs, b) for b in _cooldown_branches(refs)]
     main = read_json(backend, "main", MANIFEST) if "main" in refs else None
     rows = []
     for b in _step_branches(refs):
@@ -113,6 +143,28 @@ def list_branches(repo, api=None) -> list[dict]:
             "main": bool(main) and main.get("step") == branch_step(b), "commit": refs[b],
         })
     return rows
+
+
+def _cooldown_row(backend, refs, b: str) -> dict:
+    man = read_json(backend, b, MANIFEST) or {}
+    rec = read_json(backend, b, MEASURE) or {}
+    src, n = cooldown_of(b)
+    return {"branch": b, "kind": "cooldown", "source_step": src, "steps": n, "step": man.get("step"), "tokens": man.get("tokens"),
+            "lrm": man.get("lrm"), "phase": man.get("phase"), "rel_step": man.get("rel_step"),
+            "bpb": ((rec.get("bpb") or {}).get("full") or {}).get("value"), "main": False, "commit": refs[b]}
+
+
+def read_cooldown_records(repo, api=None) -> list[dict]:
+    """Every cooldown branch's ``poelm_measure.json`` (by source step, then N); unmeasured ones
+    are skipped. Kept apart from ``read_records``: a probe is not a save of the trajectory."""
+    backend = open_repo(repo, api=api)
+    out = []
+    for b in _cooldown_branches(backend.refs()):
+        rec = read_json(backend, b, MEASURE)
+        if rec is not None:
+            rec.setdefault("branch", b)
+            out.append(rec)
+    return out
 
 
 def read_records(repo, api=None) -> list[dict]:
@@ -168,23 +220,28 @@ def _main_step(backend, refs) -> int | None:
     return None if man is None or man.get("step") is None else int(man["step"])
 
 
-def publish(ckpt_dir, repo, force: bool = False, readme: str | None = None, api=None) -> str:
+def publish(ckpt_dir, repo, force: bool = False, readme: str | None = None, api=None, dtype: str | None = None) -> str:
     """Export ``ckpt_dir`` and publish it as branch ``step-XXXXX`` of ``repo``; return the branch.
 
     ``main`` moves to it when its step is >= the step main holds. Refused (``PublishError``) when
     the branch exists, unless ``force``. The checkpoint itself is only read. A write error (disk
-    full ...) is one ``PublishError`` line; the refs are untouched then (they move last)."""
+    full ...) is one ``PublishError`` line; the refs are untouched then (they move last).
+    ``dtype``: the branch's weights, bf16 | fp16 | fp32 (default: ``export.default_dtype``)."""
+    export_mod.check_dtype(dtype)
     try:
-        return _publish(ckpt_dir, repo, force, readme, api)
+        return _publish(ckpt_dir, repo, force, readme, api, dtype)
     except OSError as e:
         raise PublishError(f"cannot publish {ckpt_dir} to {repo}: {e.strerror or e}; the repository is unchanged and the checkpoint is kept") from None
 
 
-def _publish(ckpt_dir, repo, force, readme, api) -> str:
+def _publish(ckpt_dir, repo, force, readme, api, dtype=None) -> str:
+    cool = _cooldown_source(ckpt_dir)
+    if cool is not None:  # a cooldown probe: its own kind of branch, never a step branch, never main
+        return _publish_cooldown(ckpt_dir, repo, force, readme, api, dtype, *cool)
     backend = open_repo(repo, create=True, api=api)
     with tempfile.TemporaryDirectory(prefix="poelm-publish-") as tmp:
         folder = Path(tmp) / "export"
-        export_mod.export(ckpt_dir, folder, readme=readme)
+        export_mod.export(ckpt_dir, folder, readme=readme, dtype=dtype)
         cfg = json.loads((folder / "config.json").read_text())
         branch = check_branch(branch_name(cfg["step"]), allow_main=False)
         refs = backend.refs()
@@ -198,6 +255,70 @@ def _publish(ckpt_dir, repo, force, readme, api) -> str:
         message = f"{branch}: step {cfg['step']}, tokens {cfg.get('tokens')}, lrm {cfg.get('lrm')}, phase {cfg.get('phase_name')}"
         backend.write_branch(folder, branch, parent, old, move_main, refs.get("main"), message)
     log.info("published %s to %s%s", branch, repo, " (main)" if move_main else "")
+    return branch
+
+
+# ----------------------------------------------------------------------------- cooldown branches
+def _cooldown_source(ckpt_dir) -> tuple[dict, dict] | None:
+    """``(cooldown phase dict, provenance)`` when ``ckpt_dir`` holds a cooldown probe (its phase
+    has ``kind = "cooldown"``: a checkpoint's meta.json, a checked-out branch's config.json)."""
+    from poelm.train import checkpoint
+
+    d = Path(ckpt_dir)
+    if d.is_dir() and not (d / "model.safetensors").is_file():
+        d = checkpoint.latest(d) or d
+    if (d / "meta.json").is_file():  # a training checkpoint
+        meta = checkpoint.read_json(d / "meta.json", "checkpoint meta")
+        phase, prov = meta.get("phase"), meta.get("cooldown")
+    elif (d / MANIFEST).is_file() and (d / "config.json").is_file():  # an exported folder
+        phase = checkpoint.read_json(d / "config.json", "export config").get("phase")
+        prov = checkpoint.read_json(d / MANIFEST, "export manifest").get("cooldown")
+    else:
+        return None
+    if isinstance(phase, dict) and phase.get("kind") == "cooldown":
+        return phase, prov if isinstance(prov, dict) else {}
+    return None
+
+
+def check_cooldown_source(repo, source_step: int, api=None) -> str:
+    """The step branch a cooldown probe of ``source_step`` forks from; one ``PublishError`` line
+    when ``repo`` does not hold it (a probe sits next to a published save)."""
+    source = branch_name(source_step)
+    try:
+        refs = open_repo(repo, api=api).refs()
+    except PublishError as e:
+        raise PublishError(f"cannot publish a cooldown of step {source_step} to {repo}: {e}") from None
+    if source not in refs:
+        raise PublishError(f"{repo} has no branch {source}: a cooldown branch forks from its source step; "
+                           f"publish step {source_step} first (`poelm publish`) or omit --publish")
+    return source
+
+
+def _publish_cooldown(ckpt_dir, repo, force, readme, api, dtype, phase: dict, prov: dict) -> str:
+    branch = cooldown_branch_name(phase["start_step"], phase["steps"])
+    source = check_cooldown_source(repo, int(phase["start_step"]), api=api)
+    backend = open_repo(repo, api=api)
+    with tempfile.TemporaryDirectory(prefix="poelm-publish-") as tmp:
+        folder = Path(tmp) / "export"
+        export_mod.export(ckpt_dir, folder, readme=readme, dtype=dtype)
+        cfg = json.loads((folder / "config.json").read_text())
+        if cfg.get("step") != int(phase["start_step"]) + int(phase["steps"]):
+            raise PublishError(f"{ckpt_dir}: a cooldown of {phase['steps']} steps from step {phase['start_step']} "
+                               f"must end at step {int(phase['start_step']) + int(phase['steps'])}, not {cfg.get('step')}")
+        refs = backend.refs()
+        old = refs.get(branch)
+        if old is not None and not force:
+            raise PublishError(f"{branch} already exists in {repo}; pass --force to replace it")
+        man = json.loads((folder / MANIFEST).read_text())
+        man["kind"] = "cooldown"
+        man["cooldown"] = {**prov, "source_branch": source, "source_step": int(phase["start_step"]), "steps": int(phase["steps"]),
+                           "from_lrm": phase.get("from_lrm"), "to_lrm": phase.get("to_lrm"), "shape": phase.get("shape"),
+                           "tokens": cfg.get("tokens")}
+        atomic_write_json(folder / MANIFEST, man)
+        message = (f"{branch}: cooldown of {phase['steps']} steps from {source}, lrm {phase.get('from_lrm')} -> "
+                   f"{phase.get('to_lrm')} ({phase.get('shape')}), tokens {cfg.get('tokens')}")
+        backend.write_branch(folder, branch, old or refs[source], old, False, refs.get("main"), message)
+    log.info("published %s to %s", branch, repo)
     return branch
 
 
@@ -223,12 +344,13 @@ def update_branch_files(repo, branch: str, files: dict[str, bytes], api=None) ->
     for name, data in files.items():
         entries[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     new_man = export_mod.manifest_dict({**cfg, "phase_name": cfg.get("phase_name", man.get("phase"))}, dict(sorted(entries.items())))
+    new_man.update({k: man[k] for k in ("kind", "cooldown") if k in man})  # a cooldown branch stays one
     payload = dict(files)
     payload[MANIFEST] = (json.dumps(new_man, indent=2, sort_keys=True) + "\n").encode()
     if isinstance(backend, GitRepo):
         main_follows = refs.get("main") == old
     else:  # on the Hub main is a copy of the newest branch, not the same commit
-        main_follows = _main_step(backend, refs) == branch_step(branch)
+        main_follows = STEP_BRANCH.fullmatch(branch) is not None and _main_step(backend, refs) == branch_step(branch)
     backend.write_files(branch, payload, old, main_follows, f"{branch}: update {', '.join(sorted(files))}")
 
 
@@ -256,6 +378,28 @@ def _hash_stream(f, header: bool = False) -> tuple[str, int, dict]:
     return h.hexdigest(), size, meta
 
 
+def _check_files(backend, b: str, man: dict, step: int) -> tuple[list[str], str | None]:
+    """(problems, sha256 of model.safetensors) of branch ``b``: config.json names ``step``, every
+    file matches the manifest (present, size, sha256), the weights' header names ``step``."""
+    problems, weights = [], None
+    cfg = read_json(backend, b, "config.json") or {}
+    if cfg.get("step") != step:
+        problems.append(f"{b}: config.json says step {cfg.get('step')}")
+    listed, present = man.get("files", {}), set(backend.tree(b)) - {MANIFEST}
+    for name in sorted(present ^ set(listed)):
+        problems.append(f"{b}: {name} is {'not in the manifest' if name in present else 'missing'}")
+    for name in sorted(present & set(listed)):
+        with backend.stream(b, name) as f:
+            digest, size, header = _hash_stream(f, header=name == "model.safetensors")
+        if digest != listed[name].get("sha256") or size != listed[name].get("bytes"):
+            problems.append(f"{b}: {name} does not match its manifest (sha256/size): corrupted or replaced")
+        if name == "model.safetensors":
+            weights = digest
+            if header.get("poelm_step") not in (None, str(step)):
+                problems.append(f"{b}: model.safetensors holds the weights of step {header.get('poelm_step')}")
+    return problems, weights
+
+
 def verify(repo, api=None) -> list[str]:
     """Every problem of the trajectory in ``repo``, one line each (empty: all good).
 
@@ -277,27 +421,17 @@ def verify(repo, api=None) -> list[str]:
             continue
         if man.get("step") != step:
             problems.append(f"{b}: manifest says step {man.get('step')}")
-        cfg = read_json(backend, b, "config.json") or {}
-        if cfg.get("step") != step:
-            problems.append(f"{b}: config.json says step {cfg.get('step')}")
-        listed, present = man.get("files", {}), set(backend.tree(b)) - {MANIFEST}
-        for name in sorted(present ^ set(listed)):
-            problems.append(f"{b}: {name} is {'not in the manifest' if name in present else 'missing'}")
-        for name in sorted(present & set(listed)):
-            with backend.stream(b, name) as f:
-                digest, size, header = _hash_stream(f, header=name == "model.safetensors")
-            if digest != listed[name].get("sha256") or size != listed[name].get("bytes"):
-                problems.append(f"{b}: {name} does not match its manifest (sha256/size): corrupted or replaced")
-            if name == "model.safetensors":
-                if header.get("poelm_step") not in (None, str(step)):
-                    problems.append(f"{b}: model.safetensors holds the weights of step {header.get('poelm_step')}")
-                if digest in seen:
-                    problems.append(f"{b}: holds the same weights as {seen[digest]}")
-                seen.setdefault(digest, b)
+        found, digest = _check_files(backend, b, man, step)
+        problems += found
+        if digest is not None:
+            if digest in seen:
+                problems.append(f"{b}: holds the same weights as {seen[digest]}")
+            seen.setdefault(digest, b)
         tokens.append((b, man.get("tokens")))
     for (b0, t0), (b1, t1) in zip(tokens, tokens[1:]):
         if t0 is not None and t1 is not None and not t1 > t0:
             problems.append(f"{b1}: tokens {t1} do not increase over {b0} ({t0})")
+    problems += _verify_cooldowns(backend, refs)
     main_step = _main_step(backend, refs)
     if main_step is None:
         problems.append("main: missing or without a manifest")
@@ -305,6 +439,38 @@ def verify(repo, api=None) -> list[str]:
         problems.append(f"main: holds step {main_step}, not the newest step {branch_step(branches[-1])}")
     stale = [b for b in refs if b.startswith(STAGING)]
     problems += [f"{b}: a staging branch left by a failed publish (delete it)" for b in stale]
+    return problems
+
+
+def _verify_cooldowns(backend, refs) -> list[str]:
+    """Problems of the ``cooldown-XXXXX-N`` branches: a cooldown manifest naming that source step
+    and N, the source step branch present, step = XXXXX + N in manifest / config.json / weights
+    header, every file against the manifest, more tokens than its source, and ``main`` never on it.
+    They do not count for ``main`` (which holds the newest *step*)."""
+    problems = []
+    for b in _cooldown_branches(refs):
+        src, n = cooldown_of(b)
+        man = read_json(backend, b, MANIFEST)
+        if man is None:
+            problems.append(f"{b}: no readable {MANIFEST}")
+            continue
+        cd = man.get("cooldown") if isinstance(man.get("cooldown"), dict) else {}
+        if man.get("kind") != "cooldown" or not cd:
+            problems.append(f"{b}: its manifest does not record a cooldown (kind/cooldown missing)")
+        elif cd.get("source_step") != src or cd.get("steps") != n:
+            problems.append(f"{b}: manifest records a cooldown of {cd.get('steps')} steps from step {cd.get('source_step')}")
+        source = branch_name(src)
+        if source not in refs:
+            problems.append(f"{b}: its source branch {source} is missing")
+        end = src + n
+        if man.get("step") != end:
+            problems.append(f"{b}: manifest says step {man.get('step')}, a cooldown of {n} from {src} ends at {end}")
+        problems += _check_files(backend, b, man, end)[0]
+        src_tokens = (read_json(backend, source, MANIFEST) or {}).get("tokens") if source in refs else None
+        if src_tokens is not None and man.get("tokens") is not None and not man["tokens"] > src_tokens:
+            problems.append(f"{b}: tokens {man['tokens']} do not increase over its source {source} ({src_tokens})")
+        if "main" in refs and refs["main"] == refs[b]:
+            problems.append(f"main: points at the cooldown probe {b}; main tracks the newest step branch")
     return problems
 
 
@@ -317,8 +483,9 @@ class Publisher:
     A failure never touches the checkpoint directory and does not stop later publishes. The
     checkpoint must stay on disk until its publish ran (``close`` or ``pending == 0``)."""
 
-    def __init__(self, repo, force: bool = False, api=None, publish_fn=None):
+    def __init__(self, repo, force: bool = False, api=None, publish_fn=None, dtype: str | None = None):
         self.repo, self.force, self.api = repo, force, api
+        self._kw = {"dtype": export_mod.check_dtype(dtype)} if dtype else {}  # the branches' weights dtype
         self._publish = publish_fn or publish
         self._queue: queue.Queue = queue.Queue()
         self.published: list[str] = []
@@ -343,7 +510,7 @@ class Publisher:
                 if item is None:
                     return
                 try:
-                    self.published.append(self._publish(item, self.repo, force=self.force, api=self.api))
+                    self.published.append(self._publish(item, self.repo, force=self.force, api=self.api, **self._kw))
                 except Exception as e:  # reported by close(); training goes on
                     line = str(e).splitlines()[0] if str(e) else type(e).__name__
                     log.error("publishing %s to %s failed: %s", item, self.repo, line)
