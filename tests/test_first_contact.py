@@ -4,6 +4,7 @@ without questions."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -64,7 +65,7 @@ def test_a_piped_run_logs_plain_lines(tmp_path):
     a few hundred bytes for a whole run. A terminal still gets the bar (tqdm ``disable=None``)."""
     steps = 20
     p = subprocess.run([sys.executable, "-m", "poelm", "train", *[a for o in selftest.TINY for a in ("--set", o)],
-                        "--steps", str(steps), "--save-every", "0", "--out", str(tmp_path / "run")],
+                        "--set", "train.eval_every=10", "--steps", str(steps), "--save-every", "0", "--out", str(tmp_path / "run")],
                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
@@ -73,3 +74,40 @@ def test_a_piped_run_logs_plain_lines(tmp_path):
     progress = [line for line in p.stderr.splitlines() if re.match(rf"\S+ step \d+/{steps}  loss ", line)]
     assert [int(re.search(r"step (\d+)/", line).group(1)) for line in progress] == list(range(2, steps + 1, 2))
     assert len(log.encode()) < 3000, log
+    # the validation curve starts at init (the README's "at init" figure): step 0, then every 10
+    evals = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals][:3] == [0, 10, 20]
+    assert evals[0]["val_bpb"] > evals[-1]["val_bpb"] > 0
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+LOAD = """
+import sys
+from transformers import {cls}
+tok = {cls}.from_pretrained(sys.argv[1])
+print("IDS", tok("The Devil's Dictionary").input_ids)
+"""
+
+
+def test_the_exported_tokenizer_loads_without_questions(tmp_path):
+    """stdin closed, no trust_remote_code: the stock fast tokenizer class loads the folder without
+    a word, and ``AutoTokenizer`` neither hangs nor fails (transformers 5 reads config.json first,
+    whose ``auto_map`` names the model's remote code; with no answer it falls back to the plain
+    config). Both give poelm's own ids, BOS first."""
+    from poelm import config
+    from poelm.data.tokenizer import Tokenizer
+    from poelm.train import loop as train
+    from poelm.trajectory import export
+
+    train.train(config.load("embedded", [*selftest.TINY, "schedule.steps=1", "train.save_every=1"]), tmp_path / "run", progress=False)
+    out = export.export(tmp_path / "run", tmp_path / "hf")
+    want = Tokenizer.load(tmp_path / "run" / "step-00001").encode_doc("The Devil's Dictionary")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    for cls in ("PreTrainedTokenizerFast", "AutoTokenizer"):
+        p = subprocess.run([sys.executable, "-c", LOAD.format(cls=cls), str(out)], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=120, env=env)
+        assert p.returncode == 0, p.stderr[-2000:]
+        ids = re.findall(r"IDS (\[[\d, ]*\])", p.stdout)  # AutoTokenizer's question has no newline
+        assert ids == [str(list(want))], (cls, p.stdout[-500:])
+        if cls == "PreTrainedTokenizerFast":
+            assert p.stdout.strip() == f"IDS {ids[0]}" and p.stderr.strip() == "", (p.stdout, p.stderr)
