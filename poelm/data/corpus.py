@@ -26,6 +26,12 @@ A document is in the validation split iff ``blake2b_64(utf8(text)) < val_fractio
 depends on the text alone: a document lands in the same split whatever its file, position,
 order or the seed, and exact duplicates never straddle the two splits.
 
+Validation slices
+-----------------
+``val_slices`` cuts disjoint slices (``poelm measure``'s measurement and calibration slices; the
+training evaluation's is the first) from the front of each source's validation stream, each slice
+holding every source in proportion to its weight (SPEC "Slices").
+
 The streaming, mixing, resumable training loader lives in ``poelm/data/mixture.py`` (``TrainLoader``,
 re-exported here).
 """
@@ -280,49 +286,106 @@ def data_fingerprint(data_cfg) -> str:
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-# ----------------------------------------------------------------------------- validation / tokenizer text
-def val_tokens(data_cfg, tokenizer, n_tokens: int, allow_fewer: bool = False) -> torch.Tensor:
-    """LongTensor[n_tokens]: the first ``n_tokens`` tokens of the validation split.
+# ----------------------------------------------------------------------------- validation slices
+# Share of a too-short validation stream given to the first (measurement) slice when a second
+# (calibration) slice is asked for: the card's 1,048,576 : 131,072 = 8 : 1.
+MEAS_SHARE = 8 / 9
 
-    The validation stream of a source is ``[BOS] + encode(doc)`` over its validation documents in
-    file order (no shuffle), concatenated. With a mixture, source s contributes the first
-    ``n_s`` tokens of its stream, ``n_s`` from cumulative rounding of ``n_tokens * w_s``, in
-    source order. Depends only on the data, the tokenizer and ``n_tokens``: the same slice for
-    every checkpoint. ``allow_fewer`` (single source only) returns the whole split when it is
-    shorter than ``n_tokens`` instead of raising."""
+
+def slice_sizes(have: int, sizes: list[int]) -> list[int]:
+    """Token counts of consecutive slices cut from the front of a stream of ``have`` tokens.
+
+    With room for all (``have >= stream_need(sizes)``) every slice gets its size. Otherwise the
+    first slice gets ``min(sizes[0], floor(have * MEAS_SHARE))`` when any later slice is asked
+    for (``have`` when none is) and every later slice what is left, in order. So the first slice
+    depends on ``have`` and ``sizes[0]`` alone, never on how large the later slices are (only on
+    whether there is one): the measurement slice is the same whatever ``--calib-tokens`` is."""
+    sizes = [max(0, int(n)) for n in sizes]
+    more = any(sizes[1:])
+    first = sizes[0] if have >= stream_need(sizes) else min(sizes[0], int(have * MEAS_SHARE) if more else have)
+    out, left = [first], have - first
+    for n in sizes[1:]:
+        out.append(min(n, left))
+        left -= out[-1]
+    return out
+
+
+def stream_need(sizes: list[int]) -> int:
+    """Tokens of a stream to read so that ``slice_sizes`` can decide: all of the slices, and at
+    least ``sizes[0] / MEAS_SHARE`` when later slices are asked for (below that the first one
+    would shrink)."""
+    sizes = [max(0, int(n)) for n in sizes]
+    if not any(sizes[1:]):
+        return sizes[0]
+    return max(sum(sizes), -(-sizes[0] * 9 // 8))
+
+
+def _val_stream(src: Source, data_cfg, tokenizer, want: int) -> list[int]:
+    """The first ``want`` tokens (fewer if the split is shorter) of a source's validation stream
+    ``[BOS] + encode(doc)`` over its validation documents in file order."""
+    got, batch = [], []
+
+    def flush():
+        for ids in tokenizer.encode_batch(batch):
+            got.append(tokenizer.bos_id)
+            got.extend(ids)
+        batch.clear()
+
+    for text in _split_docs(src, data_cfg.val_fraction, val=True):
+        batch.append(text)
+        if len(batch) >= 64:
+            flush()
+            if len(got) >= want:
+                break
+    if len(got) < want:
+        flush()
+    return got[:want]
+
+
+def val_slices(data_cfg, tokenizer, sizes: list[int], allow_fewer: bool = False) -> list[torch.Tensor]:
+    """Disjoint, deterministic validation slices of ``sizes`` tokens each (measurement first, then
+    calibration), every one holding every source of a mixture in proportion to its weight.
+
+    Source s's validation stream is cut in order: slice i gets the ``q[i][s]`` tokens after the
+    ones slices ``0..i-1`` took, ``q[i]`` = cumulative rounding of ``sizes[i] * w_s`` (the parts sum
+    to ``sizes[i]``); a slice is its sources' parts concatenated in source order. So slice i
+    depends on the data, the tokenizer and ``sizes[0..i]`` only: the measurement slice is the same
+    whatever the calibration size, and both hold the same mixture. ``allow_fewer`` (single source
+    only) fits the slices into a shorter split by ``slice_sizes`` instead of raising."""
+    sizes = [int(n) for n in sizes]
+    if not sizes or sizes[0] <= 0 or any(n < 0 for n in sizes):
+        raise DataError(f"asked for validation slices of {sizes} tokens: ask for a positive number")
+    sources = resolve_sources(data_cfg)
+    quotas = [_quotas(n, sources) for n in sizes]  # [slice][source]
+    parts: list[list[torch.Tensor]] = [[] for _ in sizes]
+    for j, src in enumerate(sources):
+        mine = [q[j] for q in quotas]
+        if not any(mine):
+            continue
+        single = len(sources) == 1
+        stream = _val_stream(src, data_cfg, tokenizer, stream_need(mine) if single and allow_fewer else sum(mine))
+        have = len(stream)
+        if have < sum(mine) and allow_fewer and single and have >= 2:
+            mine = slice_sizes(have, mine)
+        if have < sum(mine):
+            label = "the validation split" if single else f"the validation split of source '{src.name}'"
+            raise DataError(f"{label} has only {have} tokens but {sum(mine)} were asked: ask for fewer (train.eval_tokens / "
+                            f"--split-tokens / --calib-tokens) or raise data.val_fraction")
+        at = 0
+        for i, n in enumerate(mine):
+            parts[i].append(torch.tensor(stream[at:at + n], dtype=torch.long))
+            at += n
+    return [torch.cat(p) if p else torch.zeros(0, dtype=torch.long) for p in parts]
+
+
+def val_tokens(data_cfg, tokenizer, n_tokens: int, allow_fewer: bool = False) -> torch.Tensor:
+    """LongTensor[n_tokens]: the first ``n_tokens`` tokens of the validation split (the first of
+    ``val_slices``; the training evaluation's slice). ``allow_fewer`` (single source only)
+    returns the whole split when it is shorter than ``n_tokens`` instead of raising."""
     n_tokens = int(n_tokens)
     if n_tokens <= 0:
         raise DataError(f"asked for {n_tokens} validation tokens: ask for a positive number")
-    parts = []
-    sources = resolve_sources(data_cfg)
-    for src, want in zip(sources, _quotas(n_tokens, sources)):
-        if want == 0:
-            continue
-        got, have, batch = [], 0, []
-
-        def flush():
-            nonlocal have
-            for ids in tokenizer.encode_batch(batch):
-                got.append([tokenizer.bos_id] + ids)
-                have += len(ids) + 1
-            batch.clear()
-
-        for text in _split_docs(src, data_cfg.val_fraction, val=True):
-            batch.append(text)
-            if len(batch) >= 64:
-                flush()
-                if have >= want:
-                    break
-        if have < want:
-            flush()
-        if have < want and allow_fewer and len(sources) == 1 and have >= 2:
-            want = have
-        if have < want:
-            label = "the validation split" if len(sources) == 1 else f"the validation split of source '{src.name}'"
-            raise DataError(f"{label} has only {have} tokens but {want} were asked: ask for fewer (train.eval_tokens / --split-tokens) or raise data.val_fraction")
-        flat = [t for ids in got for t in ids]
-        parts.append(torch.tensor(flat[:want], dtype=torch.long))
-    return torch.cat(parts)
+    return val_slices(data_cfg, tokenizer, [n_tokens], allow_fewer=allow_fewer)[0]
 
 
 def val_batches(tokens: torch.Tensor, batch_size: int, seq_len: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -251,6 +251,51 @@ def test_val_tokens_by_hand(tmp_path, btok):
         data.val_tokens(cfg, btok, 100000)
 
 
+def _val_stream(texts, frac):
+    return [tok for t in texts if data.is_val(t, frac) for tok in [0] + ids(t)]
+
+
+def test_three_source_mixture_slices_hold_every_source_in_proportion(tmp_path, btok):
+    texts = {name: [f"{i}" + name * (3 + i % 7) for i in range(400)] for name in "abc"}
+    files = {name: write_jsonl(tmp_path / f"{name}.jsonl", t) for name, t in texts.items()}
+    cfg = DataConfig(sources=[SourceConfig(n, str(files[n]), w) for n, w in zip("abc", (5, 3, 2))], val_fraction=0.2)
+    meas, calib = data.val_slices(cfg, btok, [600, 300])
+    streams = {n: _val_stream(t, 0.2) for n, t in texts.items()}
+    # by hand: each source gives the measurement slice its first w*600 tokens and the calibration
+    # slice the next w*300, concatenated in source order
+    want_m = streams["a"][:300] + streams["b"][:180] + streams["c"][:120]
+    want_c = streams["a"][300:450] + streams["b"][180:270] + streams["c"][120:180]
+    assert meas.tolist() == want_m and calib.tolist() == want_c
+    for sl, n in ((meas, 600), (calib, 300)):  # every source in both, in proportion to its weight
+        letters = [chr(t + 29) for t in sl.tolist() if t >= ord("a") - 29]
+        got = {c: letters.count(c) for c in "abc"}
+        total = sum(got.values())
+        for c, w in zip("abc", (0.5, 0.3, 0.2)):
+            assert abs(got[c] / total - w) < 0.05, (n, got)
+    assert torch.equal(data.val_tokens(cfg, btok, 600), meas)  # the training evaluation's slice is the same
+
+
+def test_measurement_slice_does_not_depend_on_the_calibration_size(tmp_path, btok):
+    texts = [f"doc {i} " + "xyz" * (i % 9) for i in range(600)]
+    f = write_jsonl(tmp_path / "one.jsonl", texts)
+    mix = DataConfig(sources=[SourceConfig("one", str(f), 1.0), SourceConfig("two", str(write_jsonl(tmp_path / "two.jsonl", texts[::-1])), 1.0)],
+                     val_fraction=0.3)
+    single = DataConfig(path=str(f), val_fraction=0.3)
+    for cfg in (single, mix):
+        ref = data.val_slices(cfg, btok, [500])[0]
+        for calib in (1, 50, 400):
+            meas, cal = data.val_slices(cfg, btok, [500, calib])
+            assert torch.equal(meas, ref) and cal.numel() == calib
+    have = len(_val_stream(texts, 0.3))
+    short = [data.val_slices(single, btok, [have - 10, c], allow_fewer=True) for c in (20, 200, 2000)]
+    assert all(torch.equal(m, short[0][0]) for m, _ in short)  # fitted into a short split: still the same
+    assert short[0][0].numel() == int(have * data.MEAS_SHARE)
+    left = have - short[0][0].numel()
+    assert left > 200 and [c.numel() for _, c in short] == [20, 200, left]
+    assert data.slice_sizes(100, [50, 20]) == [50, 20] and data.slice_sizes(100, [95, 3]) == [88, 3]
+    assert data.slice_sizes(100, [95, 0]) == [95, 0] and data.slice_sizes(100, [200]) == [100]
+
+
 def test_val_batches_cover_every_target_once():
     tokens = torch.arange(11)
     batches = list(data.val_batches(tokens, batch_size=2, seq_len=4))
