@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 # ``from .poe import ...`` (not ``from . import poe``): transformers' remote-code loader copies
 # exactly the files named by relative ``from .x import`` lines, so the export ships poe.py too.
+from .head import fused_stage_ce
 from .poe import aggregate, softcap
 
 
@@ -104,6 +105,49 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+# ----------------------------------------------------------------------------- padding
+# Padded batches (left padding for generation, right padding for scoring) and the holes that
+# per-row speculative acceptance leaves behind are one mechanism: every row has a boolean
+# ``valid [B, Tk]`` over the cache slots (False = padding or a rejected draft) and its own RoPE
+# ``positions [B, T]`` for the new slots (the count of valid slots before each one, HF's
+# ``attention_mask.cumsum(-1) - 1``). A row's real tokens then see exactly the keys and positions
+# they would see alone. Without padding both are None and attention takes the unmasked causal
+# kernel (the fast path: nothing extra is built).
+def positions_from_mask(valid: torch.Tensor) -> torch.Tensor:
+    """RoPE positions ``[B, Tk]`` of a 0/1 or boolean mask: valid slots count 0, 1, 2...; a
+    padding slot gets its row's next position clamped at 0 (its output is never used)."""
+    return (valid.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def attention_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
+    """The SDPA boolean mask ``[B, 1, T, Tk]`` for T queries in the last T of Tk slots: causal,
+    and only keys whose slot is valid in that row. Every query also sees its own slot, so a
+    padding query's row is never empty: SDPA would return NaN there, and ``0 * NaN`` in the next
+    layer would poison the real rows that mask it out."""
+    Tk = valid.size(1)
+    kpos = torch.arange(Tk, device=valid.device)
+    qpos = kpos[Tk - T :, None]
+    allowed = (kpos[None, :] <= qpos) & valid[:, None, :]
+    return (allowed | (kpos[None, :] == qpos)).unsqueeze(1)
+
+
+def check_input_ids(idx, vocab_size: int, what: str = "input_ids") -> None:
+    """One ``ValueError`` naming the problem and the fix, before any compute: ``idx`` must be a
+    non-empty integer tensor ``[batch, seq]`` of ids in ``[0, vocab_size)``."""
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"{what} must be a torch.LongTensor [batch, seq], got {type(idx).__name__}: wrap the ids with torch.tensor([...])")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ValueError(f"{what} must hold integer token ids, got dtype {idx.dtype}: pass ids (tokenizer output), e.g. ids.long()")
+    if idx.dim() != 2:
+        raise ValueError(f"{what} must be 2-D [batch, seq], got shape {tuple(idx.shape)}: add a batch dimension with ids[None] (or ids.unsqueeze(0))")
+    if idx.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(idx.shape)}): give at least one token per row (e.g. BOS)")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{what} holds token id {bad} outside the vocabulary [0, {vocab_size}): use this model's tokenizer (or resize_token_embeddings)")
+
+
 class KVCache:
     """Per-layer key/value cache with a per-layer filled length.
 
@@ -133,6 +177,17 @@ class KVCache:
     def truncate(self, length: int):
         self.lengths = [min(n, length) for n in self.lengths]
 
+    def gather_slots(self, src: torch.Tensor):
+        """Repack every layer's slots per row: new slot j of row b holds old slot ``src[b, j]``
+        (``src [B, n]``); every layer is left filled to n. States are moved, never recomputed:
+        keys carry their RoPE rotation already, so only the per-row validity of slots (kept by
+        the caller) says what a slot means."""
+        n = src.size(1)
+        idx = src[None, :, None, :, None].expand(self.k.size(0), -1, self.k.size(2), -1, self.k.size(4))
+        self.k[:, :, :, :n] = self.k.gather(3, idx)
+        self.v[:, :, :, :n] = self.v.gather(3, idx)
+        self.lengths = [n] * len(self.lengths)
+
     def stage_length(self, cfg: ModelConfig, k: int) -> int:
         """Positions filled in every layer of stage k."""
         a, b = cfg.stage_bounds(k)
@@ -154,7 +209,9 @@ class Attention(nn.Module):
         self.ve_gate_channels = min(self.VE_GATE_CHANNELS, d)
         self.ve_gate = nn.Linear(self.ve_gate_channels, cfg.n_kv_head, bias=False) if cfg.has_value_embed(layer) else None
 
-    def forward(self, x, ve, cos, sin, cache: KVCache | None, pos: int):
+    def forward(self, x, ve, cos, sin, cache: KVCache | None, pos: int, mask: torch.Tensor | None = None):
+        """``cos``/``sin``: ``[1 or B, T, 1, D/2]``; ``mask``: None (causal over the filled slots)
+        or ``attention_mask(valid, T)`` for padded rows."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -170,7 +227,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(self.layer, pos, k, v)
         Tk = k.size(2)
-        if T == 1:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        elif T == 1:
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         elif Tk == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -198,8 +257,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, ve, cos, sin, cache, pos):
-        x = x + self.attn(norm(x), ve, cos, sin, cache, pos)
+    def forward(self, x, ve, cos, sin, cache, pos, mask=None):
+        x = x + self.attn(norm(x), ve, cos, sin, cache, pos, mask)
         return x + self.mlp(norm(x))
 
 
@@ -226,6 +285,9 @@ class PoEGPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self._merged_cache: dict = {}
+        # Positions per chunk of the fused stage head's cross-entropy (core/head.py): None picks
+        # head.chunk_rows, 0 materialises the [B, T, V] logits (the plain reference path).
+        self.head_chunk_rows: int | None = None
 
     # ----------------------------------------------------------------------------- init
     def _rotary(self, seq_len: int, device=None):
@@ -267,17 +329,30 @@ class PoEGPT(nn.Module):
         """x0 = norm(wte(idx)); the stream entering stage 0 and the x0 residual of every block."""
         return norm(self.wte(idx))
 
-    def run_stage(self, k: int, x, x0, idx, cache: KVCache | None = None, pos: int = 0):
-        """Run the blocks of stage k on hidden ``x`` at absolute positions ``pos..pos+T-1``."""
+    def run_stage(self, k: int, x, x0, idx, cache: KVCache | None = None, pos: int = 0, positions=None, valid=None, collect=None):
+        """Run the blocks of stage k on hidden ``x`` in cache slots ``pos..pos+T-1``.
+
+        Unpadded (``positions`` and ``valid`` None) a slot is its RoPE position. Padded rows give
+        ``positions [B, T]`` (RoPE position of each new slot) and ``valid [B, pos+T]`` (which slots,
+        cached and new, hold real tokens; see ``attention_mask``). ``collect``: a list that
+        receives every block's output (``output_hidden_states``)."""
         T = idx.size(1)
-        if pos + T > self.cos.size(1):
-            raise ValueError(f"sequence of {pos + T} positions exceeds max_seq_len {self.cos.size(1)}")
-        cos, sin = self.cos[:, pos : pos + T].to(x.dtype), self.sin[:, pos : pos + T].to(x.dtype)
+        if positions is None:
+            if pos + T > self.cos.size(1):
+                raise ValueError(f"sequence of {pos + T} positions exceeds max_seq_len {self.cos.size(1)}")
+            cos, sin = self.cos[:, pos : pos + T].to(x.dtype), self.sin[:, pos : pos + T].to(x.dtype)
+        else:
+            if int(positions.max()) >= self.cos.size(1):
+                raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.cos.size(1)}")
+            cos, sin = self.cos[0, positions].to(x.dtype), self.sin[0, positions].to(x.dtype)  # [B, T, 1, D/2]
+        mask = attention_mask(valid, T) if valid is not None else None
         a, b = self.config.stage_bounds(k)
         for i in range(a, b):
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            x = self.blocks[i](x, ve, cos, sin, cache, pos)
+            x = self.blocks[i](x, ve, cos, sin, cache, pos, mask)
+            if collect is not None:
+                collect.append(x)
         return x
 
     def train(self, mode: bool = True):
@@ -305,31 +380,46 @@ class PoEGPT(nn.Module):
         logits = F.linear(norm(h), self._head_weight(k))
         return softcap(logits.float(), self.config.softcap)
 
-    def hiddens(self, idx, upto: int | None = None, cache: KVCache | None = None, pos: int = 0, detach: bool | None = None):
-        """Hidden state at the end of stages 0..upto-1. ``detach`` defaults to local learning."""
+    def stage_ce(self, k: int, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+        """Stage k's mean cross-entropy, ``F.cross_entropy(stage_logits(k, h), targets)``, computed
+        by the fused chunked head (core/head.py) so no ``[B, T, V]`` logits tensor is ever held;
+        ``head_chunk_rows = 0`` takes the plain path (same numbers to fp32 rounding, tested)."""
+        if self.head_chunk_rows == 0:
+            return F.cross_entropy(self.stage_logits(k, h).flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+        return fused_stage_ce(norm(h).flatten(0, 1), self._head_weight(k), targets.flatten(), self.config.softcap,
+                              ignore_index, self.head_chunk_rows)
+
+    def hiddens(self, idx, upto: int | None = None, cache: KVCache | None = None, pos: int = 0, detach: bool | None = None,
+                positions=None, valid=None, collect=None):
+        """Hidden state at the end of stages 0..upto-1. ``detach`` defaults to local learning;
+        ``positions`` / ``valid`` / ``collect`` as in ``run_stage`` (``collect`` gets ``x0`` first)."""
         cfg = self.config
         upto = cfg.n_stages if upto is None else upto
         if detach is None:
             detach = cfg.objective == "poe"
         x0 = self.embed(idx)
         x, out = x0, []
+        if collect is not None:
+            collect.append(x0)
         for k in range(upto):
             if k > 0 and detach:
                 x = x.detach()  # local learning: stage k learns from its own loss only
-            x = self.run_stage(k, x, x0, idx, cache, pos)
+            x = self.run_stage(k, x, x0, idx, cache, pos, positions, valid, collect)
             out.append(x)
         return out
 
     # ----------------------------------------------------------------------------- outputs
-    def stage_log_probs(self, idx, upto: int | None = None, cache=None, pos: int = 0) -> torch.Tensor:
+    def stage_log_probs(self, idx, upto: int | None = None, cache=None, pos: int = 0, positions=None, valid=None) -> torch.Tensor:
         """``z_k = log_softmax(logits_k)`` for stages 0..upto-1, stacked ``[S, B, T, V]`` fp32."""
-        hs = self.hiddens(idx, upto, cache, pos, detach=False)
+        hs = self.hiddens(idx, upto, cache, pos, detach=False, positions=positions, valid=valid)
         return torch.stack([F.log_softmax(self.stage_logits(k, h), dim=-1) for k, h in enumerate(hs)])
 
-    def forward(self, idx, targets=None, stages=None, alpha: float = 0.0):
+    def forward(self, idx, targets=None, stages=None, alpha: float = 0.0, attention_mask=None):
         """Without targets: PoE log-probs ``[B, T, V]`` over ``stages`` (None = all K; an int = a
         single stage; a range = prefix K'), renormalised, so they are valid logits. Later stages
-        than the deepest requested are never run. With targets: the training loss (``loss``)."""
+        than the deepest requested are never run. With targets: the training loss (``loss``).
+        ``attention_mask [B, T]`` (1 = token, 0 = padding, left or right): each row's real
+        positions get the log-probs that row alone would get; padding positions are meaningless."""
         if targets is not None:
             return self.loss(idx, targets)[0]
         if stages is None:
@@ -338,7 +428,11 @@ class PoEGPT(nn.Module):
             sel = [stages]
         else:
             sel = sorted(stages)
-        z = self.stage_log_probs(idx, upto=max(sel) + 1)
+        positions = valid = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            valid = attention_mask.bool()
+            positions = positions_from_mask(valid)
+        z = self.stage_log_probs(idx, upto=max(sel) + 1, positions=positions, valid=valid)
         return aggregate(z[sel], alpha)
 
     def loss(self, idx, targets, ignore_index: int = -1):
@@ -353,9 +447,9 @@ class PoEGPT(nn.Module):
         for k, h in enumerate(hs):
             if cfg.objective == "bp" and k < K - 1:
                 with torch.no_grad():
-                    ce = F.cross_entropy(self.stage_logits(k, h).flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+                    ce = self.stage_ce(k, h, targets, ignore_index)
             else:
-                ce = F.cross_entropy(self.stage_logits(k, h).flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+                ce = self.stage_ce(k, h, targets, ignore_index)
             ces.append(ce)
         if cfg.objective == "bp":
             total = ces[-1]
@@ -389,7 +483,7 @@ class PoEGPT(nn.Module):
         for k in range(K):
             with ctx():
                 h = self.run_stage(k, x if k == 0 else x.detach(), x0_leaf, idx)
-                ce = F.cross_entropy(self.stage_logits(k, h).flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+                ce = self.stage_ce(k, h, targets, ignore_index)
             (ce * w).backward()
             ces.append(ce.detach())
             x = h.detach()
