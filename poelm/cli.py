@@ -236,7 +236,9 @@ def _run_report(args):
         source = targets.repository(source)[0]  # REPO@rev: the report is of the whole trajectory
     records = report.load_records([source, *args.more] if args.more else source)
     paths = report.write_report(records, args.out)
-    for line in report.verdict(records):
+    from poelm.report import cooldown as cooldown_report
+
+    for line in report.verdict(records) + cooldown_report.verdict_lines(records):
         print(line)
     for name, path in paths.items():
         print(f"wrote {path}")

@@ -7,7 +7,10 @@
    published as a ``step-XXXXX`` branch of a local git repository (``main`` = newest);
 4. every branch is measured (BPB per stage / prefix, accuracy, alpha sweep, WAND bounds written
    into its config.json, routing, self-speculative decoding, sample probe) against the seed;
-5. the trajectory report (tables, plots, verdict) is written and becomes ``main``'s model card.
+5. two peak-phase saves get a short cooldown probe (``poelm.train.cooldown``: the LR decays to 0
+   over ~10% of the phase), published as ``cooldown-XXXXX-N`` branches and measured against the
+   seed: "what would BPB be if we annealed here?" (``_cooldown_probes``);
+6. the trajectory report (tables, plots, verdict) is written and becomes ``main``'s model card.
 
 Everything lands under ``--workdir`` (default ``./poelm-demo``); the command prints where.
 """
@@ -66,6 +69,11 @@ def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual
         rec = measure.measure_target(f"{repo}@{b}", against=None if b == branches[0] else seed_target, progress=False, **kw)
         recs.append(rec)
         log(f"      {b}: full-K BPB {rec['bpb']['full']['value']:.4f}")
+    from poelm.measure import evals  # the shipped offline benchmark on every branch (needs poelm[eval])
+
+    evals.demo_evals(repo, log=log)
+
+    probes = _cooldown_probes(work / "continual", repo, seed_target, cont, n, kw, log, progress)
 
     from poelm.report import tables as report
 
@@ -75,7 +83,7 @@ def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual
     report.update_cards(repo)  # every branch's model card = the report up to its step
     elapsed = time.time() - t0
     out = {"workdir": str(work), "trajectory": str(repo), "branches": branches, "report": str(paths.get("report", work / "report")),
-           "elapsed_s": elapsed, "base": base, "continual": cont}
+           "elapsed_s": elapsed, "base": base, "continual": cont, "cooldown": probes}
     log(f"done in {elapsed:.0f} s")
     for line in summary_table(recs):
         log(line)
@@ -112,3 +120,48 @@ def _step_dir(step: int) -> str:
     from poelm.train.checkpoint import step_name
 
     return step_name(step)
+
+
+def _cooldown_probes(run_dir: Path, repo: Path, seed_target: str, cont: dict, phase_steps: int, kw: dict, log, progress) -> dict:
+    """Probe up to two peak-phase saves of the continual phase (the first and the last of them)
+    with an N-step linear cooldown to lrm 0, N = 10% of the phase (at least 2 steps; Hägele et al.
+    2024 cool down over 10-20% of a run); publish and measure each against the seed. Returns the
+    probes and their cost (steps and seconds, as fractions of the phase)."""
+    from poelm.measure import run as measure
+    from poelm.schedule import Phase
+    from poelm.train import checkpoint, cooldown
+    from poelm.trajectory import publish
+    from poelm.report.verdict import segment
+
+    peak = []
+    for d in sorted(p for p in run_dir.iterdir() if checkpoint.STEP_RE.match(p.name)):
+        meta = checkpoint.read_json(d / "meta.json", "checkpoint meta")
+        ph = Phase(**meta["phase"])
+        if segment(int(meta["step"]) - ph.start_step, ph) == "peak":
+            peak.append(d)
+    chosen = sorted({peak[0], peak[-1]}) if peak else []
+    n = max(2, round(phase_steps / 10))
+    out = {"steps": n, "probes": [], "phase_steps": phase_steps}
+    if not chosen:
+        log("      cooldown probes: no peak-phase save to probe")
+        return out
+    log(f"      cooldown probes: {n}-step linear decay to lrm 0 from {', '.join(d.name for d in chosen)}")
+    for d in chosen:
+        t0 = time.time()
+        s = cooldown.cooldown(d, steps=n, publisher=partial(publish.Publisher, str(repo)), progress=progress)
+        wall = time.time() - t0  # setup, N steps, the save and its publish
+        branch = s["branches"][0]
+        t0 = time.time()
+        rec = measure.measure_target(f"{repo}@{branch}", against=seed_target, progress=False, probe_set=None, **kw)
+        dt = time.time() - t0
+        full = rec["bpb"]["full"]
+        out["probes"].append({"branch": branch, "source": d.name, "train_s": wall, "loop_s": s["elapsed_s"], "measure_s": dt,
+                              "bpb": full, "delta_vs_seed": ((rec.get("against") or {}).get("deltas") or {}).get("bpb.full")})
+        ci = full.get("ci") or [None, None]
+        log(f"      {branch}: BPB if annealed here {full['value']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci[0] is not None else "")
+            + f" ({wall:.1f}s cooldown incl. save and publish, {dt:.1f}s measuring)")
+    one = sum(p["train_s"] for p in out["probes"]) / len(out["probes"])
+    out["cost"] = {"steps": n, "train_s": one, "step_fraction": n / phase_steps, "time_fraction": one / cont["elapsed_s"]}
+    log(f"      one probe: {n} steps = {100 * n / phase_steps:.0f}% of the phase's {phase_steps} steps, {one:.1f}s training "
+        f"= {100 * one / cont['elapsed_s']:.0f}% of its {cont['elapsed_s']:.0f}s")
+    return out

@@ -26,6 +26,7 @@ from matplotlib.ticker import FuncFormatter, PercentFormatter
 from poelm.fsio import atomic_write_bytes
 from poelm.schedule import lrm as schedule_lrm
 from poelm.report.verdict import branch_name, phase_of, seed_position, sort_records, value
+from poelm.report import cooldown as cooldown_report
 
 PLOTS = ("bpb_vs_step", "spec_routing_vs_step", "wand_vs_step", "alpha_sweep")
 
@@ -43,6 +44,7 @@ def series(records) -> dict[str, dict[str, tuple[list, list]]]:
     bpb = {f"full K={K}": _xy(recs, "bpb.full")}
     bpb.update({f"single s{k}": _xy(recs, f"bpb.single.{k}") for k in range(K)})
     bpb["lrm"] = _xy(recs, "lrm")
+    bpb.update(cooldown_report.plot_series(recs))  # "BPB if annealed here (N-step cooldown)" at the probed steps
     out = {
         "bpb_vs_step": bpb,
         "spec_routing_vs_step": {"spec acceptance α": _xy(recs, "spec.acceptance"),
@@ -91,6 +93,7 @@ def _bpb_figure(recs, data) -> Figure:
     ax.set_ylabel("BPB (lower is better)")
     _steps_axis(ax)
     _boundaries(ax, recs)
+    cooldown_report.draw_intervals(ax, recs)
     ax2 = ax.twinx()
     ph = phase_of(recs)
     if ph is not None and recs:

@@ -24,10 +24,13 @@ from poelm.core.errors import PoelmError
 from poelm.fsio import atomic_write_text
 from poelm.trajectory import publish
 from poelm.report.plots import make_plots
+from poelm.report import benchmarks
+from poelm.report import cooldown as cooldown_report
+from poelm.report import sections as S
+from poelm.report.sections import NM, NO_THRESHOLD, _cell, _esc, _rows, _table, _tokens, _x, cap_met_at_tau0
 from poelm.report.verdict import fmt_num, fmt_pct, fmt_signed
-from poelm.report.verdict import branch_name, delta_ci, get, metrics_for, phase_of, rel_step, seed_position, segment, sort_records, value, verdict
+from poelm.report.verdict import branch_name, delta_ci, metrics_for, phase_of, rel_step, seed_position, segment, sort_records, value, verdict
 
-NM = "not measured"
 RECORD_NAME = "poelm_measure.json"
 
 
@@ -83,7 +86,7 @@ def load_records(source) -> list[dict]:
             recs = publish.read_records(source)
         else:
             raise PoelmError(f"{source} does not exist; pass a directory of records, record files, or a trajectory repo")
-    recs = sort_records(recs)
+    recs = cooldown_report.attach(recs, source)  # probe records: a field of the save they start from
     steps = [int(r["step"]) for r in recs]
     dup = sorted({s for s in steps if steps.count(s) > 1})
     if dup:
@@ -94,28 +97,6 @@ def load_records(source) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- cells
-def _x(d):
-    return lambda v: f"{v:.{d}f}x"
-
-
-def _cell(rec, key, fmt) -> str:
-    v, ci = get(rec, key)
-    if v is None:
-        return NM
-    return fmt(v) if ci is None else f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]"
-
-
-def _esc(text) -> str:
-    """Make free text safe inside one markdown table cell."""
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _k(recs) -> int:
     return max((int(r.get("K") or 0) for r in recs), default=0)
 
@@ -131,12 +112,6 @@ def _alpha_label(a: float) -> str:
     s = "0" if a == 0 else (f"{a:.1f}" if float(a).is_integer() else f"{a:g}")
     extra = {0: " (geom-mean)", 0.5: " (Bayesian √K)", 1: " (pure sum / Log-OP)"}.get(a, "")
     return f"α={s}{extra}"
-
-
-def _tokens(n) -> str:
-    if n is None:
-        return "? tokens"
-    return f"{n / 1e6:.2f}M tokens" if n >= 1e6 else f"{n:,} tokens"
 
 
 # ----------------------------------------------------------------------------- tables
@@ -174,15 +149,6 @@ def _note(recs, i, seed_i, phase) -> str:
     return "; ".join(parts) or "no shared measurement with the seed"
 
 
-def _rows(recs, seed_i, cols):
-    """One row per record: branch, step, then ``cols`` (functions of the record)."""
-    out = []
-    for i, r in enumerate(recs):
-        name = f"`{branch_name(r)}`" + (" (seed)" if i == seed_i else "")
-        out.append([name, f"{int(r['step']):,}"] + [c(r) for c in cols])
-    return out
-
-
 def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     """``(heading, description, table)`` for every card table."""
     seed_i, phase, K = seed_position(recs), phase_of(recs), _k(recs)
@@ -207,24 +173,27 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
                 f"Same local val slice for every checkpoint ({_tokens(split)}); full K={K} PoE aggregation.",
                 _table(["Branch", "Step", "Phase rel_it", "Training-log val BPB", f"Local-slice full K={K} BPB ({_tokens(split)})"],
                        _rows(recs, seed_i, [rel, keyed("train_val_bpb", fmt_num(6)), keyed("bpb.full", fmt_num(6))]))))
+    out += [sec for sec in [cooldown_report.section(recs)] if sec]  # "BPB if annealed here", when probed
 
     cols = [keyed("bpb.full", fmt_num(6))] + [keyed(f"bpb.single.{k}", fmt_num(6)) for k in range(K)]
     cols += [keyed(f"bpb.prefix.{j}", fmt_num(6)) for j in range(K - 1)]
     header = ["Branch", "Step", f"full K={K}"] + [f"single s{k}" for k in range(K)] + [f"prefix K'={j}" for j in range(1, K)]
-    out.append(("Per-stage BPB", "Training-objective BPB at each PoE stage boundary, on the same local val slice.",
+    out.append(("Per-stage BPB", f"Training-objective BPB at each PoE stage boundary, on the same local val slice ({_tokens(split)}).",
                 _table(header, _rows(recs, seed_i, cols))))
 
     cols = [keyed(f"acc.single.{k}", fmt_num(4)) for k in range(K)] + [keyed("acc.full", fmt_num(4))]
     out.append(("Per-stage standalone target accuracy",
-                "Top-1 accuracy of each stage's standalone prediction vs the target token, same val slice.",
+                f"Top-1 accuracy of each stage's standalone prediction vs the target token, same val slice ({_tokens(split)}).",
                 _table(["Branch", "Step"] + [f"s{k}" for k in range(K)] + ["full"], _rows(recs, seed_i, cols))))
 
     spec = _newest(recs, "spec")
     m = spec.get("m", "m")
     cols = [keyed("spec.acceptance", fmt_num(4)), keyed("spec.mean_accepted", fmt_num(2)), keyed("spec.speedup", _x(2))]
+    where = (f" on {spec['prompts']} probe prompts, {spec['new_tokens']:,} new tokens in all" if spec.get("prompts") and spec.get("new_tokens") else "")
     out.append((f"Self-speculative decoding (m={m} stage-0 draft, full K={K} verify)",
-                f"Greedy; mode: {spec.get('mode', NM)}; acceptance α = accepted / proposed draft tokens; "
-                f"speedup = wall time of full-K greedy / self-speculative greedy.",
+                f"Greedy; mode: {spec.get('mode', NM)}{where}; acceptance α = accepted / proposed draft tokens; "
+                f"speedup = wall time of full-K greedy / self-speculative greedy (median [min, max] over the timing rounds "
+                f"where measured; protocol and the implied speedup: \"Speculative decoding timing\" below).",
                 _table(["Branch", "Step", "acceptance α", f"mean accepted / {m}", "end-to-end speedup"],
                        _rows(recs, seed_i, cols))))
 
@@ -232,12 +201,15 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     kinds = sorted({(str(x.get("metric")), x.get("cap")) for x in routes}, key=str)
     label = " / ".join(f"{mt} cap = {cap:.3f}" if isinstance(cap, (int, float)) else f"{mt} cap = ?" for mt, cap in kinds)
     conf = sorted({str(x.get("confidence")) for x in routes})
-    cols = [keyed("routing.fraction", fmt_pct), keyed("routing.projected_speedup", _x(3)),
+    cols = [lambda r: NO_THRESHOLD if cap_met_at_tau0(r) else _cell(r, "routing.fraction", fmt_pct),
+            lambda r: "—" if cap_met_at_tau0(r) else _cell(r, "routing.projected_speedup", _x(3)),
             keyed("routing.agreement_s0_full", fmt_num(4))]
     out.append((f"Confidence-aware routing ({label or NM})",
                 f"A position goes to stage 0 alone when its stage-0 confidence ({', '.join(conf) or NM}) >= τ, the "
                 f"lowest threshold whose {' / '.join(k[0] for k in kinds) or 'regression metric'} stays within the cap; "
-                f"projected speedup = 1 / (f·c0 + 1 - f).",
+                f"fraction routed on the {_tokens(split)} measurement slice; projected speedup = 1 / (f·c0 + 1 - f), a FLOP "
+                f"projection (measured speedups: \"Routing calibration\" below); \"{NO_THRESHOLD}\": τ = 0 already meets "
+                f"the cap, so routing selects nothing; base s0=full agreement = positions where argmax(stage 0) = argmax(full K).",
                 _table(["Branch", "Step", "fraction routed to stage 0", "projected speedup", "base s0=full agreement"],
                        _rows(recs, seed_i, cols))))
 
@@ -256,8 +228,13 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
                 _table(["Branch", "Step"] + [_alpha_label(a) for a in alphas] + [f"crossover gap (α=0 vs single s{K - 1})"],
                        _rows(recs, seed_i, cols))))
 
+    out.append(S.routing_calibration_section(recs, seed_i, split, _newest_value(recs, "calib_tokens")))
+    out.append(S.wand_generation_section(recs, seed_i, K, split))
+    out.append(S.spec_timing_section(recs, seed_i))
     out.append(_probe_section(recs, seed_i, K))
+    out.append(S.probe_grid_section(recs, seed_i))
     out.append(_delta_section(recs, seed_i, K))
+    out += benchmarks.sections(recs)  # poelm eval's scores; none when no record has them
     return out
 
 
@@ -292,16 +269,19 @@ def _probe_section(recs, seed_i, K):
         if not isinstance(p, dict):
             return [NM] * len(names) + [NM]
         by = {x.get("name"): x for x in p.get("results") or []}
-        cells = [NM if n not in by else f"{'✓' if by[n].get('pass') else '✗'} {_esc(by[n].get('continuation', ''))}"
+        cells = [NM if n not in by else f"{'✓' if by[n].get('pass') else '✗'} {_esc(by[n].get('graded', by[n].get('continuation', '')))}"
                  for n in names]
-        return cells + [f"{p.get('passed', NM)}/{p.get('total', NM)} passed"]
+        words = f"; {p['words_matched']}/{p['words_total']} answer words" if p.get("words_total") else ""
+        return cells + [f"{p.get('passed', NM)}/{p.get('total', NM)} passed{words}"]
 
     rows = [[f"`{branch_name(r)}`" + (" (seed)" if i == seed_i else ""), f"{int(r['step']):,}"] + cols_for(r)
             for i, r in enumerate(recs)]
     total = p0.get("total", len(names))
     head = (f"Sample-mode probe (full K={K}, greedy, {p0.get('max_new_tokens', '?')} tokens, {total}-prompt set "
             f"'{p0.get('set', NM)}')")
-    desc = "✓: the continuation matches the prompt's expectation; ✗: it does not. Each cell gives the continuation."
+    desc = ("✓: the start of the continuation gives the prompt's expected answer; ✗: it does not. Each cell gives the graded "
+            "start (" + (p0.get("grading") or "the continuation") + "); per-prompt grades across branches: "
+            "\"Probe grades per prompt\" below.")
     return head, desc, _table(["Branch", "Step"] + [_esc(n) for n in names] + ["Note"], rows)
 
 
@@ -370,17 +350,33 @@ def format_summary(rec: dict) -> str:
         L.append("  WAND p99      " + "  ".join(f"{s}->{s + 1} {v:.4f}" for s, v in enumerate(rec["wand"]["bounds"])))
     r = rec.get("routing")
     if r:
-        L.append(f"  routing       {r['metric']} <= {r['cap']}: tau {r['tau']:.4f}, routed {100 * r['fraction']:.2f}%, "
-                 f"projected {r['projected_speedup']:.3f}x, s0=full agreement {_f(r['agreement_s0_full'], 4)}")
+        sel = (f"cap met with no threshold (value {_f(r.get('value_tau0_calib'), 4)} at tau 0)" if r.get("cap_met_at_tau0") else
+               f"tau {r['tau']:.4f} (value at tau 0: {_f(r.get('value_tau0_calib'), 4)}), routed {100 * r['fraction']:.2f}%, "
+               f"projected {r['projected_speedup']:.3f}x")
+        g = r.get("generation") or {}
+        meas = f", measured {_ci(g['speedup'], 2)}x agreement {_f(g.get('agreement'), 4)}" if g.get("speedup") else ""
+        L.append(f"  routing       {r['metric']} <= {r['cap']} ({r['confidence']}): {sel}{meas}, "
+                 f"s0=full agreement {_f(r['agreement_s0_full'], 4)}")
+    g = (rec.get("wand") or {}).get("generation")
+    if g:
+        L.append(f"  WAND decode   speedup {_ci(g['speedup'], 2)}x, agreement {_f(g['agreement'], 4)}, "
+                 f"mean exit depth {_f(g['mean_depth'], 2)}, exit depths {g['depth_hist']}")
     s = rec.get("spec")
     if s:
-        sp = "n/a" if s.get("speedup") is None else f"{s['speedup']:.2f}x"
+        sp = s.get("speedup")
+        sp = "n/a" if sp is None else (_ci(sp, 2) + "x" if isinstance(sp, dict) else f"{sp:.2f}x")
+        imp = f", implied {_ci(s['implied_speedup'], 2)}x" if isinstance(s.get("implied_speedup"), dict) else ""
         L.append(f"  speculative   m={s['m']} ({s['mode']}): acceptance {_f(s['acceptance'], 4)}, "
-                 f"mean accepted {_f(s['mean_accepted'], 2)}/{s['m']}, speedup {sp}")
+                 f"mean accepted {_f(s['mean_accepted'], 2)}/{s['m']}, speedup {sp}{imp}")
+    t = rec.get("timing")
+    if t:
+        L.append(f"  timing        {t['prompts']} prompts x {t['new_tokens_per_prompt']} tokens, median [min, max] of {t['repeats']} "
+                 f"interleaved rounds; full K {t['ms_per_token']['full']:.2f} ms/token")
     p = rec.get("probe")
     if p:
         marks = " ".join(f"{x['name']} {'PASS' if x['pass'] else 'fail'}" for x in p["results"])
-        L.append(f"  probe ({p['set']}) {p['passed']}/{p['total']}: {marks}")
+        words = f" ({p['words_matched']}/{p['words_total']} answer words)" if p.get("words_total") else ""
+        L.append(f"  probe ({p['set']}) {p['passed']}/{p['total']}{words}: {marks}")
     ag = rec.get("against")
     if ag:
         d = ag["deltas"]
@@ -445,7 +441,7 @@ def render_card(records, *, title: str | None = None, repo_id: str | None = None
     out.append("## " + secs[0][0] + "\n\n" + secs[0][1] + "\n\n" + secs[0][2] + "\n")
     out.append("## Trajectory measurements\n")
     out += [f"### {h}\n\n{d}\n\n{t}\n" for h, d, t in secs[1:]]
-    out.append("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(recs)) + "\n")
+    out.append("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(recs) + cooldown_report.verdict_lines(recs)) + "\n")
     if plots:
         out.append("## Plots\n\n" + "\n\n".join(f"![{cap}]({path})" for cap, path in plots.items()) + "\n")
     return "\n".join(out)
@@ -459,8 +455,8 @@ def write_report(records, out_dir) -> dict:
     if not recs:
         raise PoelmError("no measurement records to report; run `poelm measure` first")
     out_dir = Path(out_dir)
-    pngs = make_plots(recs, out_dir)
-    captions = {"bpb_vs_step": "BPB per stage vs step with the LR multiplier",
+    pngs = make_plots(recs, out_dir) + benchmarks.make_plots(recs, out_dir)
+    captions = {benchmarks.PLOT: benchmarks.CAPTION, "bpb_vs_step": "BPB per stage vs step with the LR multiplier",
                 "spec_routing_vs_step": "Spec acceptance and routing fraction vs step",
                 "wand_vs_step": "WAND p99 bounds vs step", "alpha_sweep": "Alpha sweep: seed and newest"}
     plots = {captions.get(p.stem, p.stem): p.name for p in pngs}
