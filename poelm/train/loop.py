@@ -89,6 +89,13 @@ def _build_model(cfg, rt: Runtime) -> PoEGPT:
     model = PoEGPT(cfg.model)
     model.to(rt.device)
     model.init_weights(seed=cfg.train.seed)
+    if cfg.train.compile:
+        # Every block compiled in place (``nn.Module.compile``: parameter names and state_dict
+        # keys stay as they are, so checkpoints, the optimizer groups and exports are unchanged).
+        # ``backward_local`` calls blocks and heads, not ``forward``, so compiling the blocks is
+        # what reaches the trunk; the fused head (core/head.py) stays eager.
+        for block in model.blocks:
+            block.compile()
     return model
 
 
