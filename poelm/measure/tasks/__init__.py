@@ -1,0 +1,1 @@
+"""lm-evaluation-harness tasks shipped with poelm (``poelm eval``)."""
