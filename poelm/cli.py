@@ -532,6 +532,24 @@ def _run_eval(args):
     return 0
 
 
+# ----------------------------------------------------------------------------- plan
+def _add_plan(sub):
+    p = sub.add_parser("plan", help="memory per rank and time of a training run, from its config alone (nothing allocated)")
+    p.add_argument("--config", default="embedded", help="TOML file or preset name under configs/ (default: embedded)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--world", type=int, required=True, help="number of ranks (GPUs)")
+    p.add_argument("--gpu", default="h100", help="h100 | h200 | a100 (default: h100)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation in (0, 1] (default: 0.4)")
+    return p
+
+
+def _run_plan(args):
+    from poelm.train.plan import run_plan
+
+    print(run_plan(args.config, args.world, args.gpu, args.mfu, args.overrides))
+    return 0
+
+
 # ----------------------------------------------------------------------------- doctor / selftest
 def _add_doctor(sub):
     p = sub.add_parser("doctor", help="check torch/device/bf16, git, write access and free disk for a config; say what to fix")
@@ -585,6 +603,7 @@ VERBS = [
     ("verify", _add_verify, _run_verify),
     ("measure", _add_measure, _run_measure),
     ("eval", _add_eval, _run_eval),
+    ("plan", _add_plan, _run_plan),
     ("doctor", _add_doctor, _run_doctor),
     ("selftest", _add_selftest, _run_selftest),
 ]
@@ -635,6 +654,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # under torchrun: a collective failed because a peer died or hung
+        from poelm.train.runtime import peer_failure
+
+        line = peer_failure(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
