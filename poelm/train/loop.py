@@ -363,7 +363,7 @@ def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publishe
         if resume is not None:
             phase = _phase_from(src.meta["phase"])
             tokens_in_phase = int(src.meta.get("tokens_in_phase", 0))
-            extra = {k: src.meta[k] for k in ("continued_from",) if k in src.meta}
+            extra = {k: src.meta[k] for k in ("continued_from", "cooldown") if k in src.meta}  # a resumed probe keeps its provenance
     if phase is None:
         phase = cfg.schedule.phase(start_step=0)
     # The trajectory room sits above training: the caller hands in a factory (e.g.

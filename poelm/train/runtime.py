@@ -2,6 +2,14 @@
 
 Rank, world size and local rank come from torchrun's environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``); NCCL on CUDA, gloo on CPU. Small collectives used by the loop live here too.
+
+``POELM_DIST_TIMEOUT`` (seconds) bounds how long a collective waits for the other ranks before
+the process fails with an error instead of waiting on (torch's defaults: 30 min for gloo, 10 min
+for NCCL). A rank whose peer process died usually fails at once (the connection closes); the
+timeout covers a peer that hangs or a network that drops silently. Keep it above the longest
+stretch one rank works alone while the others wait: rank 0's checkpoint save (all ranks meet at a
+barrier after it) and, on a fresh run, its tokenizer training. Tested over loopback with 2 nodes
+(tests/train/test_multinode.py).
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -56,15 +65,53 @@ def setup_runtime(cfg) -> Runtime:
         device = torch.device(want)
     owns = False
     if world > 1 and not dist.is_initialized():
+        timeout = dist_timeout()
+        kw = {"timeout": timeout} if timeout is not None else {}
         if device.type == "cuda":  # device_id binds the communicator to this GPU (eager NCCL init)
-            dist.init_process_group(backend="nccl", device_id=device)
+            dist.init_process_group(backend="nccl", device_id=device, **kw)
         else:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", **kw)
         owns = True
     dt = cfg.train.dtype
     if dt == "auto":
         dt = "bf16" if device.type == "cuda" else "fp32"
     return Runtime(rank, world, local_rank, device, torch.bfloat16 if dt == "bf16" else torch.float32, owns)
+
+
+def dist_timeout() -> timedelta | None:
+    """``$POELM_DIST_TIMEOUT`` seconds as the process group's timeout (None: torch's default)."""
+    raw = os.environ.get("POELM_DIST_TIMEOUT", "").strip()
+    if not raw:
+        return None
+    try:
+        sec = float(raw)
+    except ValueError:
+        sec = float("nan")
+    if not sec > 0 or sec == float("inf"):
+        raise ConfigError(f"POELM_DIST_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return timedelta(seconds=sec)
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """One line for an error a collective raised because another rank died, hung past the
+    timeout, or the network failed (None for any other error, which keeps its traceback).
+
+    gloo reports a dead peer as ``RuntimeError: [.../pair.cc:553] Connection closed by peer ...``
+    and a silent one as ``Timed out waiting 20000ms for recv operation``; NCCL and the c10d store
+    raise ``torch.distributed.DistError`` subclasses."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    text = str(exc).strip()
+    markers = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out")
+    if world <= 1 or not (isinstance(exc, getattr(dist, "DistError", ())) or any(m in text for m in markers)):
+        return None
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if first.startswith("[") and "] " in first:  # drop gloo's "[path/file.cc:line] " prefix
+        first = first.split("] ", 1)[1]
+    first = first.split(". ")[0].rstrip(".")
+    t = dist_timeout()
+    limit = f"POELM_DIST_TIMEOUT={t.total_seconds():g} s" if t is not None else "torch's default timeout; set POELM_DIST_TIMEOUT to shorten it"
+    return (f"rank {os.environ.get('RANK', '?')} of {world} lost the other ranks ({first}): a process or node of this job died, "
+            f"hung or lost the network ({limit}); saved checkpoints are intact: restart every node with --resume RUN_DIR")
 
 
 def teardown_runtime(rt: Runtime) -> None:

@@ -146,6 +146,49 @@ def check_bounds(bounds, n_stages: int) -> list[float] | None:
     return out
 
 
+# ----------------------------------------------------------------------------- weights dtype
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def check_dtype(dtype: str | None) -> str | None:
+    """``bf16 | fp16 | fp32`` (or None: the default); anything else is one ``PoelmError`` line,
+    raised before any file is read."""
+    if dtype is None or dtype in DTYPES:
+        return dtype
+    raise PoelmError(f"unknown export dtype {dtype!r}: use bf16, fp16 or fp32")
+
+
+def default_dtype(src: dict) -> torch.dtype:
+    """The dtype a branch is published in when none is asked for.
+
+    A run trained under bf16 autocast (``meta["autocast_dtype"]``, recorded by the training loop,
+    or ``train.dtype = "bf16"`` in its config) publishes bf16: the card's users load it with
+    ``dtype=torch.bfloat16`` and a branch is then half the bytes of the fp32 master weights, which
+    stay in the local checkpoint for resuming. Anything else keeps the stored dtype (fp32 for a
+    CPU run; an earlier export keeps its own)."""
+    meta, train = src["meta"], ((src.get("poelm_config") or {}).get("train") or {})
+    if meta.get("autocast_dtype", train.get("dtype")) == "bf16":
+        return torch.bfloat16
+    dtypes = {v.dtype for v in src["state"].values() if v.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def cast_weights(state: dict, dtype: torch.dtype, where) -> dict:
+    """Floating tensors in ``dtype`` (round to nearest even); a weight that overflows the target
+    range (fp16's 65504) is refused rather than written as inf."""
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point() and v.dtype != dtype:
+            w = v.to(dtype)
+            if not torch.isfinite(w).all() and torch.isfinite(v).all():
+                big = v.abs().max().item()
+                raise PoelmError(f"weights in {where}: {k} holds |w| = {big:.4g}, beyond {str(dtype).removeprefix('torch.')}'s range; "
+                                 "export with --dtype bf16 or fp32")
+            v = w
+        out[k] = v
+    return out
+
+
 # ----------------------------------------------------------------------------- the pieces
 def shipped_modules() -> list[Path]:
     """The poelm files an export ships verbatim: every module of the ``core/`` and ``infer/``
@@ -333,11 +376,14 @@ def _sort_header_metadata(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- export
-def export(ckpt_dir, out_dir, bounds=None, readme: str | None = None) -> Path:
+def export(ckpt_dir, out_dir, bounds=None, readme: str | None = None, dtype: str | None = None) -> Path:
     """Write the Hugging Face folder of ``ckpt_dir`` to ``out_dir`` (atomically); return it.
 
     ``bounds`` (K-1 floats) override the checkpoint's calibrated WAND bounds; ``readme`` is the
-    model card's text (the caller renders it; None: a minimal card)."""
+    model card's text (the caller renders it; None: a minimal card); ``dtype`` (bf16 | fp16 |
+    fp32) the weights' dtype, default ``default_dtype`` (bf16 for a run trained under bf16
+    autocast). The checkpoint's fp32 master weights are only read."""
+    want = check_dtype(dtype)
     src = read_source(ckpt_dir)
     cfg_model: ModelConfig = src["model"]
     _check_state(src["state"], cfg_model, src["path"])
@@ -347,8 +393,8 @@ def export(ckpt_dir, out_dir, bounds=None, readme: str | None = None) -> Path:
         raise PoelmError(f"{out} exists and is not an earlier poelm export; choose a new output folder")
     code = shipped_modules()
 
-    dtypes = {v.dtype for v in src["state"].values() if v.is_floating_point()}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    dtype = DTYPES[want] if want is not None else default_dtype(src)
+    src["state"] = cast_weights(src["state"], dtype, src["path"])
     cfg = hf_config(src, bounds, dtype)
     tok_json, bos, pad = hf_tokenizer_json(src["tokenizer_json"])
     meta = src["meta"]
