@@ -7,7 +7,7 @@ Prints, measured side by side in one process (alternating runs, best of ``--reps
 - measure: ``measure.measure`` position-level work over the same slices (calibration pass +
   measurement pass: BPB per stage / prefix / alpha, accuracy, WAND ranges and exits, routing
   histograms, block sums) plus the bootstrap, without the generation probe;
-- probe+spec: the fixed-size generation part (prompt set, greedy, speculative), timed separately
+- probe+timing: the fixed-size generation part (prompt set, greedy; the timed decoding modes), timed separately
   because it does not grow with the slice.
 
 Usage: ``python bench/measure_cost.py [--config embedded] [--set model.n_embd=512 ...] [--tokens N] [--calib N] [--probe]``.
@@ -106,16 +106,18 @@ def main():
           f"wall ratio {mm / e:.3f}x, CPU-time ratio {mc / ec:.3f}x (best of {args.reps}; CPU time is less sensitive to other load)")
     print(f"  all runs (wall s): eval {[round(x[0], 2) for x in te]}  measure {[round(x[0], 2) for x in tm]}")
     if args.probe:
-        from poelm.measure.probe import get_engine, load_prompt_set, run_probe, run_spec
+        from poelm.measure.probe import get_engine, load_prompt_set, run_probe
+        from poelm.measure.timing import timed_generation
 
         label, prompts = load_prompt_set("card")
         engine = get_engine(model)
         t0 = time.perf_counter()
-        pr = run_probe(model, tok, prompts, label, 60, engine, 4)
+        run_probe(model, tok, prompts, label, 60, engine)
         t1 = time.perf_counter()
-        run_spec(model, pr, 4, engine)
+        timed_generation(model, tok, prompts, engine, m=4, bounds=[1.0] * (cfg.model.n_stages - 1), tau=0.5)
         t2 = time.perf_counter()
-        print(f"generation part (fixed size, not per token of the slice): probe {t1 - t0:.2f}s, speculative {t2 - t1:.2f}s; "
+        print(f"generation part (fixed size, not per token of the slice): probe {t1 - t0:.2f}s, timed decoding "
+              f"(full, stage 0, speculative, wand, route; measure.timing defaults) {t2 - t1:.2f}s; "
               f"whole measurement / eval = {(mm + t2 - t0) / e:.3f}x at this slice size")
 
 

@@ -12,6 +12,21 @@ them; p99 and max are exact (``metrics.StreamingQuantile`` keeps the top 1% of a
 ``calib_tokens`` values), p50 and p90 come from the 65,536-bin histogram (error <= 2 cap / 65,536,
 4.6e-4 nats at cap 15).
 
+Routing threshold (SPEC "Confidence-aware routing"): tau = the lowest confidence threshold whose
+routing metric over the routed positions is <= the cap (``metrics.routing_threshold``). The card
+gives no formula for its "target_regression"; the default metric here is ``agreement``: among
+routed positions, the fraction where stage 0's top-1 differs from full K's top-1, i.e. how often
+routing changes the full model's output (no labels needed; WAND's exit agreement measures the
+same thing). Why not the label-based rule (``target``: full K right and stage 0 wrong, the old
+``target_regression``): on the card's own table that rate at tau = 0 is at most
+``(1 - agreement + acc_full - acc_s0) / 2`` = 0.013-0.018 on every row, below the 0.020 cap, so it
+would choose tau = 0 and route 100% everywhere (as it did on the demo trajectory), while the card
+routes 70-88%. ``1 - agreement`` is 2.4-3.5% on every card row, above the cap, and the card's
+routed fraction is rank-ordered by it. ``target`` and ``nll`` (mean target-NLL increase, nats)
+stay available. A calibration where tau = 0 already meets the cap is flagged
+``cap_met_at_tau0``: nothing is selected, and the report says "cap met with no threshold"
+instead of printing a 100% routed fraction. The metric's value at tau = 0 is recorded as well.
+
 Where the bounds go (SPEC: each checkpoint's config.json as ``poe_wand_p99_bounds_per_stage_head``):
 
 - exported Hugging Face folder (config.json with ``model_type = "poelm"``): that key in its
@@ -79,16 +94,24 @@ class Calibrator:
 def routing_summary(calib: RoutingHistogram, held_out: RoutingHistogram | None, cap: float, metric: str,
                     confidence: str, c0: float, agreement: float | None) -> dict:
     """tau from the calibration histogram; fraction, metric and speedup on the held-out slice
-    (the measurement slice) at that tau; SPEC projected speedup ``1 / (f c0 + 1 - f)``."""
+    (the measurement slice) at that tau; SPEC projected speedup ``1 / (f c0 + 1 - f)`` (a FLOP
+    projection: exact KV catch-up still runs the skipped stages later, see the measured
+    generation speedup). ``value_tau0`` / ``value_tau0_calib``: the metric with every position
+    routed; ``cap_met_at_tau0``: tau = 0 already meets the cap (no threshold was needed)."""
+    metric = RoutingHistogram.canonical(metric)
     counts, regress = calib.arrays(metric)
     cal = routing_threshold(counts, regress, cap, metric)
+    at0 = routing_at(counts, regress, 0)
     out = {"cap": cap, "metric": metric, "confidence": confidence, "tau": cal["tau"],
-           "tau_resolution": 1.0 / calib.bins, "fraction_calib": cal["fraction"], "value_calib": cal["value"]}
+           "tau_resolution": 1.0 / calib.bins, "fraction_calib": cal["fraction"], "value_calib": cal["value"],
+           "value_tau0_calib": at0["value"], "cap_met_at_tau0": bool(counts.sum() > 0 and at0["value"] <= cap)}
     if held_out is not None:
         hc, hr = held_out.arrays(metric)
         at = routing_at(hc, hr, cal["index"]) if cal["index"] < len(hc) else {"fraction": 0.0, "value": 0.0}
+        out["value_tau0"] = routing_at(hc, hr, 0)["value"]
     else:
         at = {"fraction": cal["fraction"], "value": cal["value"]}
+        out["value_tau0"] = at0["value"]
     out.update(fraction=at["fraction"], value=at["value"], c0=c0,
                projected_speedup=projected_speedup(at["fraction"], c0), agreement_s0_full=agreement)
     return out

@@ -299,13 +299,13 @@ class StreamingQuantile:
 
 
 # ----------------------------------------------------------------------------- routing
-def routing_threshold(counts, regress, cap: float, metric: str = "target_regression") -> dict:
+def routing_threshold(counts, regress, cap: float, metric: str = "agreement") -> dict:
     """Lowest confidence threshold tau whose routing metric is <= ``cap``.
 
     ``counts[j]`` = positions whose stage-0 confidence falls in bin j of R equal bins over
     [0, 1] (bin = floor(conf * R), conf = 1 in the last bin); ``regress[j]`` = their summed
-    regression (a count of regressions for ``target_regression`` and ``agreement``, summed NLL
-    increase in nats for ``nll``). Candidate thresholds are the bin edges tau_j = j / R,
+    regression (a count of regressions for ``agreement`` and ``target``, summed NLL increase in
+    nats for ``nll``; ``RoutingHistogram``). Candidate thresholds are the bin edges tau_j = j / R,
     j = 0..R-1: routing ``conf >= tau_j`` routes exactly bins j..R-1, so each candidate is
     evaluated exactly; resolution 1/R. ``metric(tau) = sum regress[j:] / sum counts[j:]`` (the
     SPEC rates are means over routed positions). An empty routed set never occurs below R; if
@@ -338,13 +338,21 @@ def routing_at(counts, regress, index: int) -> dict:
 
 class RoutingHistogram:
     """Stage-0 confidence histogram (R bins over [0, 1]) with, per bin, the count and the summed
-    regression under each routing metric (so the metric can be chosen after the pass)."""
+    regression under each routing metric (so the metric can be chosen after the pass).
 
-    METRICS = ("target_regression", "agreement", "nll")
+    Per routed position (SPEC "Confidence-aware routing"; why ``agreement`` is the default:
+    ``poelm.measure.calibrate``'s docstring): ``agreement`` = 1 when stage 0's top-1 differs from
+    full K's top-1; ``target`` = 1 when full K is right and stage 0 wrong (the label-based rule,
+    once called ``target_regression``, still accepted); ``nll`` = target NLL of stage 0 minus
+    that of full K (nats)."""
+
+    METRICS = ("agreement", "target", "nll")
+    ALIASES = {"target_regression": "target"}
+    _ROW = {"target": 1, "agreement": 2, "nll": 3}  # data rows: count, target, agreement, nll
 
     def __init__(self, bins: int = 10000, device="cpu"):
         self.bins = bins
-        self.data = torch.zeros(4, bins, dtype=torch.float64, device=device)  # count, tr, ag, nll
+        self.data = torch.zeros(4, bins, dtype=torch.float64, device=device)  # count, target, agreement, nll
 
     def bin_index(self, conf: torch.Tensor) -> torch.Tensor:
         """Bin of each confidence: floor(conf * R), conf = 1 in the last bin."""
@@ -372,11 +380,17 @@ class RoutingHistogram:
         _all_sum_(self.data)
         return self
 
+    @classmethod
+    def canonical(cls, metric: str) -> str:
+        """The metric's name (``target_regression`` -> ``target``); ValueError if unknown."""
+        name = cls.ALIASES.get(metric, metric)
+        if name not in cls.METRICS:
+            raise ValueError(f"unknown routing metric {metric!r}: use one of {', '.join(cls.METRICS)}")
+        return name
+
     def arrays(self, metric: str):
-        if metric not in self.METRICS:
-            raise ValueError(f"unknown routing metric {metric!r}: use one of {', '.join(self.METRICS)}")
         d = self.data.cpu().numpy()
-        return d[0], d[1 + self.METRICS.index(metric)]
+        return d[0], d[self._ROW[self.canonical(metric)]]
 
 
 # ----------------------------------------------------------------------------- speculative

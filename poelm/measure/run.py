@@ -6,15 +6,19 @@ crossover gap, WAND p99 bounds (written back to the checkpoint), confidence-awar
 self-speculative decoding statistics, the sample-mode probe, and a 95% block-bootstrap interval for
 every BPB and accuracy figure and for every delta against a reference checkpoint (``--against``).
 
-Slices (the same for every checkpoint; deterministic in the data and the tokenizer):
+Slices (SPEC "Slices"; the same for every checkpoint, deterministic in the data and the tokenizer):
 
-- measurement slice: the first ``split_tokens + 1`` validation tokens, i.e. ``split_tokens``
-  targets, cut into rows of ``seq_len`` (a final shorter row keeps every target) exactly as
+- measurement slice: ``split_tokens + 1`` validation tokens, i.e. ``split_tokens`` targets, cut
+  into rows of ``seq_len`` (a final shorter row keeps every target) exactly as
   ``data.val_batches`` cuts them (the training evaluation's layout);
-- calibration slice: the next ``calib_tokens + 1`` tokens (disjoint). WAND bounds and the routing
-  threshold are calibrated there; the routing fraction is then reported on the measurement slice.
-- If the validation split (or ``--data`` corpus) holds fewer tokens than both slices need, both
-  shrink in proportion and the record gives the sizes actually used.
+- calibration slice: ``calib_tokens + 1`` more (disjoint). WAND bounds and the routing threshold
+  are calibrated there; the routing fraction is then reported on the measurement slice.
+- On the validation split both come from ``data.val_slices``: each source's validation stream
+  gives the measurement slice its first share and the calibration slice the next one, so on a
+  mixture both hold every source in proportion to its weight, and the measurement slice does not
+  depend on ``calib_tokens``. On a ``--data`` corpus (one stream) the same rule cuts the front.
+  A stream too short for both (one source) is fitted by ``data.slice_sizes`` (the measurement
+  slice at most 8/9 of it, whatever the calibration size) and the record gives the sizes used.
 
 Performance: each slice position is visited once. A batch runs ``model.stage_log_probs`` (the
 same forward as the training evaluation) and ``metrics.position_stats`` derives every
@@ -60,7 +64,7 @@ from poelm.core.errors import DataError, PoelmError
 from poelm.fsio import atomic_write_bytes
 from poelm.trajectory import publish
 from poelm.measure.metrics import ALPHAS, BlockSums, RoutingHistogram, position_stats, routing_threshold, world_size
-from poelm.measure.probe import get_engine, load_prompt_set, run_probe, run_spec
+from poelm.measure import timing
 
 DEFAULT_SPLIT_TOKENS = 1_048_576  # the card's --split-tokens
 DEFAULT_CALIB_TOKENS = 131_072  # the card's WAND calibration slice
@@ -76,26 +80,21 @@ ROUTING_METRICS = RoutingHistogram.METRICS
 
 # ----------------------------------------------------------------------------- slices
 def cut_slices(tokens: torch.Tensor, split_tokens: int, calib_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(measurement slice of split+1 tokens, calibration slice of calib+1 tokens or None); both
-    shrink in proportion when ``tokens`` is shorter than ``split + calib + 2``."""
-    n = int(tokens.numel())
-    need = split_tokens + calib_tokens + 2 if calib_tokens > 0 else split_tokens + 1
-    if n < need:
-        if calib_tokens > 0:
-            split_tokens = max(1, int((n - 2) * split_tokens / (split_tokens + calib_tokens)))
-            calib_tokens = max(0, n - split_tokens - 2)
-        else:
-            split_tokens = n - 1
-    if split_tokens < 1:
-        raise DataError(f"only {n} tokens to measure on: need at least 2")
-    meas = tokens[: split_tokens + 1]
-    calib = tokens[split_tokens + 1 : split_tokens + calib_tokens + 2] if calib_tokens > 0 else None
-    return meas, (calib if calib is not None and calib.numel() >= 2 else None)
+    """(measurement slice of split+1 tokens, calibration slice of calib+1 tokens or None) from the
+    front of one stream; a stream too short for both is fitted by ``data.slice_sizes`` (the
+    measurement slice never depends on ``calib_tokens``)."""
+    from poelm.data.corpus import slice_sizes
+
+    a, b = slice_sizes(int(tokens.numel()), [split_tokens + 1, calib_tokens + 1 if calib_tokens > 0 else 0])
+    if a < 2:
+        raise DataError(f"only {tokens.numel()} tokens to measure on: need at least 2")
+    return tokens[:a], (tokens[a:a + b] if b >= 2 else None)
 
 
 def corpus_tokens(path: str, tokenizer, n: int) -> torch.Tensor:
     """The first ``n`` tokens of ``[BOS] + encode(doc)`` over the documents of a txt / jsonl /
-    parquet corpus (``data.read_documents``, file order): ``--data`` measures on it."""
+    parquet corpus (``data.read_documents``, file order): ``--data`` measures on it (read
+    ``data.stream_need`` tokens, so that the cut does not depend on the calibration size)."""
     from poelm.data.corpus import read_documents
 
     out, have = [], 0
@@ -110,16 +109,21 @@ def corpus_tokens(path: str, tokenizer, n: int) -> torch.Tensor:
     return torch.cat(out)[:n]
 
 
-def validation_tokens(meta: dict, tokenizer, n: int) -> torch.Tensor:
-    """The checkpoint's own validation split (``data.val_tokens``), all of it when shorter than n."""
+def validation_slices(meta: dict, tokenizer, split_tokens: int, calib_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The measurement and calibration slices of the checkpoint's own validation split
+    (``data.val_slices``; fitted into a single source's split when it is shorter)."""
     from poelm import config as config_mod
-    from poelm.data.corpus import val_tokens
+    from poelm.data.corpus import val_slices
 
     cfg = meta.get("config")
     if not isinstance(cfg, dict):
         raise PoelmError("this checkpoint carries no poelm config (its data settings are unknown): measure it with --data PATH")
     data_cfg = config_mod.from_dict(cfg).data
-    return val_tokens(data_cfg, tokenizer, n, allow_fewer=True)
+    sizes = [split_tokens + 1] + ([calib_tokens + 1] if calib_tokens > 0 else [])
+    got = val_slices(data_cfg, tokenizer, sizes, allow_fewer=True)
+    if got[0].numel() < 2:
+        raise DataError(f"only {got[0].numel()} validation tokens to measure on: need at least 2")
+    return got[0], (got[1] if len(got) > 1 and got[1].numel() >= 2 else None)
 
 
 # ----------------------------------------------------------------------------- one pass
@@ -239,20 +243,24 @@ def _unpack_against(against):
 
 @torch.no_grad()
 def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_TOKENS, calib_tokens=DEFAULT_CALIB_TOKENS,
-            batch_size=DEFAULT_BATCH_SIZE, seq_len=None, cap=0.02, routing_metric="target_regression", confidence="maxprob",
+            batch_size=DEFAULT_BATCH_SIZE, seq_len=None, cap=0.02, routing_metric="agreement", confidence="maxprob",
             m=4, probe_set="card", max_new_tokens=60, against=None, block_tokens=DEFAULT_BLOCK_TOKENS,
-            samples=DEFAULT_SAMPLES, level=DEFAULT_LEVEL, seed=0, dtype="auto", progress=True, target=None, data=None) -> dict:
+            samples=DEFAULT_SAMPLES, level=DEFAULT_LEVEL, seed=0, dtype="auto", progress=True, target=None, data=None,
+            timing_repeats=timing.DEFAULT_REPEATS, timing_prompts=timing.DEFAULT_PROMPTS, timing_tokens=timing.DEFAULT_TOKENS) -> dict:
     """Measure one model; returns the record (``docs/record.md``). See the module docstring.
 
     ``tokens``: the token stream the slices are cut from (default: the checkpoint's validation
     split, from ``meta["config"]``); ``data``: its label in the record. ``against``: a reference
     model (or ``(model, tokenizer, meta[, label])``) evaluated on the same slices for paired
     deltas. ``probe_set``: ``card``, ``embedded``, a JSONL path, or None to skip the probe and the
-    speculative statistics."""
+    timed decoding; ``timing_*``: the timing protocol over the first probe prompts (``timing``).
+    ``routing_metric``: ``agreement`` (default), ``target`` (alias ``target_regression``) or ``nll``
+    (``calibrate``'s docstring says why)."""
     t0 = time.time()
     meta = dict(meta or {})
-    if routing_metric not in ROUTING_METRICS:
+    if RoutingHistogram.ALIASES.get(routing_metric, routing_metric) not in ROUTING_METRICS:
         raise PoelmError(f"unknown routing metric {routing_metric!r}: use one of {', '.join(ROUTING_METRICS)}")
+    routing_metric = RoutingHistogram.canonical(routing_metric)
     if confidence not in ("maxprob", "margin"):
         raise PoelmError(f"unknown confidence {confidence!r}: use maxprob or margin")
     for name, v in (("split_tokens", split_tokens), ("block_tokens", block_tokens), ("batch_size", batch_size)):
@@ -269,10 +277,12 @@ def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_T
         raise PoelmError("--against needs a checkpoint with the same tokenizer (paired deltas compare the same tokens)")
     if ref is not None and ref[0].config.n_stages != K:
         raise PoelmError(f"--against needs a model with the same number of stages (K={K} vs {ref[0].config.n_stages})")
+    n_calib = int(calib_tokens) if K > 1 else 0
     if tokens is None:
-        tokens = validation_tokens(meta, tokenizer, split_tokens + calib_tokens + 2)
+        meas, calib = validation_slices(meta, tokenizer, int(split_tokens), n_calib)
         data = data or "val split"
-    meas, calib = cut_slices(torch.as_tensor(tokens, dtype=torch.long).flatten(), int(split_tokens), int(calib_tokens) if K > 1 else 0)
+    else:
+        meas, calib = cut_slices(torch.as_tensor(tokens, dtype=torch.long).flatten(), int(split_tokens), n_calib)
     T = _seq_len(model, meta, seq_len)
     autocast, dtype_label = _autocast(dev, dtype)
     tb = tokenizer.token_bytes().to(dev)
@@ -292,7 +302,7 @@ def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_T
     rk = dict(t0=t0, K=K, cfg=cfg, T=T, dev=dev, dtype_label=dtype_label, n_meas=n_meas, n_cal=n_cal, split_tokens=split_tokens,
               calib_tokens=calib_tokens, block_tokens=block_tokens, samples=samples, seed=seed, level=level, cap=cap,
               routing_metric=routing_metric, confidence=confidence, probe_set=probe_set, max_new_tokens=max_new_tokens, m=m,
-              target=target, data=data, world=world)
+              target=target, data=data, world=world, timing_kw=dict(repeats=timing_repeats, n_prompts=timing_prompts, n_tokens=timing_tokens))
     ref_ev = evaluate(ref[0], meas, calib, **kw) if ref is not None else None
     if bar is not None:
         bar.close()
@@ -323,7 +333,7 @@ def _on_rank0(build, rank: int, world: int, dev) -> dict:
 
 def _record(model, tokenizer, meta, ev, ref_ev, ref, *, t0, K, cfg, T, dev, dtype_label, n_meas, n_cal, split_tokens,
             calib_tokens, block_tokens, samples, seed, level, cap, routing_metric, confidence, probe_set, max_new_tokens,
-            m, target, data, world) -> dict:
+            m, target, data, world, timing_kw) -> dict:
     """The record from the merged accumulators (bootstrap, routing, WAND exits), plus the probe
     and the speculative statistics (generation: one process)."""
     figs = figure_intervals(ev["blocks"], K, ALPHAS, samples, seed, level)
@@ -345,7 +355,7 @@ def _record(model, tokenizer, meta, ev, ref_ev, ref, *, t0, K, cfg, T, dev, dtyp
         "alpha_sweep": {"alphas": list(ALPHAS), "bpb": [figs[f"alpha_sweep.bpb.{i}"]["value"] for i in range(len(ALPHAS))],
                         "ci": [figs[f"alpha_sweep.bpb.{i}"]["ci"] for i in range(len(ALPHAS))]},
         "crossover_gap": figs["crossover_gap"]["value"], "crossover_gap_ci": figs["crossover_gap"]["ci"],
-        "wand": None, "routing": None, "spec": None, "probe": None, "against": None,
+        "wand": None, "routing": None, "spec": None, "probe": None, "timing": None, "against": None,
         "bootstrap": {"block_tokens": int(block_tokens), "blocks": ev["blocks"].n_blocks, "samples": int(samples),
                       "seed": int(seed), "level": level, "interval": "percentile"},
     }
@@ -363,14 +373,7 @@ def _record(model, tokenizer, meta, ev, ref_ev, ref, *, t0, K, cfg, T, dev, dtyp
         r["fraction_ci"] = figs["routing.fraction"]["ci"]
         rec["routing"] = r
     if probe_set is not None:
-        label, prompts = load_prompt_set(probe_set)
-        engine = get_engine(model)
-        pr = run_probe(model, tokenizer, prompts, label, max_new_tokens, engine, m)
-        if K > 1:
-            rec["spec"] = run_spec(model, pr, m, engine)
-        for row in pr["results"]:
-            row.pop("_gen")
-        rec["probe"] = pr
+        rec.update(timing.probe_and_timing(rec, model, tokenizer, probe_set, max_new_tokens, m, confidence, **timing_kw))
     if ref_ev is not None:
         rec["against"] = {"target": ref[2], "deltas": delta_intervals(ev["blocks"], ref_ev["blocks"], K, ALPHAS, samples, seed, level,
                                                                       routing=ref_ev["calibrator"] is not None)}
@@ -415,8 +418,8 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
 
     Under torchrun the ranks share the work (module docstring) and rank 0 alone writes; the other
     ranks return None."""
+    from poelm.data.corpus import stream_need
     from poelm.train.checkpoint import load_model
-
     from poelm.train.runtime import join_group, pick_device
 
     dev = join_group(pick_device(device))
@@ -434,7 +437,7 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
         if probe_set == "auto":
             dcfg = (meta.get("config") or {}).get("data") or {}
             probe_set = "embedded" if dcfg.get("path") == "embedded" and not dcfg.get("sources") else "card"
-        tokens = corpus_tokens(data, tok, split_tokens + calib_tokens + 2) if data else None
+        tokens = corpus_tokens(data, tok, stream_need([split_tokens + 1, calib_tokens + 1 if calib_tokens > 0 else 0])) if data else None
         ref = None
         if against:
             rmodel, rtok, rmeta = load_model(rtgt.path, device=dev)

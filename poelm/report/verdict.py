@@ -15,6 +15,9 @@ Definitions (SPEC is silent on the statistics; these are ours):
   (b) the card's empirical floor: ``|value(first save) - value(seed)|`` where the first save after
   the seed still lies in the warmup (the card: "77 steps at warmup-near-zero LR cannot move the
   model meaningfully", so that difference is pure measurement noise). ``|delta|`` must exceed it.
+  A wall-clock figure (a measured or implied speedup) is an estimate from timing rounds: its
+  change is called real only when test (a) is available and passes (the two records' [min, max]
+  intervals over the rounds do not overlap); without intervals its noise band is "not available".
 - **segment** of the phase at relative step ``rel``: warmup ``rel < warmup``, peak
   ``warmup <= rel < warmdown_start`` (the first decayed step, ``poelm.schedule.Phase``), warmdown
   after. Trends are tested over the saves of the newest record's segment (excluding the seed), so
@@ -148,6 +151,7 @@ class Metric:
     better: str | None  # "lower" | "higher" | None (no preferred direction)
     fmt: Callable[[float], str]
     dfmt: Callable[[float], str]
+    timing: bool = False  # a wall-clock estimate: its change needs an interval to be called real
 
 
 def metrics_for(records) -> list[Metric]:
@@ -162,13 +166,18 @@ def metrics_for(records) -> list[Metric]:
             Metric("acc.single.0", "s0 accuracy", "accuracy", "higher", b4, d4),
             Metric("spec.acceptance", "spec acceptance α", "spec decoding", "higher", b4, d4),
             Metric("spec.mean_accepted", f"spec mean accepted / {m}", "spec decoding", "higher", fmt_num(2), fmt_signed(2)),
-            Metric("spec.speedup", "spec end-to-end speedup", "spec decoding", "higher", fmt_num(2), fmt_signed(2)),
+            Metric("spec.speedup", "spec end-to-end speedup", "spec decoding", "higher", fmt_num(2), fmt_signed(2), timing=True),
+            Metric("spec.implied_speedup", "spec implied speedup", "spec decoding", "higher", fmt_num(2), fmt_signed(2), timing=True),
             Metric("routing.fraction", "routing fraction to stage 0", "routing", "higher", fmt_pct, _dpct),
             Metric("routing.projected_speedup", "routing projected speedup", "routing", "higher", fmt_num(3), fmt_signed(3)),
+            Metric("routing.generation.speedup", "route measured speedup", "routing", "higher", fmt_num(2), fmt_signed(2), timing=True),
             Metric("routing.agreement_s0_full", "base s0=full agreement", "routing", "higher", b4, d4)]
     out += [Metric(f"wand.bounds.{s}", f"WAND p99 bound {s} → {s + 1}", "WAND", None, b4, d4) for s in range(K - 1)]
+    out += [Metric("wand.generation.speedup", "WAND measured speedup", "WAND", "higher", fmt_num(2), fmt_signed(2), timing=True),
+            Metric("wand.generation.agreement", "WAND greedy agreement with full", "WAND", "higher", b4, d4)]
     out += [Metric("crossover_gap", "crossover gap", "alpha sweep", None, d6, d6),
-            Metric("probe.passed", "probe prompts passed", "probe", "higher", fmt_num(0), fmt_signed(0))]
+            Metric("probe.passed", "probe prompts passed", "probe", "higher", fmt_num(0), fmt_signed(0)),
+            Metric("probe.words_matched", "probe answer words matched", "probe", "higher", fmt_num(0), fmt_signed(0))]
     return out
 
 
@@ -187,8 +196,9 @@ def delta_ci(rec: dict, seed: dict, key: str):
     return get({"d": deltas[key]}, "d")[1] if key in deltas else get(deltas, key)[1]
 
 
-def noise_test(recs: list[dict], seed_i: int, last_i: int, key: str, phase: Phase | None) -> dict:
-    """Is ``value(last) - value(seed)`` outside the noise band? See the module docstring."""
+def noise_test(recs: list[dict], seed_i: int, last_i: int, key: str, phase: Phase | None, timing: bool = False) -> dict:
+    """Is ``value(last) - value(seed)`` outside the noise band? See the module docstring
+    (``timing``: a wall-clock figure, which needs test (a) to be called outside)."""
     seed, last = recs[seed_i], recs[last_i]
     (v0, ci0), (v1, ci1) = get(seed, key), get(last, key)
     out = {"delta": None if v0 is None or v1 is None else v1 - v0, "ci": None, "floor": None, "outside": None,
@@ -209,7 +219,7 @@ def noise_test(recs: list[dict], seed_i: int, last_i: int, key: str, phase: Phas
         if fv is not None and phase is not None and fr is not None and fr < phase.warmup:
             out["floor"], out["floor_step"] = abs(fv - v0), int(recs[first_i]["step"])
     tests = [t for t in (out["boot"], None if out["floor"] is None else abs(d) > out["floor"]) if t is not None]
-    out["outside"] = all(tests) if tests else None
+    out["outside"] = all(tests) if tests and (out["boot"] is not None or not timing) else None
     return out
 
 
@@ -316,15 +326,20 @@ def _metric_sentence(m, recs, seed_i, last_i, phase, level, window):
     if v1 is None or v0 is None:
         where = "the newest save" if v1 is None else "the seed"
         return f"{m.label}: not measured at {where}; no comparison.", None
-    nt = noise_test(recs, seed_i, last_i, m.key, phase)
+    nt = noise_test(recs, seed_i, last_i, m.key, phase, m.timing)
     d = nt["delta"]
     ci = f"95% CI [{m.dfmt(nt['ci'][0])}, {m.dfmt(nt['ci'][1])}]" if nt["ci"] else "95% interval not available"
     parts = []
     if nt["boot"] is not None:
-        parts.append("bootstrap interval " + ("excludes" if nt["boot"] else "includes") + " no change")
+        if m.timing:
+            parts.append("the [min, max] intervals over the timing rounds " + ("do not overlap" if nt["boot"] else "overlap"))
+        else:
+            parts.append("bootstrap interval " + ("excludes" if nt["boot"] else "includes") + " no change")
     if nt["floor"] is not None:
         parts.append(f"seed → first save at step {nt['floor_step']:,}: |Δ| {m.dfmt(nt['floor']).lstrip('+')}")
-    if nt["outside"] is None:
+    if nt["outside"] is None and m.timing:
+        band = "noise band not available (a timing figure needs the intervals of both records over their timing rounds)"
+    elif nt["outside"] is None:
         band = "noise band not available (no bootstrap interval, no warmup save after the seed)"
     else:
         band = ("outside" if nt["outside"] else "inside") + " the noise band (" + "; ".join(parts) + ")"

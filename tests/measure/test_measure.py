@@ -12,7 +12,7 @@ import torch
 from poelm.train import checkpoint
 from poelm.measure import run as measure
 from poelm.core import poe
-from poelm.measure import probe
+from poelm.measure import probe, timing
 from poelm.measure.calibrate import BOUNDS_KEY
 from poelm.config import Config
 from poelm.data.corpus import val_batches
@@ -77,6 +77,7 @@ def slow_reference(model, tok, tokens):
     nll = {h: 0.0 for h in heads}
     correct = {h: 0 for h in heads}
     nbytes = count = agree = 0
+    conf, disagree = [], []
     for x, y in val_batches(meas, 4, T):
         b = tb[y]
         keep = b > 0
@@ -89,15 +90,17 @@ def slow_reference(model, tok, tokens):
             argmax[h] = lp.argmax(-1)
             correct[h] += int(((argmax[h] == y) & keep).sum())
         agree += int(((argmax["single0"] == argmax["alpha0.0"]) & keep).sum())
+        conf.append(model(x, stages=0).exp().amax(-1)[keep])
+        disagree.append((argmax["single0"] != argmax["alpha0.0"])[keep])
     bpb = {h: v / (math.log(2) * nbytes) for h, v in nll.items()}
     acc = {h: v / count for h, v in correct.items()}
-    return bpb, acc, agree / count
+    return bpb, acc, agree / count, (torch.cat(conf), torch.cat(disagree))
 
 
 def test_one_pass_matches_slow_reference(tok, tokens):
     model = make_model(tok, 1)
     rec = run(model, tok, tokens)
-    bpb, acc, agree = slow_reference(model, tok, tokens)
+    bpb, acc, agree, (conf, disagree) = slow_reference(model, tok, tokens)
     K = 4
     assert rec["split_tokens"] == SPLIT and rec["calib_tokens"] == CALIB
     assert rec["bpb"]["full"]["value"] == pytest.approx(bpb["alpha0.0"], abs=1e-5)
@@ -119,18 +122,27 @@ def test_one_pass_matches_slow_reference(tok, tokens):
     r = rec["routing"]
     assert r["projected_speedup"] == pytest.approx(1 / (r["fraction"] * r["c0"] + 1 - r["fraction"]))
     assert r["c0"] == pytest.approx(model.flops_per_token(T)["per_stage"][0] / model.flops_per_token(T)["total"])
-    assert r["value_calib"] <= r["cap"]
+    # held-out routing at the calibrated tau, recomputed from per-position stage-0 max probabilities
+    assert r["metric"] == "agreement" and r["confidence"] == "maxprob"
+    routed = (conf.double() * 10000).floor() >= round(r["tau"] * 10000)
+    assert r["fraction"] == pytest.approx(routed.double().mean().item(), abs=1e-12)
+    assert r["value"] == pytest.approx(disagree[routed].double().mean().item() if routed.any() else 0.0, abs=1e-12)
+    assert r["value_tau0"] == pytest.approx(disagree.double().mean().item(), abs=1e-12) and r["value_tau0"] == pytest.approx(1 - agree)
     assert sum(w["exit"]["fraction_per_stage"]) == pytest.approx(1.0)
 
 
 def test_same_model_twice_gives_identical_numbers(tok, tokens):
     model = make_model(tok, 2)
-    a = run(model, tok, tokens, probe_set="card", max_new_tokens=6)
-    b = run(model, tok, tokens, probe_set="card", max_new_tokens=6)
+    kw = dict(probe_set="card", max_new_tokens=6, timing_prompts=3, timing_tokens=6, timing_repeats=1)
+    a, b = run(model, tok, tokens, **kw), run(model, tok, tokens, **kw)
     for rec in (a, b):
         rec.pop("elapsed_s")
-        for k in ("speedup", "full_s", "spec_s"):
+        rec.pop("timing")
+        for k in ("speedup", "implied_speedup", "c0_time"):
             rec["spec"].pop(k)
+        rec["wand"]["generation"].pop("speedup")
+        rec["routing"].get("generation", {}).pop("speedup", None)
+    assert a["spec"]["mode"] == "engine" and "agreement" in a["wand"]["generation"]
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
@@ -154,12 +166,58 @@ def test_against_reference_paired_deltas(tok, tokens):
         run(a, tok, tokens, against=make_model(tok, 5, stage_layers=(2, 2)))
 
 
+def disagreeing_model(tok, tokens, target=0.05):
+    """K=2: stage 1 adds nothing to the residual stream (h_1 = h_0) and its own head is stage 0's
+    plus eps * a random matrix, so full K differs from stage 0 only where the random head overturns stage 0's
+    top-1, which happens where stage 0 is unsure. eps is bisected until about ``target`` of the
+    measurement positions disagree."""
+    model = make_model(tok, 21, stage_layers=(1, 1))
+    g = torch.Generator().manual_seed(22)
+    with torch.no_grad():
+        b = model.blocks[1]
+        b.attn.c_proj.weight.zero_()
+        b.mlp.c_proj.weight.zero_()
+        model.resid_lambdas[1] = 1.0
+        model.x0_lambdas[1] = 0.0
+        direction = torch.randn(model.stage_heads[1].weight.shape, generator=g)
+        head0 = model.stage_heads[0].weight.clone()
+    x = tokens[: SPLIT + 1][None, :-1][:, : (SPLIT // T) * T].reshape(-1, T)
+
+    def rate(eps):
+        with torch.no_grad():
+            model.stage_heads[1].weight.copy_(head0 + direction * eps)
+            z = model.stage_log_probs(x)
+            return (z[0].argmax(-1) != poe.aggregate(z).argmax(-1)).double().mean().item()
+
+    lo, hi = 0.0, 4.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rate(mid) < target else (lo, mid)
+    got = rate(hi)
+    assert abs(got - target) < 0.02, got
+    return model
+
+
+def test_default_routing_selects_on_a_model_whose_stage0_disagrees_on_5_percent(tok, tokens):
+    model = disagreeing_model(tok, tokens)
+    rec = run(model, tok, tokens)
+    r = rec["routing"]
+    assert r["metric"] == "agreement" and r["cap"] == 0.02
+    assert 0.03 < 1 - r["agreement_s0_full"] < 0.07 and r["value_tau0_calib"] > r["cap"]  # tau = 0 does not meet the cap
+    assert not r["cap_met_at_tau0"] and r["tau"] > 0
+    assert 0.0 < r["fraction"] < 1.0 and 0.0 < r["fraction_calib"] < 1.0
+    assert r["value"] < r["value_tau0"]  # held out, routing the confident positions regresses less than routing all
+    # the label-based rule (the old default) is met at tau = 0 on this model: it would route 100% and select nothing
+    assert run(model, tok, tokens, routing_metric="target")["routing"]["cap_met_at_tau0"]
+
+
 def test_cut_slices_and_shrink():
     t = torch.arange(100)
     m, c = measure.cut_slices(t, 50, 20)
     assert m.tolist() == list(range(51)) and c.tolist() == list(range(51, 72))
-    m, c = measure.cut_slices(t, 800, 200)  # too short: both shrink in proportion (80/20)
-    assert m.numel() - 1 == 78 and c.numel() - 1 == 20 and c[0] == m[-1] + 1 and c[-1] == 99
+    for calib in (20, 200):  # too short: the measurement slice takes 8/9 of it, whatever the calibration size
+        m, c = measure.cut_slices(t, 800, calib)
+        assert m.tolist() == list(range(88)) and c.tolist() == list(range(88, 100))
     m, c = measure.cut_slices(t, 50, 0)
     assert c is None and m.numel() == 51
 
@@ -218,36 +276,81 @@ def test_cli_measure(ckpt, tmp_path):
 
 def test_spec_teacher_forced_matches_engine(tok, tokens, monkeypatch):
     model = make_model(tok, 8)
-    rec = run(model, tok, tokens, probe_set="embedded", max_new_tokens=10, m=3)
+    rec = run(model, tok, tokens, probe_set="embedded", max_new_tokens=8, m=3, timing_prompts=12, timing_tokens=8, timing_repeats=2)
     s = rec["spec"]
-    assert s["mode"] == "engine" and s["identical_outputs"] == s["prompts"] == 8
+    assert s["mode"] == "engine" and s["identical_outputs"] == s["prompts"] == 12
     assert s["acceptance"] == s["teacher_forced"]["acceptance"]
     assert s["mean_accepted"] == pytest.approx(s["teacher_forced"]["mean_accepted"])
-    assert s["speedup"] > 0 and s["full_consistency_mismatches"] == 0
-    monkeypatch.setattr(measure, "get_engine", lambda model: None)
-    tf = run(model, tok, tokens, probe_set="embedded", max_new_tokens=10, m=3)
+    assert s["full_consistency_mismatches"] == 0 and sum(s["accept_hist"]) == s["rounds"]
+    assert len(s["speedup"]["repeats"]) == 2 and s["speedup"]["ci"][0] <= s["speedup"]["value"] <= s["speedup"]["ci"][1]
+    assert rec["timing"]["prompts"] == 12 and rec["timing"]["new_tokens"] == 96 and rec["timing"]["repeats"] == 2
+    g = rec["wand"]["generation"]
+    assert sum(g["depth_hist"]) == 96 and 1 <= g["mean_depth"] <= 4 and 0 <= g["agreement"] <= 1
+    monkeypatch.setattr(timing, "get_engine", lambda model: None)
+    tf = run(model, tok, tokens, probe_set="embedded", max_new_tokens=8, m=3)
     assert tf["spec"]["mode"] == "teacher_forced" and tf["spec"]["speedup"] is None
     assert tf["spec"]["acceptance"] == s["acceptance"]
     assert tf["probe"]["generator"] == "builtin"
     assert [r["continuation"] for r in tf["probe"]["results"]] == [r["continuation"] for r in rec["probe"]["results"]]
 
 
-def test_prompt_sets_and_rubric(tmp_path):
+def test_prompt_sets_and_grading_on_the_start(tmp_path):
     label, card = probe.load_prompt_set("card")
     assert label == "card" and [p["name"] for p in card] == ["france", "gold", "friday", "opposite_hot", "planets", "favorite_color", "algebra"]
-    assert len(probe.load_prompt_set("embedded")[1]) == 8
-    gold = card[1]
-    assert probe.score(" Au, atomic number 79.", gold["expect"]) and not probe.score(" Au, atomic number 80.", gold["expect"])
-    assert probe.score(" so x = 2.", card[6]["expect"]) and not probe.score(" x = 25", card[6]["expect"])
+    emb = probe.load_prompt_set("embedded")[1]
+    assert len(emb) == 12 and all(p["answer"] for p in emb)
+
+    def passes(text, p, tokens=None):
+        return probe.grade(probe.graded_window(text, p["sentence"]), p)["pass"]
+
+    france, gold, algebra, color = card[0], card[1], card[6], card[5]
+    assert passes(" Paris, on the Seine.", france)
+    assert not passes(" a city. Paris is its capital.", france)  # the answer is not at the start: first sentence only
+    assert passes(" Au, atomic number 79.", gold) and not passes(" Au, atomic number 80.", gold)
+    assert passes(" 5x = 10, so x = 2.", algebra)
+    assert not passes(" x = 2.5", algebra) and not passes(" x = 25", algebra)
+    assert passes(" blue.", color) and not passes(" a person whose whole of the blue", color)
+    absurdity = next(p for p in emb if p["name"] == "devil:ABSURDITY")
+    assert absurdity == {"name": "devil:ABSURDITY", "prompt": "ABSURDITY, n.", "answer": "A statement or belief", "expect": [],
+                         "window": probe.WINDOW_TOKENS, "sentence": True}
+    g = probe.grade(probe.graded_window(" A statement or belief manifestly inconsistent."), absurdity)
+    assert g == {"pass": True, "matched_words": 4, "answer_words": 4}
+    g = probe.grade(probe.graded_window(" A statement of the ment of the ment"), absurdity)
+    assert g == {"pass": False, "matched_words": 2, "answer_words": 4}
+    assert probe.grade(probe.graded_window(" person whole.\nA statement or belief"), absurdity)["matched_words"] == 0
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"name": "a", "prompt": "x", "expect": ["("]}\n')
-    with pytest.raises(PoelmError, match="bad regex"):
-        probe.load_prompt_set(str(bad))
-    bad.write_text("not json\n")
-    with pytest.raises(PoelmError, match="bad.jsonl:1"):
-        probe.load_prompt_set(str(bad))
+    for body, msg in (('{"name": "a", "prompt": "x", "expect": ["("]}', "bad regex"), ("not json", "bad.jsonl:1"),
+                      ('{"name": "a", "prompt": "x", "expect": []}', "cannot fail"), ('{"prompt": "x", "answer": "!"}', "at least one word")):
+        bad.write_text(body + "\n")
+        with pytest.raises(PoelmError, match=msg):
+            probe.load_prompt_set(str(bad))
     with pytest.raises(PoelmError, match="not found"):
         probe.load_prompt_set(str(tmp_path / "missing.jsonl"))
+
+
+def test_embedded_retention_set_is_built_from_the_training_split():
+    import gzip
+
+    from tokenizers import Regex, pre_tokenizers
+
+    from poelm.data.corpus import EMBEDDED, is_val
+    from poelm.data.tokenizer import SPLIT_PATTERN
+    from poelm.measure import retention
+
+    built = retention.build_retention_set()
+    lines = (probe.PROMPT_DIR / "embedded.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x) for x in lines] == built  # the committed set is the builder's output
+    texts = [json.loads(x)["text"] for x in gzip.open(EMBEDDED, "rt", encoding="utf-8")]
+    split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False)
+    for p in built:
+        entry = [t for t in texts if t.startswith(p["prompt"]) and p["answer"] in t]
+        assert len(entry) >= 1, p["name"]
+        text = entry[0]
+        assert not is_val(text, retention.GUARD_FRACTION) and not is_val(text, 0.1)  # training split
+        rest = text[len(p["prompt"]):]
+        assert rest.lstrip().startswith(p["answer"]) and len(probe.words(p["answer"])) == retention.ANSWER_WORDS
+        cuts = {end for _, (_, end) in split.pre_tokenize_str(text)}
+        assert len(p["prompt"]) in cuts, p["name"]  # the prompt's tokens are a prefix of the entry's
 
 
 def test_branch_target_gets_bounds_and_record(ckpt, tmp_path):
@@ -266,29 +369,32 @@ def test_branch_target_gets_bounds_and_record(ckpt, tmp_path):
     assert json.loads((out / "config.json").read_text())[BOUNDS_KEY] == rec["wand"]["bounds"]
 
 
-def test_short_validation_split_is_used_whole(tok, tmp_path):
+def test_short_validation_split_is_fitted(tok, tmp_path):
     from poelm.config import DataConfig
-    from poelm.data.corpus import val_tokens
+    from poelm.data.corpus import MEAS_SHARE, val_tokens
 
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"{TEXTS[i % 8]} ({i})"}) + "\n" for i in range(30)))
     model = make_model(tok, 9)
     cfg = Config(model=model.config, data=DataConfig(path=str(corpus), val_fraction=0.5))
-    got = measure.validation_tokens({"config": cfg.to_dict()}, tok, 10**6)
-    assert 100 < got.numel() < 10**6 and torch.equal(got, val_tokens(cfg.data, tok, got.numel()))
+    whole = val_tokens(cfg.data, tok, 10**6, allow_fewer=True)
+    for calib in (10**5, 10**4):  # the measurement slice does not depend on the calibration size
+        meas, cal = measure.validation_slices({"config": cfg.to_dict()}, tok, 10**6, calib)
+        assert torch.equal(meas, whole[: int(whole.numel() * MEAS_SHARE)]) and torch.equal(cal, whole[meas.numel():])
     rec = measure.measure(model, tok, {"config": cfg.to_dict(), "step": 1}, split_tokens=10**6, calib_tokens=10**5, probe_set=None,
                           progress=False, samples=20, seq_len=T)
-    assert rec["data"] == "val split" and rec["split_tokens"] + rec["calib_tokens"] == got.numel() - 2
-    assert rec["split_tokens_requested"] == 10**6
+    assert rec["data"] == "val split" and rec["split_tokens"] + rec["calib_tokens"] == whole.numel() - 2
+    assert rec["split_tokens_requested"] == 10**6 and rec["split_tokens"] == int(whole.numel() * MEAS_SHARE) - 1
 
 
 def test_probe_row_without_room_is_a_failed_row(tok):
     model = make_model(tok, 10)
     long = {"name": "long", "prompt": " ".join(TEXTS) * 2, "expect": ["x"]}
-    pr = probe.run_probe(model, tok, [long, {"name": "ok", "prompt": "The capital", "expect": []}], "custom", 5)
+    ok = probe._prompt({"name": "ok", "prompt": "The capital", "expect": [".?"]}, "test", 1)
+    pr = probe.run_probe(model, tok, [probe._prompt(long, "test", 0), ok], "custom", 5)
     assert pr["results"][0]["pass"] is False and "max_seq_len" in pr["results"][0]["error"]
     assert pr["results"][1]["pass"] is True and pr["passed"] == 1 and pr["total"] == 2
-    assert probe.run_spec(model, pr, 4, engine=None)["prompts"] == 1
+    assert timing.teacher_forced_spec(model, pr, 4)["prompts"] == 1
 
 
 def test_single_stage_model(tok, tokens):
@@ -310,6 +416,5 @@ def test_bf16_autocast_and_bad_options(tok, tokens):
         run(model, tok, tokens, routing_metric="speed")
     with pytest.raises(PoelmError, match="split_tokens"):
         run(model, tok, tokens, split_tokens=0)
-    rec = run(model, tok, tokens, routing_metric="agreement", confidence="margin", cap=0.5)
-    assert rec["routing"]["metric"] == "agreement" and rec["routing"]["confidence"] == "margin"
-    assert rec["routing"]["value_calib"] <= 0.5
+    rec = run(model, tok, tokens, routing_metric="target_regression", confidence="margin", cap=0.5)
+    assert rec["routing"]["metric"] == "target" and rec["routing"]["confidence"] == "margin"  # the old name is an alias

@@ -8,7 +8,8 @@ routing threshold and held-out fraction, every bootstrap interval and the paired
 reference. Tolerance: relative 1e-9 on floats (float64 sums whose order may differ; measured 0:
 each rank runs the very batches one process runs, and with 2 ranks each block's sum is a + b
 either way), exact on integers and strings. Only the timings (elapsed, the speculative wall
-clock and speedup), ``world_size`` and the files written may differ. A rank that skipped the
+clock, the speedups and the per-token times of the timing protocol), ``world_size`` and the files
+written may differ. A rank that skipped the
 merge of any accumulator gives figures over about half the positions, far outside the tolerance
 (checked by mutation: block sums, calibration, held-out histogram, exits, the tail merge).
 """
@@ -36,7 +37,8 @@ TEXTS = [
     "Solve for x: 5x + 3 = 13, so 5x = 10 and x = 2.",
 ]
 RTOL = 1e-9
-TIMINGS = {"elapsed_s", "full_s", "spec_s", "speedup", "record_path", "world_size", "calibration_written"}
+TIMINGS = {"elapsed_s", "full_s", "spec_s", "speedup", "implied_speedup", "c0_time", "ms_per_token", "record_path", "world_size",
+           "calibration_written"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

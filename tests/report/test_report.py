@@ -329,3 +329,69 @@ def test_short_series_are_underpowered_not_oscillating():
     assert t["p_rho"] == pytest.approx(2 / 24)  # exact Spearman p, not scipy's 0 for |rho| = 1
     t5 = V.trend([1, 2, 3, 4, 5], [5.0, 4.0, 3.0, 2.0, 1.0])
     assert t5["kind"] == "falling" and not t5["underpowered"] and t5["p"] == pytest.approx(2 / 120)
+
+
+# ----------------------------------------------------------------------------- auditable figures (issue 14)
+def _with_new_fields(recs):
+    rs = copy.deepcopy(recs[:3])
+    for i, r in enumerate(rs):
+        r["routing"].update(metric="agreement", tau=0.17 + 0.01 * i, value_tau0_calib=0.031, value_tau0=0.030, value=0.019,
+                            cap_met_at_tau0=False,
+                            generation={"speedup": {"value": 1.10, "ci": [1.05, 1.20], "repeats": [1.05, 1.10, 1.20]},
+                                        "agreement": 0.97, "identical": 3, "prompts": 4})
+        r["spec"]["speedup"] = {"value": 1.50 + 0.3 * i, "ci": [1.45 + 0.3 * i, 1.55 + 0.3 * i], "repeats": []}
+        r["spec"].update(implied_speedup={"value": 1.9, "ci": [1.8, 2.0]}, c0_time={"value": 0.41, "ci": [0.4, 0.42]},
+                         accept_hist=[1, 0, 2, 3, 10], identical_outputs=4, prompts=4, new_tokens=64)
+        r["wand"]["exit"] = {"agreement": 0.99}
+        r["wand"]["generation"] = {"speedup": {"value": 0.95, "ci": [0.9, 1.0]}, "agreement": 0.98, "identical": 2, "prompts": 4,
+                                   "mean_depth": 2.5, "depth_hist": [30, 4, 6, 24]}
+        r["timing"] = {"prompts": 4, "new_tokens_per_prompt": 16, "repeats": 3, "ms_per_token": {"full": 7.5}}
+        r["probe"] = {"set": "embedded", "max_new_tokens": 60, "passed": i % 2, "total": 2, "words_matched": 4 + i, "words_total": 8,
+                      "grading": "start of the continuation",
+                      "results": [{"name": "devil:ABSURDITY", "answer": "A statement or belief", "graded": "A statement of men.",
+                                   "pass": False, "matched_words": 2, "answer_words": 4},
+                                  {"name": "devil:ROPE", "answer": "An obsolescent appliance for", "graded": "An obsolescent appliance for it.",
+                                   "pass": i % 2 == 1, "matched_words": 2 + 2 * (i % 2), "answer_words": 4}]}
+    rs[0]["routing"].update(tau=0.0, cap_met_at_tau0=True, value_tau0_calib=0.012, fraction=1.0)
+    rs[0]["routing"].pop("generation")
+    return rs
+
+
+def test_new_sections_name_the_metric_tau_and_measured_speedups(recs):
+    rs = _with_new_fields(recs)
+    tables = md_tables(R.build_tables(rs))
+    card = section(tables, "Confidence-aware routing")[1]
+    assert card["step-83923"][1:3] == ["cap met with no threshold", "—"] and card["step-84000"][1] == "87.86%"
+    head, rows = section(tables, "Routing calibration")
+    assert rows["step-83923"][1:4] == ["agreement ≤ 0.02 (maxprob)", "0 (cap met with no threshold)", "0.0120"]
+    assert rows["step-83923"][5] == "cap met with no threshold" and rows["step-83923"][7] == "not timed (no threshold)"
+    assert rows["step-84000"][2] == "0.1800" and rows["step-84000"][7] == "1.10x [1.05x, 1.20x]"
+    assert "FLOP projection" in head[7] and rows["step-84000"][6] == "1.756x"
+    _, rows = section(tables, "WAND adaptive depth")
+    assert rows["step-86000"][1:] == ["0.9900", "0.9800", "2/4", "0.95x [0.90x, 1.00x]", "2.50", "30 / 4 / 6 / 24"]
+    _, rows = section(tables, "Speculative decoding timing")
+    assert rows["step-86000"][1:5] == ["2.10x [2.05x, 2.15x]", "1.90x [1.80x, 2.00x]", "0.410 [0.400, 0.420]", "1 / 0 / 2 / 3 / 10"]
+    assert section(tables, "Self-speculative decoding")[1]["step-84000"][3] == "1.80x [1.75x, 1.85x]"
+    head, rows = section(tables, "Probe grades per prompt")
+    assert head[:3] == ["Prompt", "expected start", "`step-83923` (seed)"]
+    assert rows["devil:ROPE"][1:] == ["✗ 2/4 words", "✓ 4/4 words", "✗ 2/4 words"]
+    assert rows["**total**"][2] == "1/2 passed; 5/8 words"
+    probe = section(tables, "Sample-mode probe")[1]
+    assert probe["step-84000"][2] == "✓ An obsolescent appliance for it."  # the graded start, not the whole continuation
+    md = R.build_tables(rs)
+    assert "4 probe prompts × 16 new tokens" in md and "median of 3 rounds" in md
+
+
+def test_verdict_calls_a_timing_change_real_only_beyond_its_interval(recs):
+    rs = _with_new_fields(recs)
+    line = _line(V.verdict(rs), "spec end-to-end speedup")  # 1.50 [1.45, 1.55] -> 2.10 [2.05, 2.15]: no overlap
+    assert "outside the noise band" in line and "intervals over the timing rounds do not overlap" in line
+    rs[2]["spec"]["speedup"]["ci"] = [1.50, 2.20]  # overlapping intervals: not a change, whatever the warmup floor says
+    line = _line(V.verdict(rs), "spec end-to-end speedup")
+    assert "inside the noise band" in line and "indistinguishable from the seed" in line
+    rs[2]["spec"]["speedup"] = 2.10  # a bare number (an old record): no interval, no call
+    line = _line(V.verdict(rs), "spec end-to-end speedup")
+    assert "noise band not available (a timing figure needs the intervals" in line
+    nt = V.noise_test(rs, 0, 2, "spec.speedup", V.phase_of(rs), timing=True)
+    assert nt["floor"] is not None and nt["outside"] is None  # the floor alone does not decide a timing figure
+    assert V.noise_test(rs, 0, 2, "spec.speedup", V.phase_of(rs))["outside"] is True

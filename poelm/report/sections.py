@@ -1,0 +1,215 @@
+"""Table cells and the report sections beyond the card's own tables.
+
+The card's tables (``tables.py``) keep the card's columns so that a poelm trajectory reads like the
+card. What a reader needs to audit those numbers sits in the sections here, one function each,
+returning ``(heading, description, markdown table)`` like the card's:
+
+- routing calibration: the metric, tau, the metric's value at tau = 0 ("cap met with no
+  threshold" when it is already within the cap), the routed fraction, the FLOP projection and the
+  measured route speedup;
+- WAND adaptive depth in generation: exit agreement on the slice, greedy agreement with full K on
+  the probe prompts, measured speedup, mean exit depth and the exit-depth histogram;
+- speculative decoding timing: the measured speedup with its interval, the speedup implied by
+  the measured acceptance and stage costs, the acceptance histogram;
+- probe grades per prompt: pass/fail of every prompt across branches.
+
+Every description says on what its figures were measured (slice sizes, prompts, tokens, rounds).
+An interval follows its value in brackets; a missing measurement renders "not measured".
+"""
+
+from __future__ import annotations
+
+from poelm.report.verdict import branch_name, get
+
+NM = "not measured"
+NO_THRESHOLD = "cap met with no threshold"
+
+
+# ----------------------------------------------------------------------------- cells
+def _x(d):
+    return lambda v: f"{v:.{d}f}x"
+
+
+def _cell(rec, key, fmt) -> str:
+    v, ci = get(rec, key)
+    if v is None:
+        return NM
+    return fmt(v) if ci is None else f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+def _esc(text) -> str:
+    """Make free text safe inside one markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _tokens(n) -> str:
+    if n is None:
+        return "? tokens"
+    return f"{n / 1e6:.2f}M tokens" if n >= 1e6 else f"{n:,} tokens"
+
+
+def _rows(recs, seed_i, cols):
+    """One row per record: branch, step, then ``cols`` (functions of the record)."""
+    out = []
+    for i, r in enumerate(recs):
+        name = f"`{branch_name(r)}`" + (" (seed)" if i == seed_i else "")
+        out.append([name, f"{int(r['step']):,}"] + [c(r) for c in cols])
+    return out
+
+
+def _newest(recs, *keys):
+    """The newest record's dict at the dotted path ``keys`` (``{}`` when none has one)."""
+    for r in reversed(recs):
+        node = r
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            return node
+    return {}
+
+
+def cap_met_at_tau0(rec) -> bool:
+    return bool((rec.get("routing") or {}).get("cap_met_at_tau0"))
+
+
+def _timing_words(recs) -> str:
+    t = _newest(recs, "timing")
+    if not t:
+        return "timing not measured"
+    return (f"{t.get('prompts', '?')} probe prompts × {t.get('new_tokens_per_prompt', '?')} new tokens, greedy, one prompt at a time, "
+            f"same engine and process; median of {t.get('repeats', '?')} rounds after warm-up, modes interleaved and rotated, "
+            f"[min, max] over the rounds")
+
+
+def _hist(rec, key) -> str:
+    node = rec
+    for k in key.split("."):
+        node = node.get(k) if isinstance(node, dict) else None
+    if not isinstance(node, list) or not node:
+        return NM
+    return " / ".join(str(int(x)) for x in node)
+
+
+# ----------------------------------------------------------------------------- sections
+def routing_calibration_section(recs, seed_i, split, calib):
+    def tau(r):
+        if cap_met_at_tau0(r):
+            return f"0 ({NO_THRESHOLD})"
+        return _cell(r, "routing.tau", lambda v: f"{v:.4f}")
+
+    def metric(r):
+        x = r.get("routing") if isinstance(r.get("routing"), dict) else {}
+        if not x:
+            return NM
+        return f"{x.get('metric')} ≤ {x.get('cap')} ({x.get('confidence')})"
+
+    def measured(r):
+        if cap_met_at_tau0(r):
+            return "not timed (no threshold)"
+        return _cell(r, "routing.generation.speedup", _x(2))
+
+    cols = [metric, tau, lambda r: _cell(r, "routing.value_tau0_calib", lambda v: f"{v:.4f}"),
+            lambda r: _cell(r, "routing.value", lambda v: f"{v:.4f}"),
+            lambda r: NO_THRESHOLD if cap_met_at_tau0(r) else _cell(r, "routing.fraction", lambda v: f"{100 * v:.2f}%"),
+            lambda r: _cell(r, "routing.projected_speedup", _x(3)), measured,
+            lambda r: _cell(r, "routing.generation.agreement", lambda v: f"{v:.4f}")]
+    desc = (f"The routing metric (SPEC: `agreement` = routed positions where stage 0's top-1 differs from full K's; "
+            f"`target` = full K right and stage 0 wrong; `nll` = mean NLL increase) and τ, the lowest threshold whose metric "
+            f"stays within the cap, are calibrated on the {_tokens(calib)} calibration slice; the metric at τ = 0 (every "
+            f"position routed) says whether a threshold was needed at all (\"{NO_THRESHOLD}\": it was not, and 100% routing "
+            f"selects nothing). Metric at τ and routed fraction are held out, on the {_tokens(split)} measurement slice "
+            f"(fraction with its 95% block-bootstrap interval). Projected speedup = 1 / (f·c0 + 1 − f), c0 = stage 0's FLOP "
+            f"share: a projection. Measured = wall time of full-K / route greedy decoding ({_timing_words(recs)}); it counts "
+            f"what exact KV catch-up still computes (a position that exits after stage 0 is run through stages 1..K-1 later, "
+            f"so only the skipped heads are saved). Agreement = route's tokens equal to full K's, position-wise.")
+    header = ["Branch", "Step", "metric (confidence)", "τ", "metric at τ = 0 (calib)", "metric at τ (held out)",
+              "fraction routed", "projected speedup (FLOP projection)", "measured route speedup", "route agreement with full"]
+    return "Routing calibration and measured route speedup", desc, _table(header, _rows(recs, seed_i, cols))
+
+
+def wand_generation_section(recs, seed_i, K, split):
+    cols = [lambda r: _cell(r, "wand.exit.agreement", lambda v: f"{v:.4f}"),
+            lambda r: _cell(r, "wand.generation.agreement", lambda v: f"{v:.4f}"),
+            lambda r: _identical(r, "wand.generation"),
+            lambda r: _cell(r, "wand.generation.speedup", _x(2)),
+            lambda r: _cell(r, "wand.generation.mean_depth", lambda v: f"{v:.2f}"),
+            lambda r: _hist(r, "wand.generation.depth_hist")]
+    desc = (f"Adaptive depth with each branch's own p99 bounds. Exit agreement: on the {_tokens(split)} measurement slice, "
+            f"teacher-forced, the fraction of positions whose exit token equals full K's argmax. In generation "
+            f"({_timing_words(recs)}): greedy WAND vs greedy full K, position-wise token agreement, prompts with identical "
+            f"continuations, the measured speedup (full-K / WAND wall time; exact KV catch-up included), the mean exit depth "
+            f"(stages whose heads decided a token, 1..{K}) and the exit-depth histogram (tokens at depth 1 / ... / {K}).")
+    header = ["Branch", "Step", "exit agreement (slice)", "greedy agreement with full", "identical continuations",
+              "measured speedup", "mean exit depth", f"exit-depth histogram (1 … {K})"]
+    return "WAND adaptive depth in generation", desc, _table(header, _rows(recs, seed_i, cols))
+
+
+def _identical(rec, key) -> str:
+    node = rec
+    for k in key.split("."):
+        node = node.get(k) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or node.get("identical") is None:
+        return NM
+    return f"{node['identical']}/{node.get('prompts', '?')}"
+
+
+def spec_timing_section(recs, seed_i):
+    m = _newest(recs, "spec").get("m", "m")
+    cols = [lambda r: _cell(r, "spec.speedup", _x(2)), lambda r: _cell(r, "spec.implied_speedup", _x(2)),
+            lambda r: _cell(r, "spec.c0_time", lambda v: f"{v:.3f}"), lambda r: _hist(r, "spec.accept_hist"),
+            lambda r: _cell(r, "timing.ms_per_token.full", lambda v: f"{v:.2f}"),
+            lambda r: _identical({"s": {"identical": (r.get("spec") or {}).get("identical_outputs"),
+                                        "prompts": (r.get("spec") or {}).get("prompts")}}, "s")]
+    desc = (f"Timing protocol: {_timing_words(recs)}. Measured speedup = wall time of full-K / self-speculative greedy per round. "
+            f"Implied speedup = N / (P + (proposed + rounds)·c + rounds·(1 − c)) from the measured acceptance (the engine's "
+            f"proposed drafts and rounds over N tokens of P prompts) and the measured stage-0 time share c = t(stage 0) / "
+            f"t(full) per token of the same round, the verify chunk costed as one full step minus one stage-0 step (so it is "
+            f"an optimistic bound); it carries little of the machine's noise. Acceptance histogram: rounds that accepted "
+            f"0 / 1 / ... / {m} drafts. Identical: speculative output equal to full-K greedy (SPEC: it must be).")
+    header = ["Branch", "Step", "measured speedup", "implied speedup", "stage-0 time share c", f"acceptance histogram (0 … {m})",
+              "full K ms / token", "identical to full"]
+    return "Speculative decoding timing and acceptance", desc, _table(header, _rows(recs, seed_i, cols))
+
+
+def probe_grid_section(recs, seed_i):
+    names, expected = [], {}
+    for r in recs:
+        for res in ((r.get("probe") or {}).get("results") or []):
+            n = res.get("name")
+            if n not in names:
+                names.append(n)
+                expected[n] = res.get("answer") or " · ".join(res.get("expect") or [])
+    header = ["Prompt", "expected start"] + [f"`{branch_name(r)}`" + (" (seed)" if i == seed_i else "") for i, r in enumerate(recs)]
+
+    def cell(r, n):
+        p = r.get("probe")
+        if not isinstance(p, dict):
+            return NM
+        by = {x.get("name"): x for x in p.get("results") or []}
+        if n not in by:
+            return NM
+        x = by[n]
+        mark = "✓" if x.get("pass") else "✗"
+        return mark + (f" {x['matched_words']}/{x['answer_words']} words" if x.get("answer_words") else "")
+
+    rows = [[_esc(n), _esc(expected[n])] + [cell(r, n) for r in recs] for n in names]
+
+    def total(r):
+        p = r.get("probe")
+        if not isinstance(p, dict):
+            return NM
+        words = f"; {p['words_matched']}/{p['words_total']} words" if p.get("words_total") else ""
+        return f"{p.get('passed', '?')}/{p.get('total', '?')} passed{words}"
+
+    rows.append(["**total**", ""] + [total(r) for r in recs])
+    p0 = _newest(recs, "probe")
+    desc = ("Per-prompt grade across branches. " + (p0.get("grading") or "A prompt passes when its continuation meets its rubric.")
+            + "; k/n words: the continuation's first words that equal the expected answer's. "
+            + f"Greedy full K, {p0.get('max_new_tokens', '?')} new tokens per prompt, prompt set '{p0.get('set', NM)}'.")
+    return "Probe grades per prompt", desc, _table(header, rows)
