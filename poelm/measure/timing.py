@@ -75,7 +75,9 @@ def modes_for(K: int, m: int, bounds=None, tau=None, confidence: str = "maxprob"
     if bounds is not None and K > 1:
         modes["wand"] = {"mode": "wand", "bounds": [float(b) for b in bounds]}
     if tau is not None and K > 1:
-        modes["route"] = {"mode": "route", "tau": float(tau), "confidence": confidence}
+        modes["route"] = {"mode": "route", "tau": float(tau)}
+        if confidence != "maxprob":  # the engine's default kind; margin thresholds top-1 minus top-2 probability
+            modes["route"]["confidence"] = confidence
     return modes
 
 
