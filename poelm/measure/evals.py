@@ -390,6 +390,8 @@ def run_eval(target: str, tasks: list[str], *, stages: str | None = None, batch_
         raise PoelmError(f"--limit must be a positive integer, got {limit!r}")
     if out and Path(out).is_dir():
         raise PoelmError(f"--out {out} is a folder; give a file name for the records (JSON)")
+    if out and not Path(out).resolve().parent.is_dir():
+        raise PoelmError(f"--out {out}: its folder {Path(out).resolve().parent} does not exist")
     dev = pick_device(device)
     units = plan(target, api=api)
     for u in units:

@@ -232,6 +232,10 @@ def test_bad_tasks_one_line_exit_2_nothing_written(trajectory, capfd, tmp_path):
     assert "K=3" in err
     err = _bad(["eval", str(repo), "--tasks", f"{devils_cloze.NAME},,"], capfd)
     assert "--tasks" in err
+    err = _bad(["eval", str(repo), "--tasks", devils_cloze.NAME, "--out", str(tmp_path / "no" / "such.json")], capfd)
+    assert "does not exist" in err
+    err = _bad(["eval", str(repo), "--tasks", devils_cloze.NAME, "--limit", "0"], capfd)
+    assert "--limit" in err
     assert _refs(repo) == before  # nothing written to any branch
 
 
