@@ -8,8 +8,9 @@ Modes (SPEC "PoE aggregation", "WAND p99 bounds and adaptive depth", "Confidence
 - ``prefix=K'``    PoE over stages 0..K'-1; later stages never run.
 - ``wand``         adaptive depth: after stage s, exit when ``top1(c_s) - top2(c_s) >
                    sum_{i=s..K-2} bound_i`` (``poe.wand_exit``) with ``c_s = mean_{k<=s} z_k``.
-- ``route``        adaptive depth with the routing rule: exit after stage 0 when its max
-                   probability ``>= tau``, otherwise run all K stages.
+- ``route``        adaptive depth with the routing rule: exit after stage 0 when its confidence
+                   ``>= tau`` (max probability, or top-1 minus top-2 probability with
+                   ``confidence="margin"``: the kind `poelm measure` calibrated), otherwise run all K stages.
 - ``speculative``  stage 0 drafts m tokens, stages 1..K-1 verify them in one pass that reuses the
                    draft's stage-0 states (``speculative.py``).
 
@@ -24,8 +25,16 @@ forward would compute them (up to float summation order); nothing is copied or a
 
 Design choices where SPEC is silent (documented here, tested in tests/infer/test_infer.py):
 
-- Batches: the model has no padding mask, so prompts are grouped by length and each group decodes
-  in lockstep (same positions in every row, one cache). Rows of different lengths never mix.
+- Batches: prompts of any lengths decode together in one cache, left-padded to the longest. Every
+  row has its own RoPE positions and a validity mask over the cache slots (``model.py``
+  "padding"), so each row's tokens are those it would get alone; all rows share slot indices
+  and move in lockstep (one new slot per step), except in speculative rounds, where each row
+  keeps its own accepted count: the slots of a row's rejected drafts become holes in its mask
+  (``DecodeState.reject``), and the cache is repacked (``compact``) when holes would overflow
+  it. With equal lengths and no holes, no mask is built (the unpadded fast path).
+- ``min_new_tokens``: stop tokens are banned (their log-prob set to -inf) until a row has that
+  many new tokens, as transformers' ``MinNewTokensLengthLogitsProcessor`` does; WAND's margin and
+  the speculative draft and verify see the same banned distribution.
 - Adaptive depth in a batch: each row exits by its own rule and its token comes from its own
   exit stage; the batch runs a deeper stage while any live row still needs it. ``mean_depth`` is
   the mean over emitted tokens of the number of stages whose heads decided the token (``K`` for
@@ -54,105 +63,22 @@ import torch.nn.functional as F
 if __package__ == "poelm.infer":  # inside poelm: the core room's modules
     poe = importlib.import_module("poelm.core.poe")
     PoelmError = importlib.import_module("poelm.core.errors").PoelmError
-    KVCache = importlib.import_module("poelm.core.model").KVCache
 else:  # an exported folder: core's files are flat siblings of this one. These ``from .x import``
     # lines are what transformers' remote-code loader scans for (it copies the files they name);
     # a ``from ..core`` line would name a file it cannot find, hence importlib above.
     from . import poe
     from .errors import PoelmError
-    from .model import KVCache
+
+# Sibling modules of this room: the same relative form works inside poelm and in an export.
+from .sampler import Sampler  # noqa: E402
+from .state import DecodeState  # noqa: E402
 
 MODES = ("full", "stage", "prefix", "wand", "route", "speculative")
 BOUNDS_KEY = "poe_wand_p99_bounds_per_stage_head"
-
-
-# ----------------------------------------------------------------------------- sampling
-class Sampler:
-    """Token choice from normalised log-probs ``[..., V]``: greedy when temperature is 0, else
-    ``softmax(top_p(top_k(logp / T)))`` drawn with one seeded generator (HF's processing order)."""
-
-    def __init__(self, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator):
-        self.temperature = float(temperature)
-        self.top_k = top_k
-        self.top_p = top_p
-        self.generator = generator
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def probs(self, logp: torch.Tensor) -> torch.Tensor:
-        """The sampling distribution after temperature, top-k and top-p (rows sum to 1)."""
-        x = logp.float() / self.temperature
-        V = x.size(-1)
-        if self.top_k is not None and self.top_k < V:
-            kth = x.topk(self.top_k, dim=-1).values[..., -1:]
-            x = x.masked_fill(x < kth, -math.inf)
-        if self.top_p is not None and self.top_p < 1.0:
-            sx, order = x.sort(dim=-1, descending=True)
-            p = sx.softmax(-1)
-            # drop a token when the mass strictly before it already reaches top_p (keeps top-1)
-            drop = (p.cumsum(-1) - p) >= self.top_p
-            x = torch.full_like(x, -math.inf).scatter(-1, order, sx.masked_fill(drop, -math.inf))
-        return x.softmax(-1)
-
-    def draw(self, weights: torch.Tensor) -> torch.Tensor:
-        """One index per row of non-negative ``weights [..., V]`` (need not be normalised)."""
-        flat = weights.reshape(-1, weights.size(-1))
-        out = torch.multinomial(flat, 1, generator=self.generator)
-        return out.view(weights.shape[:-1])
-
-    def uniform(self, shape, device) -> torch.Tensor:
-        return torch.rand(shape, generator=self.generator, device=device)
-
-    def choose(self, c: torch.Tensor) -> torch.Tensor:
-        """Token from unnormalised PoE scores ``c`` (argmax is shift-invariant; sampling renormalises)."""
-        if self.greedy:
-            return c.argmax(-1)
-        return self.draw(self.probs(F.log_softmax(c.float(), -1)))
-
-
-# ----------------------------------------------------------------------------- the forward path
-class DecodeState:
-    """A batch's KV cache plus what catch-up needs: token ids, ``x0`` and every stage's output
-    hidden states by position. Stage s's filled length is read from the cache itself."""
-
-    def __init__(self, model, batch: int, max_len: int):
-        cfg = model.config
-        w = model.wte.weight
-        self.model, self.cfg, self.K = model, cfg, cfg.n_stages
-        self.cache = KVCache(cfg, batch, max_len, device=w.device, dtype=w.dtype)
-        self.tok = torch.zeros(batch, max_len, dtype=torch.long, device=w.device)
-        self.x0 = torch.zeros(batch, max_len, cfg.n_embd, dtype=w.dtype, device=w.device)
-        self.h = [torch.zeros_like(self.x0) for _ in range(self.K)]
-        self.positions_run = [0] * self.K
-
-    def filled(self, s: int) -> int:
-        return self.cache.stage_length(self.cfg, s)
-
-    def extend(self, s: int, end: int) -> None:
-        """Run stage s (and, first, any earlier stage that is behind) over positions
-        ``[filled(s), end)`` in one chunk."""
-        start = self.filled(s)
-        if start >= end:
-            return
-        idx = self.tok[:, start:end]
-        if s == 0:
-            x0 = self.model.embed(idx)
-            self.x0[:, start:end] = x0
-            x = x0
-        else:
-            self.extend(s - 1, end)
-            x, x0 = self.h[s - 1][:, start:end], self.x0[:, start:end]
-        self.h[s][:, start:end] = self.model.run_stage(s, x, x0, idx, self.cache, start)
-        self.positions_run[s] += end - start
-
-    def log_probs(self, s: int, a: int, b: int) -> torch.Tensor:
-        """``z_s`` at positions ``a..b-1``: ``[B, b-a, V]`` fp32."""
-        return F.log_softmax(self.model.stage_logits(s, self.h[s][:, a:b]), dim=-1)
-
-    def truncate(self, length: int) -> None:
-        self.cache.truncate(length)
+# Speculative batches reserve this many rounds of draft slots for the holes that rows with fewer
+# accepted drafts leave; a repack (``DecodeState.compact``, one copy of the cache) runs when they
+# are used up, so a larger value trades memory for fewer repacks.
+SPEC_SLACK_ROUNDS = 8
 
 
 # ----------------------------------------------------------------------------- requests
@@ -164,9 +90,11 @@ class Request:
     prefix: int | None = None
     remaining_bounds: list | None = None  # wand: sum_{i=s..K-2} bound_i for s = 0..K-2
     tau: float | None = None
+    confidence: str = "maxprob"  # route: stage-0 max probability, or top-1 minus top-2 probability ("margin")
     m: int = 4
     stop: frozenset = frozenset()
     return_logprobs: bool = False
+    min_new: int = 0
 
 
 def parse_mode(text: str) -> dict:
@@ -214,7 +142,8 @@ def _prompts(prompt_ids, V: int) -> list[list[int]]:
     return rows
 
 
-def build_request(model, prompts, max_new_tokens, mode, stage, prefix, bounds, tau, m, temperature, top_k, top_p, stop_tokens, return_logprobs) -> Request:
+def build_request(model, prompts, max_new_tokens, mode, stage, prefix, bounds, tau, m, temperature, top_k, top_p, stop_tokens, return_logprobs,
+                  min_new_tokens: int = 0, confidence: str = "maxprob") -> Request:
     """Validate one call; every problem is one ``PoelmError`` line."""
     cfg = model.config
     K = cfg.n_stages
@@ -232,7 +161,10 @@ def build_request(model, prompts, max_new_tokens, mode, stage, prefix, bounds, t
         raise PoelmError(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's max_seq_len {cfg.max_seq_len}: shorten one of them"
         )
-    req = Request(mode=mode, max_new=max_new_tokens, stop=frozenset(int(t) for t in stop_tokens), return_logprobs=return_logprobs)
+    if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise PoelmError(f"min_new_tokens must be an integer >= 0 (got {min_new_tokens!r})")
+    req = Request(mode=mode, max_new=max_new_tokens, stop=frozenset(int(t) for t in stop_tokens), return_logprobs=return_logprobs,
+                  min_new=min_new_tokens)
     if mode == "stage":
         if not isinstance(stage, int) or not 0 <= stage < K:
             raise PoelmError(f"stage {stage!r} out of range: this model has stages 0..{K - 1}")
@@ -256,6 +188,9 @@ def build_request(model, prompts, max_new_tokens, mode, stage, prefix, bounds, t
         if not 0.0 <= float(tau) <= 1.0:
             raise PoelmError(f"tau must be a probability in [0, 1], got {tau!r}")
         req.tau = float(tau)
+        if confidence not in ("maxprob", "margin"):
+            raise PoelmError(f"route confidence must be maxprob or margin (the kind `poelm measure` calibrated), got {confidence!r}")
+        req.confidence = confidence
     elif mode == "speculative":
         if not isinstance(m, int) or m < 1:
             raise PoelmError(f"m (draft length) must be an integer >= 1, got {m!r}")
@@ -271,50 +206,80 @@ def build_request(model, prompts, max_new_tokens, mode, stage, prefix, bounds, t
 
 # ----------------------------------------------------------------------------- bookkeeping
 class Rows:
-    """One lockstep group's outputs: per-row tokens, stop state, depth and speculation counts."""
+    """Per-row outputs of one batch: tokens, stop state, counts, depths and speculation counts."""
 
-    def __init__(self, rows: list[int], req: Request, out: "GenerationResult", device):
-        self.rows, self.req, self.out = rows, req, out
-        self.active = torch.ones(len(rows), dtype=torch.bool, device=device)
-        self._live = [True] * len(rows)
-        self.count = 0
+    def __init__(self, B: int, req: Request, out: "GenerationResult", device, vocab: int):
+        self.req, self.out, self.B = req, out, B
+        self._live = [req.max_new > 0] * B
+        self.active = torch.tensor(self._live, dtype=torch.bool, device=device)
+        self.counts = [0] * B
+        self._stop_mask = None
+        if req.min_new > 0 and req.stop:
+            self._stop_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self._stop_mask[[t for t in req.stop if 0 <= t < vocab]] = True
 
     def remaining(self) -> int:
-        return self.req.max_new - self.count
+        """The most new tokens any live row may still emit."""
+        return max((self.req.max_new - c for c, live in zip(self.counts, self._live) if live), default=0)
+
+    def remaining_per_row(self) -> list[int]:
+        """New tokens each row may still emit (0 for a finished row)."""
+        return [self.req.max_new - c if live else 0 for c, live in zip(self.counts, self._live)]
 
     def done(self) -> bool:
-        return self.count >= self.req.max_new or not any(self._live)
+        return not any(self._live)
 
-    def emit(self, tokens: torch.Tensor, depth, logp: torch.Tensor | None = None):
-        """Append one token to every live row; yields ``(row, token)`` events."""
-        if self.done():
-            return
+    def ban(self, width: int | None = None) -> torch.Tensor | None:
+        """Where stop tokens are still banned by ``min_new``: ``[B]`` (the next token) or
+        ``[B, width]`` (the next ``width`` tokens of each row), or None when nothing is."""
+        if self._stop_mask is None or min(self.counts) >= self.req.min_new:
+            return None
+        c = torch.tensor(self.counts, device=self.active.device)
+        if width is None:
+            return c < self.req.min_new
+        return (c[:, None] + torch.arange(width, device=c.device)[None, :]) < self.req.min_new
+
+    def banned(self, scores: torch.Tensor, ban: torch.Tensor | None) -> torch.Tensor:
+        """``scores [B, (W,) V]`` with the stop tokens at -inf where ``ban`` says so."""
+        if ban is None:
+            return scores
+        return scores.masked_fill(ban[..., None] & self._stop_mask, -math.inf)
+
+    def emit(self, tokens: torch.Tensor, depth, logp: torch.Tensor | None = None, which=None):
+        """Append one token to every live row (or to the rows ``which`` names); yields
+        ``(row, token)`` events. A row ends at a stop token or at ``max_new`` tokens."""
         toks = tokens.tolist()
         depths = depth.tolist() if isinstance(depth, torch.Tensor) else [depth] * len(toks)
         st = self.out.stats
-        for i, row in enumerate(self.rows):
-            if not self._live[i]:
+        for i in range(self.B):
+            if not self._live[i] or (which is not None and not which[i]):
                 continue
-            self.out.tokens[row].append(toks[i])
+            self.out.tokens[i].append(toks[i])
+            self.out.depths[i].append(depths[i])
             st["depth_sum"] += depths[i]
             st["depth_hist"][depths[i] - 1] += 1
             if logp is not None and self.req.return_logprobs:
-                self.out.logprobs[row].append(logp[i].detach().float().cpu())
+                self.out.logprobs[i].append(logp[i].detach().float().cpu())
+            self.counts[i] += 1
             if toks[i] in self.req.stop:
+                self.out.stopped[i] = True
+            if toks[i] in self.req.stop or self.counts[i] >= self.req.max_new:
                 self._live[i] = False
                 self.active[i] = False
-                self.out.stopped[row] = True
-            yield row, toks[i]
-        self.count += 1
+            yield i, toks[i]
 
-    def spec_round(self, proposed_per_row: int, accepted_per_row: int):
-        n = int(self.active.sum())
+    def spec_round(self, proposed: list[int], accepted: list[int]):
+        """Count one round: each live row proposed its ``proposed[row]`` drafts and accepted its
+        own ``accepted[row]``."""
         st = self.out.stats
         st["rounds"] += 1
-        st["row_rounds"] += n
-        st["proposed"] += proposed_per_row * n
-        st["accepted"] += accepted_per_row * n
-        st["accept_hist"][accepted_per_row] += n
+        for i in range(self.B):
+            if self._live[i]:
+                st["row_rounds"] += 1
+                st["proposed"] += proposed[i]
+                st["accepted"] += accepted[i]
+                st["accept_hist"][accepted[i]] += 1
+                self.out.accepted[i].append(accepted[i])
 
 
 @dataclass
@@ -327,6 +292,8 @@ class GenerationResult:
     stats: dict
     stopped: list
     logprobs: list | None = None
+    depths: list | None = None  # depths[row][i]: stages whose heads decided token i (wand/route exit depth)
+    accepted: list | None = None  # accepted[row][r]: draft tokens row accepted in speculative round r
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -336,39 +303,49 @@ class Engine:
     def __init__(self, model):
         self.model = model
         self.last_result: GenerationResult | None = None
-        self.last_states: list = []  # (rows, DecodeState) per group of the last call, for inspection
+        self.last_states: list = []  # [(rows, DecodeState)] of the last call (one batch), for inspection
 
     def generate(self, prompt_ids, max_new_tokens: int, mode: str = "full", stage=None, prefix=None, bounds=None, tau=None, m: int = 4,
                  temperature: float = 0.0, top_k=None, top_p=None, seed=None, stop_tokens=(), on_token=None,
-                 return_logprobs: bool = False) -> GenerationResult:
-        """Generate ``max_new_tokens`` per row (fewer when a stop token ends it).
+                 return_logprobs: bool = False, min_new_tokens: int = 0, confidence: str = "maxprob") -> GenerationResult:
+        """Generate ``max_new_tokens`` per row (fewer when a stop token ends it; stop tokens are
+        banned before ``min_new_tokens``). ``prompt_ids``: one list of ids or a list of them, any
+        lengths (one left-padded batch). ``seed``: an int (a private seeded generator), None (fresh
+        entropy), or ``"global"`` (torch's global RNG, as transformers' ``generate`` draws, so
+        ``torch.manual_seed`` reproduces a run).
 
         ``stats``: ``tokens_per_s`` (new tokens of all rows / wall time incl. prefill),
         ``mean_depth`` (stages whose heads decided a token, mean over tokens), ``acceptance``
         (accepted draft tokens / proposed; None unless speculative), ``mean_accepted`` (accepted
         per row per round), ``rounds``, ``proposed``, ``accepted``, ``accept_hist`` (rows-rounds
         by accepted count 0..m), ``depth_hist`` (tokens by depth 1..K), ``elapsed_s``, ``new_tokens``,
-        ``stage_positions`` (positions each stage processed, catch-up and rejected drafts included)."""
+        ``stage_positions`` (positions each stage processed, catch-up and rejected drafts included),
+        ``compactions`` (speculative cache repacks). Per row: ``result.depths`` and ``result.accepted``."""
         for row, tok in self.stream(prompt_ids, max_new_tokens, mode=mode, stage=stage, prefix=prefix, bounds=bounds, tau=tau, m=m,
                                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens,
-                                    return_logprobs=return_logprobs):
+                                    return_logprobs=return_logprobs, min_new_tokens=min_new_tokens, confidence=confidence):
             if on_token is not None:
                 on_token(row, tok)
         return self.last_result
 
     def stream(self, prompt_ids, max_new_tokens: int, mode: str = "full", stage=None, prefix=None, bounds=None, tau=None, m: int = 4,
-               temperature: float = 0.0, top_k=None, top_p=None, seed=None, stop_tokens=(), return_logprobs: bool = False):
+               temperature: float = 0.0, top_k=None, top_p=None, seed=None, stop_tokens=(), return_logprobs: bool = False,
+               min_new_tokens: int = 0, confidence: str = "maxprob"):
         """Validate now, then return an iterator of ``(row, token)`` in production order;
         ``self.last_result`` holds the ``GenerationResult`` once it is exhausted."""
         model = self.model
         prompts = _prompts(prompt_ids, model.config.vocab_size)
-        req = build_request(model, prompts, max_new_tokens, mode, stage, prefix, bounds, tau, m, temperature, top_k, top_p, stop_tokens, return_logprobs)
+        req = build_request(model, prompts, max_new_tokens, mode, stage, prefix, bounds, tau, m, temperature, top_k, top_p, stop_tokens,
+                            return_logprobs, min_new_tokens, confidence=confidence)
         device = model.wte.weight.device
-        gen = torch.Generator(device=device)
-        if seed is None:
-            gen.seed()
+        if seed == "global":
+            gen = None  # torch's default generator for the device
         else:
-            gen.manual_seed(int(seed))
+            gen = torch.Generator(device=device)
+            if seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(int(seed))
         sampler = Sampler(temperature, top_k, top_p, gen)
         return self._events(prompts, req, sampler)
 
@@ -377,55 +354,58 @@ class Engine:
         B = len(prompts)
         stats = {"rounds": 0, "row_rounds": 0, "proposed": 0, "accepted": 0, "accept_hist": [0] * (req.m + 1), "depth_sum": 0,
                  "depth_hist": [0] * model.config.n_stages}
-        out = GenerationResult([[] for _ in range(B)], stats, [False] * B, [[] for _ in range(B)] if req.return_logprobs else None)
+        out = GenerationResult([[] for _ in range(B)], stats, [False] * B, [[] for _ in range(B)] if req.return_logprobs else None,
+                               [[] for _ in range(B)], [[] for _ in range(B)])
         self.last_states = []
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(len(p), []).append(i)
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
-                for L, rows in groups.items():
-                    yield from self._group(rows, [prompts[i] for i in rows], req, sampler, out)
+                yield from self._batch(prompts, req, sampler, out)
         finally:
             model.train(was_training)
         elapsed = time.perf_counter() - t0
         self._finish(out, req, elapsed)
         self.last_result = out
 
-    def _group(self, rows, prompts, req: Request, sampler: Sampler, out: GenerationResult):
-        L = len(prompts[0])
-        st = DecodeState(self.model, len(rows), L + max(req.max_new, 1))
-        self.last_states.append((rows, st))
-        st.tok[:, :L] = torch.tensor(prompts, dtype=torch.long, device=st.tok.device)
-        tr = Rows(rows, req, out, st.tok.device)
-        if req.max_new == 0:
+    def _batch(self, prompts, req: Request, sampler: Sampler, out: GenerationResult):
+        B, L = len(prompts), max(len(p) for p in prompts)
+        spec = req.mode == "speculative"
+        # Slots: the prompt, the new tokens, and for speculation one round of drafts plus room for
+        # the holes of rows that accepted fewer drafts than others (repacked when full; a repack
+        # always leaves room for a round, see ``speculative.py``).
+        extra = (req.m + 1) * (1 + (SPEC_SLACK_ROUNDS if B > 1 else 0)) if spec else 0
+        st = DecodeState(self.model, B, L + max(req.max_new, 1) + extra)
+        st.load(prompts)
+        self.last_states.append((list(range(B)), st))
+        tr = Rows(B, req, out, st.tok.device, self.model.config.vocab_size)
+        if tr.done():
             return
         t = L - 1
-        first = replace(req, mode="full") if req.mode == "speculative" else req
+        first = replace(req, mode="full") if spec else req
         while True:
-            tok, depth, logp = self._decide(st, t, first, sampler, tr.active)
+            tok, depth, logp = self._decide(st, t, first, sampler, tr.active, tr)
             yield from tr.emit(tok, depth, logp)
             if tr.done():
                 return
             t += 1
-            if req.mode == "speculative":
+            if spec:
                 yield from _speculative()(st, tr, tok, t, req.m, sampler)
                 return
-            st.tok[:, t] = tok
+            st.place(t, tok)
 
-    def _decide(self, st: DecodeState, t: int, req: Request, sampler: Sampler, active: torch.Tensor):
+    def _decide(self, st: DecodeState, t: int, req: Request, sampler: Sampler, active: torch.Tensor, rows: Rows):
         """The token at position t+1 for every row: (tokens [B], depth per row, log-probs or None).
 
         ``c_s`` is accumulated the same way in every mode (``z_0 + z_1 + ... `` then ``/ (s+1)``),
         so ``wand`` with infinite bounds and ``full`` are bit-identical."""
         keep = req.return_logprobs
+        ban = rows.ban()
         if req.mode == "stage":
             st.extend(req.stage, t + 1)
-            z = st.log_probs(req.stage, t, t + 1)[:, 0]
-            return sampler.choose(z), req.stage + 1, z if keep else None
+            z = rows.banned(st.log_probs(req.stage, t, t + 1)[:, 0], ban)
+            return sampler.choose(z), req.stage + 1, (F.log_softmax(z, -1) if ban is not None else z) if keep else None
         last = req.prefix - 1 if req.mode == "prefix" else st.K - 1
         B = active.size(0)
         tok = torch.zeros(B, dtype=torch.long, device=active.device)
@@ -437,13 +417,15 @@ class Engine:
             st.extend(s, t + 1)
             z = st.log_probs(s, t, t + 1)[:, 0]
             acc = z if acc is None else acc + z
-            c = acc / (s + 1)
+            c = rows.banned(acc / (s + 1), ban)
             if s == last:
                 ex = ~done
             elif req.mode == "wand":
                 ex = poe.wand_exit(c, req.remaining_bounds[s]) & ~done
             elif req.mode == "route" and s == 0:
-                ex = (z.amax(-1).exp() >= req.tau) & ~done
+                top = z.topk(2, dim=-1).values.exp() if req.confidence == "margin" else z.amax(-1, keepdim=True).exp()
+                conf = top[:, 0] - top[:, 1] if req.confidence == "margin" else top[:, 0]
+                ex = (conf >= req.tau) & ~done  # the confidence kind that was calibrated (metrics.position_stats)
             else:
                 continue
             if bool(ex.any()):
@@ -467,6 +449,7 @@ class Engine:
             mean_depth=st.pop("depth_sum") / n if n else float("nan"),
             acceptance=(st["accepted"] / st["proposed"] if st["proposed"] else float("nan")) if spec else None,
             mean_accepted=(st["accepted"] / st["row_rounds"] if st["row_rounds"] else float("nan")) if spec else None,
+            compactions=sum(s.compactions for _, s in self.last_states),
             stage_positions=[sum(s.positions_run[k] for _, s in self.last_states) for k in range(self.model.config.n_stages)],
         )
         if not spec:

@@ -3,28 +3,30 @@
 One round, with the pending token x_t (emitted, not yet fed) at position t and every stage's cache
 filled up to t:
 
-1. Draft: feed x_t, d_1, ..., d_m to stage 0 one position at a time (``DecodeState.extend(0, .)``,
-   the very path ``full`` decoding uses), drafting ``d_{i+1}`` from ``z_0`` at position t+i.
-   Stage 0 runs m+1 positions: its states and ``z_0`` at the last one (d_m) are needed for the
-   bonus token.
-2. Verify: ``extend(K-1, t+m+1)`` runs stages 1..K-1 over the m+1 positions in one chunk each,
-   starting from the draft's stage-0 hidden states (reused, never recomputed). The full PoE at
-   position t+i is ``c = (z_0 + z_1 + ... + z_{K-1}) / K``, accumulated as in ``infer._decide``.
-3. Accept: greedy keeps the longest prefix with ``d_{i+1} == argmax c_{t+i}`` and emits
+1. Draft: feed x_t, d_1, ..., d_{m-1} to stage 0 one position at a time
+   (``DecodeState.extend(0, .)``, the very path ``full`` decoding uses), drafting ``d_{i+1}`` from
+   ``z_0`` at position t+i: m sequential stage-0 steps.
+2. Verify: place d_m and call ``extend(K-1, t+m+1)``: the chain runs d_m's position through
+   stage 0 and then stages 1..K-1 over the m+1 positions, one chunk per stage, starting from the
+   draft's stage-0 hidden states (reused, never recomputed). Stage 0's log-probs for the m+1
+   positions come from the drafting steps and the verify chunk. The full PoE at position t+i is
+   ``c = (z_0 + z_1 + ... + z_{K-1}) / K``, accumulated as in ``engine._decide``.
+3. Accept, per row: greedy keeps the longest prefix with ``d_{i+1} == argmax c_{t+i}`` and emits
    ``argmax c`` at the first mismatch (or the bonus token after m accepts), so the output is
    ``full``'s greedy output. Sampling (temperature > 0) uses the rule of Leviathan et al. 2023
    (arXiv:2211.17192) and Chen et al. 2023 (arXiv:2302.01318): draft ``d ~ q`` (stage 0's processed
    distribution), accept with probability ``min(1, p(d)/q(d))`` (p = the full model's processed
    distribution), on the first rejection draw from ``norm(max(0, p - q))``, after m accepts draw
    the bonus from p. Every emitted token is then distributed exactly as ``full`` sampling.
-4. Roll back: ``KVCache.truncate(t + n + 1)`` drops the rejected drafts' states in every layer.
+4. Roll back, per row: with ``n_b`` row b's accepted count and ``n = max_b n_b`` over live rows,
+   ``KVCache.truncate(t + n + 1)`` drops the drafts nobody kept; row b's slots
+   ``t+n_b+1 .. t+n`` become holes in its validity mask (``DecodeState.reject``), and its
+   positions continue after its last kept token. Every row thus advances by its own count in the
+   same batch (no row waits for the slowest), at the price of holes that attention masks out;
+   when the holes would overflow the cache, ``DecodeState.compact`` repacks it.
 
-Batches decode in lockstep (one cache), so a round keeps ``n = min`` accepted count over live rows:
-every row emits ``d_1..d_n`` then one more token. For a row whose own count exceeds n, that token
-is its accepted draft ``d_{n+1}``: under greedy it equals ``argmax c`` anyway; under sampling a
-prefix of an accepted run is still exact, because where a row's output stops depends only on
-earlier positions and on other rows' independent draws. Statistics count the n tokens actually
-used: ``acceptance = accepted / proposed``, ``mean_accepted = accepted / (rows x rounds)``.
+``acceptance = accepted / proposed`` and ``mean_accepted = accepted / (rows x rounds)`` count
+each live row's own accepted drafts; ``result.accepted[row]`` lists them per round.
 """
 
 from __future__ import annotations
@@ -36,36 +38,43 @@ import torch.nn.functional as F
 def decode(st, rows, pending: torch.Tensor, t: int, m: int, sampler):
     """Speculative rounds until ``rows`` is done; yields ``(row, token)`` events.
 
-    ``st``: ``infer.DecodeState`` with every stage filled to t; ``rows``: ``infer.Rows``;
-    ``pending``: ``[B]`` tokens already emitted for position t; ``sampler``: ``infer.Sampler``."""
+    ``st``: ``engine.DecodeState`` with every stage filled to t; ``rows``: ``engine.Rows``;
+    ``pending``: ``[B]`` tokens already emitted for position t; ``sampler``: ``engine.Sampler``."""
     K = st.K
     greedy = sampler.greedy
+    keep = rows.req.return_logprobs
     while not rows.done():
-        mm = min(m, rows.remaining() - 1)  # never draft past max_new_tokens (nor the cache)
+        mm = max(0, min(m, rows.remaining() - 1))  # never draft past max_new_tokens
+        if t + mm + 1 > st.max_len:
+            t = st.compact(rows.active)  # every stage is filled to t here: repack the holes away
+        ban = rows.ban(mm + 1)  # [B, mm+1] stop tokens banned by min_new_tokens, or None
         z0, drafts, qs = [], [], []
         cur = pending
-        for i in range(mm + 1):
-            st.tok[:, t + i] = cur
+        for i in range(mm):
+            st.place(t + i, cur)
             st.extend(0, t + i + 1)
             z = st.log_probs(0, t + i, t + i + 1)[:, 0]
+            if ban is not None:
+                z = rows.banned(z, ban[:, i])
             z0.append(z)
-            if i < mm:
-                if greedy:
-                    cur = z.argmax(-1)
-                else:
-                    q = sampler.probs(z)
-                    cur = sampler.draw(q)
-                    qs.append(q)
-                drafts.append(cur)
+            if greedy:
+                cur = z.argmax(-1)
+            else:
+                q = sampler.probs(z)
+                cur = sampler.draw(q)
+                qs.append(q)
+            drafts.append(cur)
         end = t + mm + 1
-        st.extend(K - 1, end)  # stages 1..K-1 over the m+1 positions, from the draft's stage-0 states
-        acc = torch.stack(z0, dim=1)
+        st.place(t + mm, cur)
+        st.extend(K - 1, end)  # d_m through stage 0, then stages 1..K-1 over the m+1 positions
+        acc = st.log_probs(0, t + mm, end)
+        if mm:
+            acc = torch.cat([torch.stack(z0, dim=1), acc], dim=1)
         for s in range(1, K):
             acc = acc + st.log_probs(s, t, end)
-        c = acc / K  # [B, mm+1, V]
+        c = rows.banned(acc / K, ban)  # [B, mm+1, V]
         B = c.size(0)
         D = torch.stack(drafts, dim=1) if mm else torch.zeros(B, 0, dtype=torch.long, device=c.device)
-        keep = rows.req.return_logprobs
         logp = F.log_softmax(c, -1) if keep or not greedy else None
         if greedy:
             full_tok = c.argmax(-1)
@@ -80,22 +89,34 @@ def decode(st, rows, pending: torch.Tensor, t: int, m: int, sampler):
             else:
                 ok = torch.zeros(B, 0, dtype=torch.bool, device=c.device)
         accepted = ok.long().cumprod(dim=1).sum(dim=1)  # leading accepts per row
+        # A row proposes no more drafts than it still needs (as it would alone): a longer accepted
+        # run is cut, and the token after the cut is its accepted draft.
+        cap = (torch.tensor(rows.remaining_per_row(), device=c.device) - 1).clamp(0, mm)
+        cut = accepted > cap
+        accepted = torch.minimum(accepted, cap)
         live = rows.active
-        n = int(accepted[live].min()) if bool(live.any()) else 0
+        n = int(accepted[live].max()) if bool(live.any()) else 0
+        accepted = torch.where(live, accepted, torch.full_like(accepted, n))  # finished rows leave no holes
+        rowi = torch.arange(B, device=c.device)
         if greedy:
-            last = full_tok[:, n]
-        elif n < mm:
-            resid = (p[:, n] - Q[:, n]).clamp_min(0)
-            empty = resid.sum(-1, keepdim=True) <= 0  # p == q: the residual is undefined, p itself is right
-            resid = torch.where(empty, p[:, n], resid)
-            ahead = (accepted > n).unsqueeze(-1)  # rows that accepted d_{n+1} too keep it
-            dist = torch.where(ahead, F.one_hot(D[:, n], p.size(-1)).to(p.dtype), resid)
-            last = sampler.draw(dist)
+            last = full_tok[rowi, accepted]
         else:
-            last = sampler.draw(p[:, mm])  # bonus token after mm accepts
-        rows.spec_round(mm, n)
-        for j in range(n):
-            yield from rows.emit(D[:, j], K, logp[:, j] if keep else None)
-        yield from rows.emit(last, K, logp[:, n] if keep else None)
+            p_n = p[rowi, accepted]
+            if mm:
+                resid = (p_n - Q[rowi, accepted.clamp(max=mm - 1)]).clamp_min(0)
+                empty = resid.sum(-1, keepdim=True) <= 0  # p == q: the residual is undefined, p itself is right
+                resid = torch.where(empty, p_n, resid)
+                dist = torch.where((accepted < mm)[:, None], resid, p_n)  # bonus from p after mm accepts
+            else:
+                dist = p_n
+            last = sampler.draw(dist)
+        if mm:
+            last = torch.where(cut & live, D[rowi, accepted.clamp(max=mm - 1)], last)
+        acc_list = accepted.tolist()
+        rows.spec_round(cap.tolist(), acc_list)
+        for j in range(n + 1):
+            tok = last if j == mm else torch.where(accepted == j, last, D[:, j])
+            yield from rows.emit(tok, K, logp[:, j] if keep else None, [a >= j for a in acc_list])
         st.truncate(t + n + 1)
+        st.reject(t, accepted, t + n + 1, live)
         pending, t = last, t + n + 1

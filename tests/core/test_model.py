@@ -149,3 +149,78 @@ def test_stage_by_stage_backward_matches_one_backward():
         assert torch.allclose(pa.grad, pb.grad, atol=1e-7, rtol=1e-5), name
     with pytest.raises(ValueError, match="objective='poe'"):
         tiny(objective="bp").backward_local(idx, y)
+
+
+def test_positions_and_attention_mask_by_hand():
+    from poelm.core.inputs import attention_mask, positions_from_mask
+
+    valid = torch.tensor([[False, False, True, True], [True, True, False, True]])  # left pad; a hole
+    assert positions_from_mask(valid).tolist() == [[0, 0, 0, 1], [0, 1, 1, 2]]
+    m = attention_mask(valid, 2)  # the last two slots are queries
+    assert m.shape == (2, 1, 2, 4)
+    assert m[0, 0].tolist() == [[False, False, True, False], [False, False, True, True]]
+    # slot 2 of row 1 is a hole: no real query sees it, but it sees itself (its row is never empty)
+    assert m[1, 0].tolist() == [[True, True, True, False], [True, True, False, True]]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_gives_each_row_its_own_log_probs(side):
+    m = tiny().eval()
+    _perturb(m)
+    g = torch.Generator().manual_seed(10)
+    rows = [torch.randint(0, 300, (n,), generator=g) for n in (3, 9, 6, 1)]
+    L = 9
+    ids = torch.full((4, L), 7, dtype=torch.long)
+    mask = torch.zeros(4, L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(L - len(r), L) if side == "left" else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = r, 1
+    with torch.no_grad():
+        out = m(ids, attention_mask=mask)
+        assert torch.isfinite(out).all()  # padding rows stay finite (they would poison real ones otherwise)
+        for i, r in enumerate(rows):
+            assert torch.allclose(out[i][mask[i].bool()], m(r[None])[0], atol=1e-5)
+
+
+def test_padded_cached_decode_equals_unpadded():
+    """Left-padded prefill then one slot at a time with per-row positions: each row's log-probs
+    equal its own unpadded cached decode."""
+    from poelm.core.inputs import positions_from_mask
+
+    m = tiny().eval()
+    _perturb(m)
+    g = torch.Generator().manual_seed(11)
+    rows = [torch.randint(0, 300, (n,), generator=g) for n in (2, 5)]
+    cont = torch.randint(0, 300, (2, 4), generator=g)
+    L = 5
+    ids = torch.zeros(2, L + 4, dtype=torch.long)
+    valid = torch.zeros(2, L + 4, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r) : L], valid[i, L - len(r) :] = r, True
+    ids[:, L:] = cont
+    pos = positions_from_mask(valid)
+    cache = KVCache(m.config, 2, 16)
+    with torch.no_grad():
+        parts = [m.stage_log_probs(ids[:, :L], cache=cache, pos=0, positions=pos[:, :L], valid=valid[:, :L])[:, :, -1:]]
+        for t in range(L, L + 4):
+            parts.append(m.stage_log_probs(ids[:, t : t + 1], cache=cache, pos=t, positions=pos[:, t : t + 1], valid=valid[:, : t + 1]))
+        got = torch.cat(parts, dim=2)
+        for i, r in enumerate(rows):
+            ref = m.stage_log_probs(torch.cat([r, cont[i]])[None])[:, 0, len(r) - 1 :]
+            assert torch.allclose(got[:, i], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("ids,msg", [
+    ([[1, 2]], "torch.LongTensor"),
+    (torch.tensor([[1.0, 2.0]]), "integer token ids"),
+    (torch.tensor([1, 2]), "2-D"),
+    (torch.zeros(1, 0, dtype=torch.long), "empty"),
+    (torch.tensor([[1, 300]]), "token id 300 outside the vocabulary \\[0, 300\\)"),
+    (torch.tensor([[-2, 3]]), "token id -2"),
+])
+def test_check_input_ids_names_problem_and_fix(ids, msg):
+    from poelm.core.inputs import check_input_ids
+
+    with pytest.raises(ValueError, match=msg) as e:
+        check_input_ids(ids, 300)
+    assert ":" in str(e.value) and "\n" not in str(e.value)

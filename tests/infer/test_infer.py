@@ -134,6 +134,102 @@ def test_wand_with_certified_bounds_exits_early_and_still_equals_full():
     assert wand.stats["mean_depth"] < 3.0
 
 
+# ----------------------------------------------------------------------------- padded batches
+MODES = [dict(mode="full"), dict(mode="stage=0"), dict(mode="stage=1"), dict(mode="prefix=2"), dict(mode="wand", bounds=[1.0, 0.5]),
+         dict(mode="route", tau=0.5), dict(mode="speculative", m=1), dict(mode="speculative", m=3), dict(mode="speculative", m=6)]
+
+
+@pytest.mark.parametrize("kw", MODES, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_left_padded_batch_equals_each_prompt_alone(kw):
+    """Five prompts of lengths 1..9 in one batch (no regrouping by length): each row's tokens,
+    exit depths and per-round accepted counts are those it gets alone."""
+    model = make(seed=3, head_noise=0.3)
+    eng = Engine(model)
+    ps = prompts_for(64, 5, [4, 1, 9, 6, 2], seed=3)
+    batch = eng.generate(ps, 20, **kw)
+    (rows, st), = eng.last_states
+    assert rows == list(range(5)) and st.ragged  # one padded batch
+    alone = [eng.generate(p, 20, **kw) for p in ps]
+    assert batch.tokens == [a.tokens[0] for a in alone]
+    assert batch.depths == [a.depths[0] for a in alone]
+    assert batch.accepted == [a.accepted[0] for a in alone]
+    if kw["mode"] in ("wand", "route"):
+        assert len({d for row in batch.depths for d in row}) > 1  # rows exit at different depths in one batch
+    if kw["mode"] == "speculative" and kw["m"] > 1:
+        assert len({tuple(r) for r in batch.accepted}) > 1  # rows keep their own accepted counts
+
+
+def test_speculative_holes_and_repacking_keep_every_row_exact(monkeypatch):
+    """No slack for holes: the cache is repacked again and again; tokens and accepted counts stay
+    each row's own, and right after every repack each live row's valid slots hold exactly the
+    positions 0.. and the K/V of that row alone."""
+    import poelm.infer.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "SPEC_SLACK_ROUNDS", 0)
+    snaps = []
+    compact = engine_mod.DecodeState.compact
+
+    def recording(self, live):
+        n = compact(self, live)
+        for b in live.nonzero().flatten().tolist():
+            slots = self.valid[b, :n].nonzero().flatten()
+            snaps.append((b, self.tok[b, slots].tolist(), self.posid[b, slots].tolist(), self.cache.k[:, b][:, :, slots].clone(),
+                          self.cache.v[:, b][:, :, slots].clone()))
+        return n
+
+    monkeypatch.setattr(engine_mod.DecodeState, "compact", recording)
+    model = make(seed=3, head_noise=0.3)
+    eng = Engine(model)
+    ps = prompts_for(64, 4, [3, 8, 1, 5], seed=4)
+    res = eng.generate(ps, 30, mode="speculative", m=3)
+    assert res.stats["compactions"] > 1 and len({b for b, *_ in snaps}) == 4
+    alone = [eng.generate(p, 30, mode="speculative", m=3) for p in ps]
+    assert res.tokens == [a.tokens[0] for a in alone] and res.accepted == [a.accepted[0] for a in alone]
+    for b, toks, pos, k, v in snaps:
+        assert toks == (ps[b] + res.tokens[b])[: len(toks)] and pos == list(range(len(toks)))
+        ref = KVCache(model.config, 1, 64)
+        with torch.no_grad():
+            model.hiddens(torch.tensor([toks]), cache=ref, detach=False)
+        assert torch.allclose(k, ref.k[:, 0, :, : len(toks)], atol=1e-5)
+        assert torch.allclose(v, ref.v[:, 0, :, : len(toks)], atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(mode="full"), dict(mode="speculative", m=3), dict(mode="wand", bounds=[math.inf] * 2), dict(mode="stage=0")],
+                         ids=lambda kw: kw["mode"])
+def test_min_new_tokens_bans_stop_tokens_until_reached(kw):
+    model = make(seed=12)
+    eng = Engine(model)
+    ps = prompts_for(64, 3, [4, 2, 6], seed=12)
+    free = eng.generate(ps, 12, **kw)
+    stop = free.tokens[0][1]  # row 0 would stop at its second token
+    short = eng.generate(ps, 12, stop_tokens=[stop], **kw)
+    assert short.tokens[0] == free.tokens[0][:2]
+    res = eng.generate(ps, 12, stop_tokens=[stop], min_new_tokens=6, **kw)
+    for row in res.tokens:
+        assert stop not in row[:6] and (stop not in row or row.index(stop) == len(row) - 1)
+    # the banned decoding is greedy decoding of the PoE with the stop token's log-prob at -inf
+    stages = {"full": None, "speculative": None, "wand": None, "stage=0": 0}[kw["mode"]]
+    for p, row in zip(ps, res.tokens):
+        with torch.no_grad():
+            logp = model(torch.tensor([p + row]), stages=stages)[0, len(p) - 1 : -1]
+        logp[:6, stop] = -math.inf
+        assert row == logp.argmax(-1).tolist()
+    assert len(res.tokens[0]) > 2
+
+
+def test_global_seed_follows_torch_manual_seed():
+    model = make(seed=9)
+    eng = Engine(model)
+    ps = prompts_for(64, 2, [3, 5], seed=9)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append(eng.generate(ps, 10, temperature=1.0, seed="global").tokens)
+    assert runs[0] == runs[1]
+    torch.manual_seed(6)
+    assert eng.generate(ps, 10, temperature=1.0, seed="global").tokens != runs[0]
+
+
 # ----------------------------------------------------------------------------- step logits vs cache-free model
 @pytest.mark.parametrize("mode,stages", [("stage=0", 0), ("stage=1", 1), ("stage=2", 2), ("prefix=1", range(1)), ("prefix=2", range(2)), ("full", None)])
 def test_step_log_probs_equal_cache_free_model(mode, stages):

@@ -70,6 +70,28 @@ def test_pipeline_text_generation(branch):
         assert out[0]["generated_text"] == want
 
 
+def test_pipeline_batch_of_three_prompt_lengths(branch):
+    """``pipeline(..., batch_size=3)`` left-pads prompts of three lengths into one generate()
+    call; every output is that prompt's own greedy PoE continuation, in every PoE mode."""
+    from transformers import pipeline
+
+    pipe = pipeline("text-generation", model=str(branch["dir"]), trust_remote_code=True, device="cpu")
+    tok, model = branch["tok"], branch["model"]
+    texts = ["Hello", "The quick brown fox jumps over the lazy", "Lorem ipsum dolor"]
+    assert len({len(tok.encode_doc(t)) for t in texts}) == 3
+    calls = []
+    hook = pipe.model.register_forward_pre_hook(lambda mod, args, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        outs = pipe(texts, batch_size=3, max_new_tokens=MAX_NEW, do_sample=False, return_full_text=False)
+    finally:
+        hook.remove()
+    assert calls[0][0] == 3  # one batch of three, not three batches
+    want = [tok.decode(poe_greedy(model, tok.encode_doc(t), MAX_NEW, tok.bos_id)) for t in texts]
+    assert [o[0]["generated_text"] for o in outs] == want
+    spec = pipe(texts, batch_size=3, max_new_tokens=MAX_NEW, do_sample=False, return_full_text=False, poe_mode="speculative")
+    assert [o[0]["generated_text"] for o in spec] == want
+
+
 @pytest.fixture(scope="module")
 def hflm(branch):
     pytest.importorskip("lm_eval", reason="lm_eval not installed (pip install 'lm_eval[hf]')")
@@ -95,6 +117,24 @@ def test_lm_eval_loglikelihood_equals_poe(branch, hflm):
         assert ctx[0] == tok.bos_id and ctx[1:] == tok.encode(r["context"].rstrip(" "))  # BOS, then the text
         assert ll == pytest.approx(poe_logprob(branch["model"], ctx, cont), abs=1e-4)
         assert isinstance(greedy, bool)
+
+
+def test_lm_eval_batch_of_four_equals_batch_of_one(branch, hflm):
+    """lm_eval's batched requests (right-padded loglikelihood batches, left-padded generate_until
+    batches) give exactly the batch-size-1 answers."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    hf4 = HFLM(pretrained=hflm.model, tokenizer=hflm.tokenizer, device="cpu", batch_size=4)
+    assert hf4.batch_size == 4
+    rows = ROWS * 2  # 8 requests of 4 lengths: two batches of four
+    ll = [Instance("loglikelihood", r, (r["context"], r["continuation"]), i) for i, r in enumerate(rows)]
+    one, four = hflm.loglikelihood(ll), hf4.loglikelihood(ll)
+    for (a, ga), (b, gb) in zip(one, four):
+        assert b == pytest.approx(a, abs=1e-4) and ga == gb
+    gen = [Instance("generate_until", r, (r["context"], {"until": ["\n"], "max_gen_toks": MAX_NEW, "do_sample": False}), i)
+           for i, r in enumerate(rows)]
+    assert hf4.generate_until(gen) == hflm.generate_until(gen)
 
 
 def test_lm_eval_generate_until_is_poe_greedy(branch, hflm):
