@@ -373,7 +373,8 @@ def section_measure(a, deadline: float) -> dict:
             h.weight.normal_(0, 0.02)
     model.to(a.device).eval()
     V, T = trunk["vocab_size"], trunk["max_seq_len"]
-    split, cal, B = (2048, 512, 4) if a.tiny else (262_144, 131_072, 16)
+    # 4 rows of 2048: the [K, rows, T, V] fp32 stage log-probs of one batch are then 4.3 GB
+    split, cal, B = (2048, 512, 4) if a.tiny else (262_144, 131_072, 4)
     tokens = torch.randint(1, V, (split + cal + 2,), generator=torch.Generator().manual_seed(0))
     tokens[::200] = 0
     tok = mc.ByteCounts(V)
