@@ -224,8 +224,15 @@ def label(n: int) -> str:
 
 
 def draw_intervals(ax, records) -> None:
-    """Error bars (95% CI) on the probe lines ``bpb_vs_step`` drew from ``plot_series``."""
-    colours = {ln.get_label(): ln.get_color() for ln in ax.get_lines()}
+    """Error bars (95% CI) on the probe lines ``bpb_vs_step`` drew from ``plot_series``, which are
+    restyled (dotted, star markers) so they do not read as one more stage."""
+    colours = {}
+    for ln in ax.get_lines():
+        if str(ln.get_label()).startswith("BPB if annealed here"):
+            ln.set_linestyle(":")
+            ln.set_marker("*")
+            ln.set_markersize(10)
+        colours[ln.get_label()] = ln.get_color()
     for r in rows(records):
         if r["annealed"] is None or r["annealed_ci"] is None:
             continue

@@ -35,6 +35,7 @@ with the phase for the same compute, for no gain in total time on one machine.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -236,6 +237,10 @@ class Prober:
             probe = _build(src, cool, out, trainer.rt, None, False, f"{trainer.out_dir.name}/{ckpt_mod.step_name(step)}", False)
             probe.publisher = trainer.publisher  # same queue: published after the step branch it forks from
             probe._val = trainer._val  # same data and tokenizer: the validation tokens are shared
+            if trainer.loader.state_dict() == probe.loader.state_dict():
+                # the phase's loader stands exactly where the save left it: a copy keeps its
+                # tokenised unit, so the probe does not tokenise the corpus again
+                probe.loader = copy.deepcopy(trainer.loader)
             summary = probe.run()
             del probe, src
         finally:

@@ -83,6 +83,48 @@ def test_cooldown_schedule_source_and_main_untouched(run, tmp_path, shape):
     assert publish.verify(repo) == []
 
 
+def _probe_dir(run, tmp_path):
+    """The local checkpoint dir of the published ``cooldown-00002-4`` (made here when missing)."""
+    repo = run / "repo"
+    d = run / "probe-00002-4"
+    if not d.is_dir() or "cooldown-00002-4" not in publish.open_repo(repo).refs():
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+        cooldown.cooldown(run / "run" / "step-00002", d, steps=4, progress=False,
+                          publisher=lambda: publish.Publisher(str(repo), force=True))
+    return d
+
+
+def test_probe_is_measured_on_the_trajectory_slices(run, tmp_path):
+    from poelm.measure import run as measure
+    from poelm.report import tables as report
+
+    repo = run / "repo"
+    _probe_dir(run, tmp_path)
+    kw = dict(split_tokens=1024, calib_tokens=512, probe_set=None, progress=False, samples=50)
+    seed = measure.measure_target(f"{repo}@step-00002", **kw)
+    probe = measure.measure_target(f"{repo}@cooldown-00002-4", against=f"{repo}@step-00002", **kw)
+    assert probe["branch"] == "cooldown-00002-4" and probe["step"] == 6 and probe["phase"]["kind"] == "cooldown"
+    for key in ("split_tokens", "calib_tokens", "seq_len", "data"):
+        assert probe[key] == seed[key], key
+    assert probe["bootstrap"]["blocks"] == seed["bootstrap"]["blocks"]
+    # the slices are a function of the data config and the tokenizer: both are the source's own
+    from poelm.data import corpus
+    from poelm.data.tokenizer import Tokenizer
+
+    a, b = checkpoint.load(run / "run" / "step-00002"), checkpoint.load(_probe_dir(run, tmp_path) / "step-00006")
+    assert a.config.data == b.config.data and a.config.seq_len == b.config.seq_len
+    ta, tb = Tokenizer.load(a.path), Tokenizer.load(b.path)
+    assert ta.fingerprint == tb.fingerprint
+    assert torch.equal(corpus.val_tokens(a.config.data, ta, 2048, allow_fewer=True), corpus.val_tokens(b.config.data, tb, 2048, allow_fewer=True))
+    assert publish.verify(repo) == []  # the measurement commit keeps the branch a cooldown
+    recs = report.load_records(repo)
+    host = next(r for r in recs if r["branch"] == "step-00002")
+    assert [p["branch"] for p in host["cooldown_probes"]] == ["cooldown-00002-4"]
+    assert "cooldown-00002-4" not in [r["branch"] for r in recs]
+
+
 def test_cooldown_continues_the_run_exactly(run, tmp_path):
     """From step 2, a cooldown whose to_lrm equals the phase's lrm (1.0: a constant "decay") is the
     run itself: the same weights at step 4 as the trajectory's own step-00004."""
@@ -95,9 +137,7 @@ def test_cooldown_continues_the_run_exactly(run, tmp_path):
 def test_verify_knows_the_kind(run, tmp_path):
     repo = run / "repo"
     g = publish.open_repo(repo)
-    if "cooldown-00002-4" not in g.refs():
-        cooldown.cooldown(run / "run" / "step-00002", tmp_path / "cd", steps=4, progress=False,
-                          publisher=lambda: publish.Publisher(str(repo), force=True))
+    _probe_dir(run, tmp_path)
     refs = g.refs()
     g.update_refs([("cooldown-00004-3", refs["step-00002"], None)])  # a step branch's commit under a cooldown name
     try:
@@ -144,6 +184,11 @@ def test_prober_between_saves_leaves_the_phase_unchanged(run, tmp_path):
     for p in prober.probes:
         d = tmp_path / "probed" / "cooldowns" / f"cooldown-{p['step']:05d}-2"
         assert checkpoint.load(d / f"step-{p['step'] + 2:05d}").meta["lrm"] == 0.0
+    # the probe (which reuses the phase's loader) is the standalone cooldown of that save, bit for bit
+    cooldown.cooldown(tmp_path / "probed" / "step-00005", tmp_path / "alone", steps=2, progress=False)
+    a = load_file(str(tmp_path / "alone" / "step-00007" / "model.safetensors"))
+    b = load_file(str(tmp_path / "probed" / "cooldowns" / "cooldown-00005-2" / "step-00007" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(x) for x in (tmp_path / "probed" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "cooldown_skipped"] == [6]
 
