@@ -64,48 +64,59 @@ GPUS = {
 HEADROOM = 0.90
 
 
-def _dtype_bytes(cfg) -> tuple[int, str]:
-    """Bytes per activation element: 2 under bf16 autocast (``train.dtype`` auto or bf16 on a
-    GPU), 4 in fp32."""
-    return (4, "fp32") if cfg.train.dtype == "fp32" else (2, "bf16 autocast")
+def _bf16(cfg) -> bool:
+    """Activations under bf16 autocast (``train.dtype`` auto or bf16: a GPU run) or fp32."""
+    return cfg.train.dtype != "fp32"
 
 
-def layer_saved_elements(mcfg, layer: int) -> int:
-    """Elements per token that autograd keeps for the backward of one block (fp32, CPU SDPA).
+def layer_saved_bytes(mcfg, layer: int, bf16: bool = False) -> int:
+    """Bytes per token that autograd keeps for the backward of one block.
 
-    Counted from the forward (tested against saved-tensor hooks and peak memory): the block's
-    input and the x0-mixed stream, the two norms' outputs, q (rotary reads its halves), q and k
-    after rotary and after QK-norm, the attention output and its contiguous copy, the residual
-    after attention: 8 x ``n_embd``; k, v, rotary k, normed k: 3 x ``kv_dim`` plus 1 more; relu and
-    its square: 2 x ``intermediate``; per-token norm statistics ``2 + 2 n_head + n_kv_head``. A
-    value-embedding layer adds its embedding row and the gate (``kv_dim + 3 n_kv_head``)."""
+    fp32 (counted from the forward, tested against saved-tensor hooks and the CPU peak): the
+    block's input and the x0-mixed stream, the two norms' outputs, q (rotary reads its halves), q
+    and k after rotary and after QK-norm, the attention output and its contiguous copy, the
+    residual after attention: 8 x ``n_embd``; k, rotary k, normed k and v: 3 x ``kv_dim`` (plus
+    the norm statistics ``2 + 2 n_head + n_kv_head``); relu and its square: 2 x
+    ``intermediate``; 4 bytes each. A value-embedding layer adds its embedding row and the gate
+    (``kv_dim + 3 n_kv_head``).
+
+    bf16 autocast (an analysis of the same forward, not measured here: CPU runs are fp32): the
+    residual stream, the norms' inputs and the rotary outputs stay fp32 (the parameters and the
+    rotary tables are fp32), the matmul inputs are saved as their bf16 casts and the matmul and
+    attention outputs are bf16: ``28 n_embd + 10 kv_dim + 4 intermediate`` bytes, the value
+    embedding row fp32."""
     d, kvd, H, G = mcfg.n_embd, mcfg.kv_dim, mcfg.n_head, mcfg.n_kv_head
-    n = 8 * d + 3 * kvd + 2 * mcfg.intermediate + 2 + 2 * H + G
+    stats = 4 * (2 + 2 * H + G)
+    if bf16:
+        n = 28 * d + 10 * kvd + 4 * mcfg.intermediate + stats
+    else:
+        n = 4 * (8 * d + 3 * kvd + 2 * mcfg.intermediate) + stats
     if mcfg.has_value_embed(layer):
-        n += kvd + 3 * G
+        n += 4 * (kvd + 3 * G)
     return n
 
 
-def activation_bytes(mcfg, rows: int, seq_len: int, elem_bytes: int = 4) -> dict:
+def activation_bytes(mcfg, rows: int, seq_len: int, bf16: bool = False) -> dict:
     """Peak activation memory of ``backward_local`` on ``rows x seq_len`` tokens, in bytes.
 
-    ``saved``: the largest stage's saved tensors (plus the shared x0 for stages after the first);
-    ``head``: the fused head's phase (chunk buffers, four ``[V, d]`` and two ``[N, d]`` fp32
-    tensors); ``backward``: the transients of a block's backward (about four ``[N, intermediate]``
-    and two ``[N, n_embd]``). Peak = saved + max(head, backward). ``elem_bytes`` 2 (bf16) halves
-    the saved and transient tensors; the head's buffers stay fp32 (core/head.py)."""
+    ``saved``: the largest stage's saved tensors (``layer_saved_bytes``; plus the shared x0 for
+    stages after the first); ``head``: the fused head's phase: two ``[rows, V]`` fp32 chunk
+    buffers (plus the bf16 matmul output under autocast), four ``[V, d]`` fp32 tensors (the merged
+    head, its 1/softcap copy, dL/dW, one matmul result; bf16 casts add 6 bytes per element) and
+    two ``[N, d]`` fp32 (the normed input, dL/dx); ``backward``: the transients of a block's
+    backward (about four ``[N, intermediate]`` and two fp32 ``[N, n_embd]``). Peak = saved +
+    max(head, backward)."""
     N = rows * seq_len
     d, V = mcfg.n_embd, mcfg.vocab_size
     per_stage = []
     for k in range(mcfg.n_stages):
         a, b = mcfg.stage_bounds(k)
-        el = sum(layer_saved_elements(mcfg, i) for i in range(a, b)) + (d if k > 0 else 0)
-        per_stage.append(N * el * elem_bytes)
+        per_stage.append(N * (sum(layer_saved_bytes(mcfg, i, bf16) for i in range(a, b)) + (4 * d if k > 0 else 0)))
     largest = max(range(mcfg.n_stages), key=lambda k: per_stage[k])
     r = chunk_rows(N, V, d)
-    chunk = 2 * r * V * 4 + (r * V * 2 if elem_bytes == 2 else 0)  # + the bf16 matmul output under autocast
-    head_fixed = 4 * V * d * 4 + 2 * N * d * 4
-    backward = N * (4 * mcfg.intermediate + 2 * d) * elem_bytes
+    chunk = r * V * (10 if bf16 else 8)
+    head_fixed = V * d * (22 if bf16 else 16) + 8 * N * d
+    backward = N * (4 * mcfg.intermediate * (2 if bf16 else 4) + 8 * d)
     total = per_stage[largest] + max(chunk + head_fixed, backward)
     return {"stage": largest, "saved": per_stage[largest], "chunk": chunk, "chunk_rows": r, "head": chunk + head_fixed,
             "backward": backward, "total": total}
@@ -154,8 +165,8 @@ def plan(cfg, world: int, gpu: str = "h100", mfu: float = 0.4) -> dict:
     mc, t = cfg.model, cfg.train
     n_params = sum(p.numel() for p in model.parameters())
     state = optimizer_state_numel(model, world, mc.objective)
-    elem, dtype = _dtype_bytes(cfg)
-    act = activation_bytes(mc, t.device_batch_size, cfg.seq_len, elem)
+    bf16 = _bf16(cfg)
+    act = activation_bytes(mc, t.device_batch_size, cfg.seq_len, bf16)
     tokens_per_step = t.tokens_per_step or t.device_batch_size * cfg.seq_len * world
     accum = tokens_per_step // (t.device_batch_size * cfg.seq_len * world)
     mem = {"parameters": 4 * n_params, "gradients": 4 * n_params, "optimizer_state": 4 * max(state),
@@ -167,24 +178,34 @@ def plan(cfg, world: int, gpu: str = "h100", mfu: float = 0.4) -> dict:
         fixed = total - act["total"]
         for b in range(t.device_batch_size - 1, 0, -1):
             if tokens_per_step % (b * cfg.seq_len * world) == 0 or not t.tokens_per_step:
-                if fixed + activation_bytes(mc, b, cfg.seq_len, elem)["total"] <= HEADROOM * card.memory:
+                if fixed + activation_bytes(mc, b, cfg.seq_len, bf16)["total"] <= HEADROOM * card.memory:
                     suggestion = b
                     break
     flops = model.flops_per_token(context=cfg.seq_len / 2)
     step_s = tokens_per_step * flops["train_total"] / (world * card.bf16_flops * mfu)
     steps = cfg.schedule.steps
-    return {"world": world, "gpu": card, "mfu": mfu, "dtype": dtype, "n_params": n_params, "params": model.param_count(),
+    return {"world": world, "gpu": card, "mfu": mfu, "dtype": "bf16 autocast" if bf16 else "fp32", "n_params": n_params, "params": model.param_count(),
             "state_per_rank": [4 * s for s in state], "memory": mem, "total": total, "fits": fits, "suggestion": suggestion,
             "activation": act, "tokens_per_step": tokens_per_step, "accum": accum, "flops_per_token": flops["train_total"],
             "step_s": step_s, "steps": steps, "budget_tokens": steps * tokens_per_step, "budget_s": steps * step_s,
-            "device_batch_size": t.device_batch_size, "seq_len": cfg.seq_len, "vocab": mc.vocab_size}
+            "device_batch_size": t.device_batch_size, "seq_len": cfg.seq_len, "vocab": mc.vocab_size,
+            "stage_layers": list(mc.stage_layers)}
 
 
 def _gib(b: float) -> str:
     return f"{b / GiB:8.2f} GiB"
 
 
+def _count(n: float) -> str:
+    for unit, v in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= v:
+            return f"{n / v:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 def _duration(s: float) -> str:
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
     if s < 120:
         return f"{s:.1f} s"
     if s < 2 * 3600:
@@ -197,20 +218,22 @@ def _duration(s: float) -> str:
 def format_plan(p: dict, config_name: str) -> str:
     g, m, a, pc = p["gpu"], p["memory"], p["activation"], p["params"]
     st = p["state_per_rank"]
-    stage_layers = p["params"]["blocks_per_stage"]
+    stage_layers = p["stage_layers"]
     usable = HEADROOM * g.memory
     lines = [
         f"plan: {config_name} on {p['world']} x {g.name}, MFU {p['mfu']:g}, activations in {p['dtype']}",
-        f"model: {p['n_params'] / 1e9:.2f}B parameters (blocks {pc['blocks'] / 1e9:.2f}B, embedding {pc['embedding'] / 1e9:.2f}B, "
-        f"value embeddings {pc['value_embeds'] / 1e9:.2f}B, heads {(pc['lm_head'] + pc['stage_heads']) / 1e9:.2f}B), "
-        f"{len(stage_layers)} stages",
+        f"model: {_count(p['n_params'])} parameters (blocks {_count(pc['blocks'])}, embedding {_count(pc['embedding'])}, "
+        f"value embeddings {_count(pc['value_embeds'])}, heads {_count(pc['lm_head'] + pc['stage_heads'])}), "
+        f"K={len(stage_layers)} stages {tuple(stage_layers)}",
         f"batch: {p['tokens_per_step']:,} tokens per step = {p['world']} ranks x {p['accum']} micro-steps (accumulation) x "
         f"{p['device_batch_size']} rows x {p['seq_len']}",
         "memory per rank:",
         f"  parameters (fp32, replicated)          {_gib(m['parameters'])}",
         f"  gradients (fp32, full until the step)  {_gib(m['gradients'])}",
         f"  optimizer state (ZeRO-2 shard)         {_gib(m['optimizer_state'])}   (largest rank; smallest {min(st) / GiB:.2f} GiB)",
-        f"  activations, stage {a['stage']} (largest)        {_gib(m['activations'])}   (saved {a['saved'] / GiB:.2f} GiB + backward transients)",
+        f"  activations, stage {a['stage']} (largest)        {_gib(m['activations'])}   ("
+        + (f"saved tensors of its {p['stage_layers'][a['stage']]} layers" if a["backward"] <= a["head"] else
+           f"saved {a['saved'] / GiB:.2f} GiB of its {p['stage_layers'][a['stage']]} layers + backward transients") + ")",
         f"  head / logit chunk                     {_gib(m['head_chunk'])}   ({a['chunk_rows']} positions x {p['vocab']:,} logits per chunk, "
         f"plus [V, d] and [N, d] buffers)",
         f"  total                                  {_gib(p['total'])}   of {g.memory / GiB:.1f} GiB ({usable / GiB:.1f} GiB usable at {HEADROOM:.0%}): "
@@ -218,7 +241,7 @@ def format_plan(p: dict, config_name: str) -> str:
                                     else "does not fit even at device_batch_size=1: use more ranks or a smaller model")),
         f"compute: {p['flops_per_token']:.3g} FLOPs per token (training, 3x forward); one step {_duration(p['step_s'])} at MFU {p['mfu']:g} "
         f"({g.bf16_flops / 1e12:.0f} TFLOP/s dense bf16 per GPU)",
-        f"budget: {p['steps']:,} steps x {p['tokens_per_step']:,} tokens = {p['budget_tokens'] / 1e9:.1f}B tokens: {_duration(p['budget_s'])}",
+        f"budget: {p['steps']:,} steps x {p['tokens_per_step']:,} tokens = {_count(p['budget_tokens'])} tokens: {_duration(p['budget_s'])}",
     ]
     return "\n".join(lines)
 
