@@ -305,15 +305,16 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, inputs=None, generation_config=None, poe_mode: str | None = None, poe_bounds=None, poe_tau=None, poe_m: int | None = None,
-                 **kwargs):
+    def generate(self, inputs=None, generation_config=None, poe_mode: str | None = None, poe_bounds=None, poe_tau=None, poe_m=None,
+                 poe_draft: int | None = None, **kwargs):
         """transformers ``generate()``, with every PoE decoding mode one keyword away.
 
         ``poe_mode``: ``"full"`` (default; PoE over all K stages), ``"stage=k"``, ``"prefix=K'"``,
         ``"wand"`` (adaptive depth, ``poe_bounds`` default this branch's calibrated
         ``poe_wand_p99_bounds_per_stage_head``), ``"route"`` (stage 0 alone when its max probability
         >= ``poe_tau``, default the calibrated ``poe_routing.tau``) or ``"speculative"`` (stage-0
-        drafts of ``poe_m`` tokens, default 4, verified by the full model). When not passed it is
+        drafts of ``poe_m`` tokens, default 4, or ``"auto"``: chosen each round from the measured
+        acceptance; ``poe_draft=J`` drafts with the PoE of stages 0..J-1). When not passed it is
         read from ``generation_config.poe_mode`` (transformers keeps unknown GenerationConfig
         attributes, so a saved generation config or a pipeline can carry it).
 
@@ -351,8 +352,8 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
         except eng.PoelmError as e:
             raise ValueError(str(e)) from None
         mode = parsed["mode"]
-        if mode not in ENGINE_MODES and (poe_bounds is not None or poe_tau is not None or poe_m is not None):
-            raise ValueError(f"poe_bounds / poe_tau / poe_m apply to poe_mode wand / route / speculative, not {text!r}")
+        if mode not in ENGINE_MODES and any(v is not None for v in (poe_bounds, poe_tau, poe_m, poe_draft)):
+            raise ValueError(f"poe_bounds / poe_tau / poe_m / poe_draft apply to poe_mode wand / route / speculative, not {text!r}")
         self._check_generate(ids, gc, kwargs)
         if mode == "stage":
             kwargs["stages"] = parsed["stage"]
@@ -370,10 +371,12 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
         elif mode == "route":
             routing = getattr(self.config, "poe_routing", None) or {}
             opts["tau"] = poe_tau if poe_tau is not None else routing.get("tau")
+            opts["confidence"] = routing.get("confidence") or "maxprob"  # threshold the kind that was calibrated
             if opts["tau"] is None:
                 raise ValueError("poe_mode='route' needs tau: this checkpoint is not calibrated (run `poelm measure`); pass poe_tau=...")
         else:
             opts["m"] = 4 if poe_m is None else poe_m
+            opts["draft"] = 1 if poe_draft is None else poe_draft
         for key in ("output_attentions", "output_hidden_states"):
             if kwargs.get(key) or getattr(gc, key, False):
                 raise ValueError(f"{key} is not available with poe_mode={text!r} (the engine keeps its own cache); use poe_mode='full'")

@@ -79,6 +79,8 @@ BOUNDS_KEY = "poe_wand_p99_bounds_per_stage_head"
 # accepted drafts leave; a repack (``DecodeState.compact``, one copy of the cache) runs when they
 # are used up, so a larger value trades memory for fewer repacks.
 SPEC_SLACK_ROUNDS = 8
+# m="auto": the draft length of each round is chosen in 1..AUTO_M_MAX (speculative.choose_m).
+AUTO_M_MAX = 8
 
 
 # ----------------------------------------------------------------------------- requests
@@ -95,6 +97,8 @@ class Request:
     stop: frozenset = frozenset()
     return_logprobs: bool = False
     min_new: int = 0
+    draft: int = 1  # speculative: stages 0..draft-1 draft (their PoE), the rest verify
+    m_auto: bool = False  # speculative: m chosen each round from the measured acceptance (m = the largest allowed)
 
 
 def parse_mode(text: str) -> dict:
@@ -143,7 +147,7 @@ def _prompts(prompt_ids, V: int) -> list[list[int]]:
 
 
 def build_request(model, prompts, max_new_tokens, mode, stage, prefix, bounds, tau, m, temperature, top_k, top_p, stop_tokens, return_logprobs,
-                  min_new_tokens: int = 0, confidence: str = "maxprob") -> Request:
+                  min_new_tokens: int = 0, confidence: str = "maxprob", draft: int = 1) -> Request:
     """Validate one call; every problem is one ``PoelmError`` line."""
     cfg = model.config
     K = cfg.n_stages
@@ -192,9 +196,15 @@ def build_request(model, prompts, max_new_tokens, mode, stage, prefix, bounds, t
             raise PoelmError(f"route confidence must be maxprob or margin (the kind `poelm measure` calibrated), got {confidence!r}")
         req.confidence = confidence
     elif mode == "speculative":
-        if not isinstance(m, int) or m < 1:
-            raise PoelmError(f"m (draft length) must be an integer >= 1, got {m!r}")
-        req.m = m
+        if m == "auto":
+            req.m, req.m_auto = AUTO_M_MAX, True
+        elif not isinstance(m, int) or m < 1:
+            raise PoelmError(f"m (draft length) must be an integer >= 1 or 'auto', got {m!r}")
+        else:
+            req.m = m
+        if not isinstance(draft, int) or not 1 <= draft <= K:
+            raise PoelmError(f"draft (stages that draft) must be an integer in 1..{K}, got {draft!r}")
+        req.draft = draft
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise PoelmError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
@@ -279,6 +289,7 @@ class Rows:
                 st["proposed"] += proposed[i]
                 st["accepted"] += accepted[i]
                 st["accept_hist"][accepted[i]] += 1
+                st["rejections"] += accepted[i] < proposed[i]
                 self.out.accepted[i].append(accepted[i])
 
 
@@ -307,12 +318,14 @@ class Engine:
 
     def generate(self, prompt_ids, max_new_tokens: int, mode: str = "full", stage=None, prefix=None, bounds=None, tau=None, m: int = 4,
                  temperature: float = 0.0, top_k=None, top_p=None, seed=None, stop_tokens=(), on_token=None,
-                 return_logprobs: bool = False, min_new_tokens: int = 0, confidence: str = "maxprob") -> GenerationResult:
+                 return_logprobs: bool = False, min_new_tokens: int = 0, confidence: str = "maxprob", draft: int = 1) -> GenerationResult:
         """Generate ``max_new_tokens`` per row (fewer when a stop token ends it; stop tokens are
         banned before ``min_new_tokens``). ``prompt_ids``: one list of ids or a list of them, any
         lengths (one left-padded batch). ``seed``: an int (a private seeded generator), None (fresh
         entropy), or ``"global"`` (torch's global RNG, as transformers' ``generate`` draws, so
-        ``torch.manual_seed`` reproduces a run).
+        ``torch.manual_seed`` reproduces a run). Speculative: ``m`` drafts per round (``"auto"``:
+        chosen each round from the acceptance measured so far, ``speculative.choose_m``), drafted by
+        the PoE of stages ``0..draft-1`` (default 1: stage 0 alone).
 
         ``stats``: ``tokens_per_s`` (new tokens of all rows / wall time incl. prefill),
         ``mean_depth`` (stages whose heads decided a token, mean over tokens), ``acceptance``
@@ -323,20 +336,20 @@ class Engine:
         ``compactions`` (speculative cache repacks). Per row: ``result.depths`` and ``result.accepted``."""
         for row, tok in self.stream(prompt_ids, max_new_tokens, mode=mode, stage=stage, prefix=prefix, bounds=bounds, tau=tau, m=m,
                                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens,
-                                    return_logprobs=return_logprobs, min_new_tokens=min_new_tokens, confidence=confidence):
+                                    return_logprobs=return_logprobs, min_new_tokens=min_new_tokens, confidence=confidence, draft=draft):
             if on_token is not None:
                 on_token(row, tok)
         return self.last_result
 
     def stream(self, prompt_ids, max_new_tokens: int, mode: str = "full", stage=None, prefix=None, bounds=None, tau=None, m: int = 4,
                temperature: float = 0.0, top_k=None, top_p=None, seed=None, stop_tokens=(), return_logprobs: bool = False,
-               min_new_tokens: int = 0, confidence: str = "maxprob"):
+               min_new_tokens: int = 0, confidence: str = "maxprob", draft: int = 1):
         """Validate now, then return an iterator of ``(row, token)`` in production order;
         ``self.last_result`` holds the ``GenerationResult`` once it is exhausted."""
         model = self.model
         prompts = _prompts(prompt_ids, model.config.vocab_size)
         req = build_request(model, prompts, max_new_tokens, mode, stage, prefix, bounds, tau, m, temperature, top_k, top_p, stop_tokens,
-                            return_logprobs, min_new_tokens, confidence=confidence)
+                            return_logprobs, min_new_tokens, confidence=confidence, draft=draft)
         device = model.wte.weight.device
         if seed == "global":
             gen = None  # torch's default generator for the device
@@ -352,8 +365,8 @@ class Engine:
     def _events(self, prompts, req: Request, sampler: Sampler):
         model = self.model
         B = len(prompts)
-        stats = {"rounds": 0, "row_rounds": 0, "proposed": 0, "accepted": 0, "accept_hist": [0] * (req.m + 1), "depth_sum": 0,
-                 "depth_hist": [0] * model.config.n_stages}
+        stats = {"rounds": 0, "row_rounds": 0, "proposed": 0, "accepted": 0, "rejections": 0, "accept_hist": [0] * (req.m + 1),
+                 "m_hist": [0] * (req.m + 1), "depth_sum": 0, "depth_hist": [0] * model.config.n_stages}
         out = GenerationResult([[] for _ in range(B)], stats, [False] * B, [[] for _ in range(B)] if req.return_logprobs else None,
                                [[] for _ in range(B)], [[] for _ in range(B)])
         self.last_states = []
@@ -454,6 +467,7 @@ class Engine:
         )
         if not spec:
             st["accept_hist"] = []
+            st["m_hist"] = []
 
 
 def _speculative():

@@ -27,6 +27,10 @@ filled up to t:
 
 ``acceptance = accepted / proposed`` and ``mean_accepted = accepted / (rows x rounds)`` count
 each live row's own accepted drafts; ``result.accepted[row]`` lists them per round.
+
+Options. ``draft=J`` drafts with the PoE of stages 0..J-1 (``mean_{k<J} z_k``) instead of stage 0
+alone, and verifies with stages J..K-1: better drafts, dearer steps. ``m="auto"`` picks each
+round's draft length from the acceptance measured so far (``choose_m``).
 """
 
 from __future__ import annotations
@@ -35,28 +39,57 @@ import torch
 import torch.nn.functional as F
 
 
+def draft_cost(model, J: int) -> float:
+    """FLOPs share of the drafting stages 0..J-1 (heads included), ``model.flops_per_token``."""
+    f = model.flops_per_token()
+    return sum(f["per_stage"][:J]) / f["total"]
+
+
+def choose_m(accepted: int, rejections: int, m_max: int, cd: float) -> int:
+    """The draft length in 1..m_max with the most tokens per unit of cost.
+
+    Per-draft acceptance ``a`` is estimated as ``(accepted + 1) / (accepted + rejections + 2)``
+    (a draft run ends at its first rejection, so this is the geometric maximum-likelihood estimate
+    with a uniform prior). A round of m drafts then yields ``E(m) = sum_{i=0..m} a^i`` tokens
+    (the accepted run plus the correction or bonus token) and costs ``(m+1) cd + (1 - cd)`` full
+    forwards: m+1 positions through the drafting stages, one verify pass of the others (decode is
+    memory-bound: a chunk of m+1 positions costs about one position)."""
+    a = (accepted + 1) / (accepted + rejections + 2)
+    best, best_m = -1.0, 1
+    for m in range(1, m_max + 1):
+        rate = sum(a ** i for i in range(m + 1)) / ((m + 1) * cd + (1 - cd))
+        if rate > best:
+            best, best_m = rate, m
+    return best_m
+
+
 def decode(st, rows, pending: torch.Tensor, t: int, m: int, sampler):
     """Speculative rounds until ``rows`` is done; yields ``(row, token)`` events.
 
     ``st``: ``engine.DecodeState`` with every stage filled to t; ``rows``: ``engine.Rows``;
     ``pending``: ``[B]`` tokens already emitted for position t; ``sampler``: ``engine.Sampler``."""
-    K = st.K
+    K, J = st.K, rows.req.draft
     greedy = sampler.greedy
     keep = rows.req.return_logprobs
+    stats = rows.out.stats
+    cd = draft_cost(st.model, J) if rows.req.m_auto else None
     while not rows.done():
-        mm = max(0, min(m, rows.remaining() - 1))  # never draft past max_new_tokens
+        m_round = choose_m(stats["accepted"], stats["rejections"], m, cd) if cd is not None else m
+        mm = max(0, min(m_round, rows.remaining() - 1))  # never draft past max_new_tokens
+        stats["m_hist"][mm] += 1
         if t + mm + 1 > st.max_len:
             t = st.compact(rows.active)  # every stage is filled to t here: repack the holes away
         ban = rows.ban(mm + 1)  # [B, mm+1] stop tokens banned by min_new_tokens, or None
-        z0, drafts, qs = [], [], []
+        dsum, drafts, qs = [], [], []  # dsum: sum_{k<J} z_k at each drafted position
         cur = pending
         for i in range(mm):
             st.place(t + i, cur)
-            st.extend(0, t + i + 1)
-            z = st.log_probs(0, t + i, t + i + 1)[:, 0]
+            st.extend(J - 1, t + i + 1)
+            zs = _sum_log_probs(st, 0, J, t + i, t + i + 1)[:, 0]
+            dsum.append(zs)
+            z = zs / J if J > 1 else zs
             if ban is not None:
                 z = rows.banned(z, ban[:, i])
-            z0.append(z)
             if greedy:
                 cur = z.argmax(-1)
             else:
@@ -66,11 +99,11 @@ def decode(st, rows, pending: torch.Tensor, t: int, m: int, sampler):
             drafts.append(cur)
         end = t + mm + 1
         st.place(t + mm, cur)
-        st.extend(K - 1, end)  # d_m through stage 0, then stages 1..K-1 over the m+1 positions
-        acc = st.log_probs(0, t + mm, end)
+        st.extend(K - 1, end)  # d_m through the drafting stages, then stages J..K-1 over the m+1 positions
+        acc = _sum_log_probs(st, 0, J, t + mm, end)
         if mm:
-            acc = torch.cat([torch.stack(z0, dim=1), acc], dim=1)
-        for s in range(1, K):
+            acc = torch.cat([torch.stack(dsum, dim=1), acc], dim=1)
+        for s in range(J, K):  # onto the running sum, stage by stage: the summation order of engine._decide
             acc = acc + st.log_probs(s, t, end)
         c = rows.banned(acc / K, ban)  # [B, mm+1, V]
         B = c.size(0)
@@ -120,3 +153,12 @@ def decode(st, rows, pending: torch.Tensor, t: int, m: int, sampler):
         st.truncate(t + n + 1)
         st.reject(t, accepted, t + n + 1, live)
         pending, t = last, t + n + 1
+
+
+def _sum_log_probs(st, a: int, b: int, lo: int, hi: int) -> torch.Tensor:
+    """``sum_{a<=k<b} z_k`` at positions lo..hi-1, accumulated stage by stage in order (as
+    ``engine._decide`` does, so greedy ties resolve alike)."""
+    acc = st.log_probs(a, lo, hi)
+    for s in range(a + 1, b):
+        acc = acc + st.log_probs(s, lo, hi)
+    return acc

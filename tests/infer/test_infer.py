@@ -89,6 +89,34 @@ def test_speculative_batch_equals_full_batch_and_single_rows():
     assert [eng.generate(p, 17).tokens[0] for p in ps] == full.tokens
 
 
+@pytest.mark.parametrize("kw", [dict(draft=2), dict(draft=3), dict(m="auto"), dict(m="auto", draft=2)], ids=str)
+def test_speculative_prefix_drafts_and_auto_m_equal_full(kw):
+    """Drafting with the PoE of stages 0..J-1 (verify with J..K-1) and a draft length chosen each
+    round from the measured acceptance: greedy output is still full's, batch included."""
+    model = make(seed=3, head_noise=0.3)
+    eng = Engine(model)
+    ps = prompts_for(64, 4, [4, 1, 7, 3], seed=5)
+    full = eng.generate(ps, 25, mode="full").tokens
+    res = eng.generate(ps, 25, mode="speculative", **kw)
+    assert res.tokens == full
+    assert [eng.generate(p, 25, mode="speculative", **kw).tokens[0] for p in ps] == full
+    s = res.stats
+    assert s["accepted"] == sum(k * c for k, c in enumerate(s["accept_hist"])) and sum(s["m_hist"]) == s["rounds"]
+    if kw.get("draft") == 3:
+        assert s["acceptance"] == 1.0  # the full model drafting for itself
+    if kw.get("m") == "auto":
+        assert len(s["m_hist"]) == 9 and sum(s["m_hist"][1:]) > 0
+
+
+def test_choose_m_by_hand():
+    from poelm.infer.speculative import choose_m
+
+    assert choose_m(0, 100, 8, 0.5) == 1  # drafts almost never accepted: the shortest round
+    assert choose_m(1000, 0, 8, 0.1) == 8  # always accepted, cheap drafts: the longest
+    # a = 8/10 = 0.8, cd = 0.5: tokens/cost 1.8/1.5 = 1.2, 2.44/2 = 1.22, 2.952/2.5 = 1.18 -> m = 2
+    assert choose_m(7, 1, 8, 0.5) == 2
+
+
 def test_wand_with_infinite_bounds_is_full():
     model = make(seed=4, stage_layers=(1, 1, 1, 1))
     eng = Engine(model)
@@ -386,6 +414,8 @@ def test_stop_tokens_end_a_row_and_are_kept():
         (dict(mode="wand", bounds=[1.0]), "needs 2 bounds"),
         (dict(mode="route"), "route needs tau"),
         (dict(mode="speculative", m=0), "m \\(draft length\\)"),
+        (dict(mode="speculative", m="x"), "or 'auto'"),
+        (dict(mode="speculative", draft=4), "draft \\(stages that draft\\) must be an integer in 1..3"),
         (dict(prompt=[]), "empty prompt"),
         (dict(prompt=[[1, 2], []]), "empty prompt in batch row 1"),
         (dict(prompt=[1, 64]), "outside the vocabulary"),

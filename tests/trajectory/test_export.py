@@ -249,8 +249,9 @@ def test_batched_speculative_and_wand_equal_greedy_generate(exported):
     hf = exported["hf"]
     enc = left_padded(exported)
     greedy = hf.generate(**enc, max_new_tokens=16, do_sample=False)
-    for m in (1, 3, 5):
+    for m in (1, 3, 5, "auto"):
         assert torch.equal(hf.generate(**enc, max_new_tokens=16, poe_mode="speculative", poe_m=m), greedy)
+    assert torch.equal(hf.generate(**enc, max_new_tokens=16, poe_mode="speculative", poe_m=3, poe_draft=2), greedy)
     assert torch.equal(hf.generate(**enc, max_new_tokens=16, poe_mode="wand", poe_bounds=[math.inf, math.inf]), greedy)
     # bounds at the true range of every decoded position certify every exit: still greedy. Later
     # stages that barely move the stream (and near-zero stage heads) make early exits happen.
@@ -494,7 +495,7 @@ def test_bad_inputs_raise_value_errors_before_compute(exported):
             (dict(inputs=ok, max_new_tokens=5, poe_mode="speculative", num_beams=2), "num_beams"),
             (dict(inputs=ok, max_new_tokens=5, poe_mode="wand", repetition_penalty=1.3), "RepetitionPenaltyLogitsProcessor"),
             (dict(inputs=ok, max_new_tokens=5, poe_mode="route"), "needs tau"),
-            (dict(inputs=ok, max_new_tokens=5, poe_m=2), "poe_m apply to"),
+            (dict(inputs=ok, max_new_tokens=5, poe_m=2), "poe_m / poe_draft apply to"),
         ]
         for kw, msg in gen_cases:
             with pytest.raises(ValueError, match=msg) as e:
