@@ -30,8 +30,9 @@ What each figure counts:
   engine's ``proposed`` draft tokens and ``rounds``, and ``c = t(stage0) / t(full)`` per token of
   the same round: the first token of a prompt costs a full step, a round feeds d+1 positions to
   stage 0 one at a time and verifies them with stages 1..K-1 in one chunk, costed as one full step
-  minus one stage-0 step (a lower bound on a chunk of d+1 positions, so this bound is optimistic);
-  acceptance is exact, the wall-clock noise enters only through the ratio c of one round.
+  minus one stage-0 step (per-call costs dominate short chunks; a chunk of d+1 positions may cost
+  somewhat more); acceptance is exact, the wall-clock noise enters only through the ratio c of one
+  round.
 """
 
 from __future__ import annotations

@@ -169,8 +169,8 @@ def spec_timing_section(recs, seed_i):
     desc = (f"Timing protocol: {_timing_words(recs)}. Measured speedup = wall time of full-K / self-speculative greedy per round. "
             f"Implied speedup = N / (P + (proposed + rounds)·c + rounds·(1 − c)) from the measured acceptance (the engine's "
             f"proposed drafts and rounds over N tokens of P prompts) and the measured stage-0 time share c = t(stage 0) / "
-            f"t(full) per token of the same round, the verify chunk costed as one full step minus one stage-0 step (so it is "
-            f"an optimistic bound); it carries little of the machine's noise. Acceptance histogram: rounds that accepted "
+            f"t(full) per token of the same round, the verify chunk of d+1 positions costed as one full step minus one stage-0 "
+            f"step; it carries little of the machine's noise. Acceptance histogram: rounds that accepted "
             f"0 / 1 / ... / {m} drafts. Identical: speculative output equal to full-K greedy (SPEC: it must be).")
     header = ["Branch", "Step", "measured speedup", "implied speedup", "stage-0 time share c", f"acceptance histogram (0 … {m})",
               "full K ms / token", "identical to full"]

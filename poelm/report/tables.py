@@ -86,7 +86,7 @@ def load_records(source) -> list[dict]:
             recs = publish.read_records(source)
         else:
             raise PoelmError(f"{source} does not exist; pass a directory of records, record files, or a trajectory repo")
-    recs = cooldown_report.attach(recs, source)  # probe records: a field of the save they start from
+    recs = cooldown_report.attach(recs)  # probe records: a field of the save they start from
     steps = [int(r["step"]) for r in recs]
     dup = sorted({s for s in steps if steps.count(s) > 1})
     if dup:
@@ -331,6 +331,11 @@ def _ci(node, d=6):
     return f"{_f(v, d)} [{_f(ci[0], d)}, {_f(ci[1], d)}]"
 
 
+def _cx(node) -> str:
+    """A timed speedup ``1.23x [1.10x, 1.30x]`` (median [min, max] over the timing rounds)."""
+    return _cell({"n": node}, "n", _x(2))
+
+
 def format_summary(rec: dict) -> str:
     """A few lines for the terminal (the record has everything)."""
     K = rec["K"]
@@ -354,18 +359,18 @@ def format_summary(rec: dict) -> str:
                f"tau {r['tau']:.4f} (value at tau 0: {_f(r.get('value_tau0_calib'), 4)}), routed {100 * r['fraction']:.2f}%, "
                f"projected {r['projected_speedup']:.3f}x")
         g = r.get("generation") or {}
-        meas = f", measured {_ci(g['speedup'], 2)}x agreement {_f(g.get('agreement'), 4)}" if g.get("speedup") else ""
+        meas = f", measured {_cx(g['speedup'])} agreement {_f(g.get('agreement'), 4)}" if g.get("speedup") else ""
         L.append(f"  routing       {r['metric']} <= {r['cap']} ({r['confidence']}): {sel}{meas}, "
                  f"s0=full agreement {_f(r['agreement_s0_full'], 4)}")
     g = (rec.get("wand") or {}).get("generation")
     if g:
-        L.append(f"  WAND decode   speedup {_ci(g['speedup'], 2)}x, agreement {_f(g['agreement'], 4)}, "
+        L.append(f"  WAND decode   speedup {_cx(g['speedup'])}, agreement {_f(g['agreement'], 4)}, "
                  f"mean exit depth {_f(g['mean_depth'], 2)}, exit depths {g['depth_hist']}")
     s = rec.get("spec")
     if s:
         sp = s.get("speedup")
-        sp = "n/a" if sp is None else (_ci(sp, 2) + "x" if isinstance(sp, dict) else f"{sp:.2f}x")
-        imp = f", implied {_ci(s['implied_speedup'], 2)}x" if isinstance(s.get("implied_speedup"), dict) else ""
+        sp = "n/a" if sp is None else (_cx(sp) if isinstance(sp, dict) else f"{sp:.2f}x")
+        imp = f", implied {_cx(s['implied_speedup'])}" if isinstance(s.get("implied_speedup"), dict) else ""
         L.append(f"  speculative   m={s['m']} ({s['mode']}): acceptance {_f(s['acceptance'], 4)}, "
                  f"mean accepted {_f(s['mean_accepted'], 2)}/{s['m']}, speedup {sp}{imp}")
     t = rec.get("timing")
