@@ -20,7 +20,6 @@ the probed steps; ``draw_intervals`` adds its error bars.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from poelm.report.verdict import branch_name, delta_ci, fmt_num, fmt_signed, get, seed_position, sort_records, trend
 
@@ -47,32 +46,19 @@ def info(rec: dict) -> dict:
             "shape": ph.get("shape"), "from_lrm": ph.get("from_lrm"), "to_lrm": ph.get("to_lrm")}
 
 
-def _is_repo(source) -> bool:
-    s = str(source)
-    if "://" in s:
-        return True
-    p = Path(s)
-    return p.is_dir() and ((p / ".git").exists() or ((p / "HEAD").is_file() and (p / "refs").is_dir()))
-
-
-def attach(records: list[dict], source=None) -> list[dict]:
-    """The step records (sorted) with every probe record moved to ``rec["cooldown_probes"]`` of the
-    record at its source step (sorted by N). ``source``: when it is a trajectory repository, its
-    ``cooldown-*`` branches' records are read too (``publish.read_cooldown_records``). Probes whose
-    source step has no record go to the seed's ``cooldown_probes_unmatched``."""
+def attach(records: list[dict]) -> list[dict]:
+    """The step records (sorted) with every probe record on ``rec["cooldown_probes"]`` of the
+    record at its source step (sorted by N). Probe records come from the list itself (record
+    files) or already ride on a record (``publish.read_records`` puts a repository's there);
+    probes whose source step has no record go to the seed's ``cooldown_probes_unmatched``."""
     probes = [r for r in records if is_probe(r)]
     recs = sort_records([r for r in records if not is_probe(r)])
-    if source is not None and not isinstance(source, (list, tuple)) and _is_repo(source):
-        from poelm.trajectory import publish
-
-        seen = {r.get("branch") for r in probes}
-        probes += [r for r in publish.read_cooldown_records(source) if r.get("branch") not in seen]
+    for r in recs:
+        probes += r.pop(FIELD, None) or []
+        probes += r.pop(UNMATCHED, None) or []
     if not probes or not recs:
         return recs
     by_step = {int(r["step"]): r for r in recs}
-    for r in recs:
-        r.pop(FIELD, None)
-        r.pop(UNMATCHED, None)
     for p in sorted(probes, key=lambda r: (info(r)["source_step"] or 0, info(r)["steps"] or 0)):
         host = by_step.get(info(p)["source_step"])
         if host is None:

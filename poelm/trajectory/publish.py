@@ -168,7 +168,10 @@ def read_cooldown_records(repo, api=None) -> list[dict]:
 
 
 def read_records(repo, api=None) -> list[dict]:
-    """Every branch's ``poelm_measure.json``, sorted by step; unmeasured branches are skipped."""
+    """Every step branch's ``poelm_measure.json``, sorted by step; unmeasured branches are skipped.
+    Measured cooldown probes are not records of the trajectory: each rides on the record of the
+    step it starts from, in ``cooldown_probes`` (on the first record, in
+    ``cooldown_probes_unmatched``, when that step is not measured; ``poelm.report.cooldown``)."""
     backend = open_repo(repo, api=api)
     out = []
     for b in _step_branches(backend.refs()):
@@ -176,7 +179,12 @@ def read_records(repo, api=None) -> list[dict]:
         if rec is not None:
             rec.setdefault("branch", b)
             out.append(rec)
-    return sorted(out, key=lambda r: int(r.get("step", branch_step(r["branch"]))))
+    out = sorted(out, key=lambda r: int(r.get("step", branch_step(r["branch"]))))
+    by_step = {int(r["step"]): r for r in out if isinstance(r.get("step"), int)}
+    for probe in read_cooldown_records(repo, api=api) if out else []:
+        host = by_step.get(cooldown_of(probe["branch"])[0])
+        (host or out[0]).setdefault("cooldown_probes" if host else "cooldown_probes_unmatched", []).append(probe)
+    return out
 
 
 def checkout(repo, branch: str, out_dir, api=None) -> Path:
