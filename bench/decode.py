@@ -216,6 +216,16 @@ def bench(model, prompts, n, args, bounds, title, notes):
     ct = tps["full"] / tps["stage=0"]
     print(f"  with the measured time share c0_time = {ct:.3f}: limit {(m + 1) / (m * ct + (1 - ct)):.2f}x "
           f"(achieved {sp / ((m + 1) / (m * ct + (1 - ct))):.1%}), engine round bound {(m + 1) / ((m + 1) * ct + (1 - ct)):.2f}x")
+    # WAND's FLOP limits from its measured exit depths: a token that exits after stage d costs the
+    # FLOPs share of stages 0..d; catch-up later runs skipped stages for positions deeper ones need.
+    share = [f / flops["total"] for f in flops["per_stage"]]
+    wst = stats["wand"]
+    hist = [sum(s["depth_hist"][d] for s in wst) for d in range(cfg.n_stages)]
+    exit_cost = sum(h * sum(share[: d + 1]) for d, h in enumerate(hist)) / max(1, sum(hist))
+    run_cost = sum(share[k] * sum(s["stage_positions"][k] for s in wst) for k in range(cfg.n_stages)) / sum(s["stage_positions"][0] for s in wst)
+    wsp = tps["wand"] / tps["full"]
+    print(f"wand FLOP limits: exit depths alone {1 / exit_cost:.2f}x (achieved {wsp * exit_cost:.1%}); stages actually run, "
+          f"catch-up included, {1 / run_cost:.2f}x (achieved {wsp * run_cost:.1%})")
     return tps
 
 

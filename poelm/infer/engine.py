@@ -12,7 +12,8 @@ Modes (SPEC "PoE aggregation", "WAND p99 bounds and adaptive depth", "Confidence
                    ``>= tau`` (max probability, or top-1 minus top-2 probability with
                    ``confidence="margin"``: the kind `poelm measure` calibrated), otherwise run all K stages.
 - ``speculative``  stage 0 drafts m tokens, stages 1..K-1 verify them in one pass that reuses the
-                   draft's stage-0 states (``speculative.py``).
+                   draft's stage-0 states (``speculative.py``; options: ``draft=J`` drafts with the
+                   PoE of stages 0..J-1, ``m="auto"`` picks m from the measured acceptance).
 
 The single forward path is ``DecodeState.extend(s, end)``: run stage s until its KV cache (and the
 stage's output hidden states) cover positions ``[0, end)``. It first extends stage s-1 to ``end``
@@ -333,7 +334,9 @@ class Engine:
         per row per round), ``rounds``, ``proposed``, ``accepted``, ``accept_hist`` (rows-rounds
         by accepted count 0..m), ``depth_hist`` (tokens by depth 1..K), ``elapsed_s``, ``new_tokens``,
         ``stage_positions`` (positions each stage processed, catch-up and rejected drafts included),
-        ``compactions`` (speculative cache repacks). Per row: ``result.depths`` and ``result.accepted``."""
+        ``compactions`` (speculative cache repacks), ``rejections`` (row-rounds whose draft run ended
+        at a rejection), ``m_hist`` (rounds by draft length). Per row: ``result.depths`` and
+        ``result.accepted``."""
         for row, tok in self.stream(prompt_ids, max_new_tokens, mode=mode, stage=stage, prefix=prefix, bounds=bounds, tau=tau, m=m,
                                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens,
                                     return_logprobs=return_logprobs, min_new_tokens=min_new_tokens, confidence=confidence, draft=draft):
