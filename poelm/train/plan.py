@@ -43,7 +43,7 @@ from poelm import config as config_mod
 from poelm.core.errors import ConfigError
 from poelm.core.head import chunk_rows
 from poelm.core.model import PoEGPT
-from poelm.train.dist import SHARD, WHOLE, Slot, plan as shard_plan
+from poelm.train.dist import WHOLE, Slot, plan as shard_plan
 from poelm.train.optim import STATE_KEYS, group_of
 
 GiB = 2**30
