@@ -180,11 +180,15 @@ def _trend_sentence(pts) -> str:
     t = trend(steps, vals)
     if t["kind"] == "too few":  # two probes: the change, and whether their intervals overlap
         a, b = pts[0], pts[-1]
-        ca, cb = a["annealed_ci"], b["annealed_ci"]
+        # Both paired against the seed on the same slice: their Δ intervals are the sharper test
+        # (slice-wide variation cancels); else the value intervals (conservative).
+        paired = a["delta_ci"] is not None and b["delta_ci"] is not None
+        ca, cb = (a["delta_ci"], b["delta_ci"]) if paired else (a["annealed_ci"], b["annealed_ci"])
         sep = None if ca is None or cb is None else (cb[1] < ca[0] or cb[0] > ca[1])
+        what = "paired Δ-vs-seed intervals" if paired else "intervals"
         word = "falls" if b["annealed"] < a["annealed"] else "rises" if b["annealed"] > a["annealed"] else "stays"
-        tail = "" if sep is None else (" (their intervals are disjoint: a real change)" if sep else
-                                       " (their intervals overlap: within noise)")
+        tail = "" if sep is None else (f" (their {what} are disjoint: a real change)" if sep else
+                                       f" (their {what} overlap: within noise)")
         return (f"Trend over the probed branches: {word} from {a['annealed']:.6f} at step {a['step']:,} to "
                 f"{b['annealed']:.6f} at step {b['step']:,} ({b['annealed'] - a['annealed']:+.6f}){tail}; too few probes for a trend test.")
     if t["kind"] == "constant":

@@ -90,7 +90,15 @@ def test_verdict_within_noise_and_trend(tmp_path):
     assert xs == [86_000, 90_000, 94_000] and ys == [0.7240, 0.7230, 0.7210]
     two = C.attach(json.loads(FIXTURE.read_text())["records"] + probes[:2])
     (v2,) = C.verdict_lines(two)
-    assert "falls from 0.724000 at step 86,000 to 0.723000 at step 90,000 (-0.001000) (their intervals overlap: within noise)" in v2
+    # the paired Δ intervals [-0.0012, +0.0003] and [-0.0020, -0.0014] are disjoint, though the value intervals overlap
+    assert ("falls from 0.724000 at step 86,000 to 0.723000 at step 90,000 (-0.001000) (their paired Δ-vs-seed "
+            "intervals are disjoint: a real change)") in v2
+    close = [_probe(86_000, 500, 0.7240, (0.7230, 0.7250), (-0.0012, 0.0003)), _probe(90_000, 500, 0.7230, (0.7228, 0.7232), (-0.0011, -0.0001))]
+    (v3,) = C.verdict_lines(C.attach(json.loads(FIXTURE.read_text())["records"] + close))
+    assert "(their paired Δ-vs-seed intervals overlap: within noise)" in v3
+    loose = [_probe(86_000, 500, 0.7240, (0.7230, 0.7250), None), _probe(90_000, 500, 0.7230, (0.7228, 0.7232), None)]
+    (v4,) = C.verdict_lines(C.attach(json.loads(FIXTURE.read_text())["records"] + loose))
+    assert "(their intervals overlap: within noise)" in v4 and "2 without an interval" in v4
 
 
 def test_no_probes_no_section(files):
