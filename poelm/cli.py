@@ -431,9 +431,9 @@ def _add_verify(sub):
 
 
 def _run_verify(args):
-    from poelm.trajectory import publish
+    from poelm.trajectory import publish, verify
 
-    problems = publish.verify(args.repo)
+    problems = verify.verify(args.repo)
     for line in problems:
         print(f"problem: {line}", file=sys.stderr)
     if problems:

@@ -7,6 +7,7 @@ import pytest
 
 from poelm import demo
 from poelm.trajectory import publish
+from poelm.trajectory import verify
 from poelm.core.errors import PoelmError
 
 TINY = [
@@ -26,7 +27,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     rows = publish.list_branches(out["trajectory"])
     assert [r["main"] for r in rows] == [False, False, True]
     assert all(r["bpb"] is not None for r in rows)
-    assert publish.verify(out["trajectory"]) == []
+    assert verify.verify(out["trajectory"]) == []
     for b in out["branches"]:
         cfg = json.loads(subprocess.run(["git", "-C", out["trajectory"], "show", f"{b}:config.json"], capture_output=True, text=True, check=True).stdout)
         assert len(cfg["poe_wand_p99_bounds_per_stage_head"]) == 2

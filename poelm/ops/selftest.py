@@ -16,7 +16,7 @@ The library itself has no fault hooks. After each kill the trial checks that
 
 1. every ``step-XXXXX`` directory verifies against its manifest and the newest one loads;
 2. no checkpoint that existed before the kill is gone;
-3. the trajectory repository verifies (``publish.verify``: no half branch, no staging branch,
+3. the trajectory repository verifies (``verify.verify``: no half branch, no staging branch,
    ``main`` at the newest complete branch);
 4. ``--resume`` from the newest checkpoint continues to the end of the phase, publishing to the
    same repository (so a stale git lock would show), and the final model and optimizer state are
@@ -266,13 +266,13 @@ def _check_checkpoints(run: Path, must_keep: list[str], t: Trial):
 
 def _check_repo(repo: Path, t: Trial, when: str, complete_to: int | None = None):
     """Step 3/5: the repository verifies; ``complete_to``: it must hold every step up to it."""
-    from poelm.trajectory import publish
+    from poelm.trajectory import publish, verify
 
     if not repo.exists():
         return
     try:
         branches = [r["branch"] for r in publish.list_branches(repo)]
-        problems = [p for p in publish.verify(repo) if not (p.endswith("holds no step-XXXXX branches") and complete_to is None)]
+        problems = [p for p in verify.verify(repo) if not (p.endswith("holds no step-XXXXX branches") and complete_to is None)]
     except Exception as e:
         t.problems.append(f"repository unreadable {when}: {e}")
         return

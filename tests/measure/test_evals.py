@@ -23,6 +23,7 @@ from poelm.report import benchmarks
 from poelm.report import tables as report
 from poelm.train import checkpoint
 from poelm.trajectory import publish
+from poelm.trajectory import verify
 
 PHASE = {"name": "b2", "start_step": 0, "steps": 1000, "warmup": 10, "peak": 0.5, "warmdown_ratio": 0.55, "final": 0.0}
 
@@ -172,7 +173,7 @@ def test_eval_every_branch_writes_records_and_the_report_shows_them(trajectory, 
             assert 0.0 <= e["value"] <= 1.0 and e["value"] * 6 == pytest.approx(round(e["value"] * 6))  # k of 6 right
     assert recs[1]["bpb"]["full"]["value"] == 3.25  # measure's figures kept
     assert recs[0]["K"] == 3 and recs[0]["phase"]["name"] == "b2" and "bpb" not in recs[0]  # minimal record
-    assert publish.verify(repo) == []
+    assert verify.verify(repo) == []
 
     # stage 0 alone: new entries next to the full-K ones
     assert cli.main(["eval", f"{repo}@step-00030", "--tasks", devils_cloze.NAME, "--limit", "6", "--stages", "0"]) == 0

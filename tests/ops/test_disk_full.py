@@ -7,6 +7,7 @@ import pytest
 
 from poelm.train import checkpoint
 from poelm.trajectory import publish
+from poelm.trajectory import verify
 from poelm.ops import selftest
 
 ENOSPC = {"mode": "enospc", "nth": 1}
@@ -48,7 +49,7 @@ def test_full_disk_while_publishing_is_one_error_line(fx, tmp_path):
     shutil.copytree(fx.seed_repo, repo)
     refs = publish.open_repo(repo).refs()
     p = selftest.cli_run(["publish", fx.ref / "step-00004", repo], fault={**ENOSPC, "point": "publish.export", "marker": str(tmp_path / "m")})
-    assert publish.open_repo(repo).refs() == refs and publish.verify(repo) == []
+    assert publish.open_repo(repo).refs() == refs and verify.verify(repo) == []
     assert _one_error_line(p), p.stderr[-400:]
 
 
@@ -67,6 +68,6 @@ def test_full_disk_in_background_publish(fx, run_copy, tmp_path):
     for s in (2, 3, 4):
         checkpoint.verify(run_copy / f"step-{s:05d}")
     assert [r["branch"] for r in publish.list_branches(repo)] == ["step-00002", "step-00004"]
-    assert publish.verify(repo) == []
+    assert verify.verify(repo) == []
     assert publish.publish(run_copy / "step-00003", repo) == "step-00003"  # the hole can be filled later
-    assert publish.verify(repo) == []
+    assert verify.verify(repo) == []

@@ -17,6 +17,7 @@ from poelm.ops.selftest import TINY, tree_digest
 from poelm.schedule import Cooldown, cooldown_lrm, lrm
 from poelm.train import checkpoint, cooldown, loop
 from poelm.trajectory import publish
+from poelm.trajectory import verify
 
 # A constant-LR phase (warmup 1, no warmdown): every save after step 1 sits at lrm 1.0.
 CONST = TINY + ["schedule.warmdown_ratio=0", "train.save_every=2"]
@@ -80,7 +81,7 @@ def test_cooldown_schedule_source_and_main_untouched(run, tmp_path, shape):
     assert {k: man["cooldown"][k] for k in ("source_branch", "source_step", "from_lrm", "to_lrm", "shape", "steps")} == \
         {"source_branch": "step-00002", "source_step": 2, "from_lrm": 1.0, "to_lrm": 0.0, "shape": shape, "steps": 4}
     assert man["cooldown"]["tokens"] == meta["tokens"]
-    assert publish.verify(repo) == []
+    assert verify.verify(repo) == []
 
 
 def _probe_dir(run, tmp_path):
@@ -118,7 +119,7 @@ def test_probe_is_measured_on_the_trajectory_slices(run, tmp_path):
     ta, tb = Tokenizer.load(a.path), Tokenizer.load(b.path)
     assert ta.fingerprint == tb.fingerprint
     assert torch.equal(corpus.val_tokens(a.config.data, ta, 2048, allow_fewer=True), corpus.val_tokens(b.config.data, tb, 2048, allow_fewer=True))
-    assert publish.verify(repo) == []  # the measurement commit keeps the branch a cooldown
+    assert verify.verify(repo) == []  # the measurement commit keeps the branch a cooldown
     recs = report.load_records(repo)
     host = next(r for r in recs if r["branch"] == "step-00002")
     assert [p["branch"] for p in host["cooldown_probes"]] == ["cooldown-00002-4"]
@@ -141,16 +142,16 @@ def test_verify_knows_the_kind(run, tmp_path):
     refs = g.refs()
     g.update_refs([("cooldown-00004-3", refs["step-00002"], None)])  # a step branch's commit under a cooldown name
     try:
-        problems = publish.verify(repo)
+        problems = verify.verify(repo)
         assert "cooldown-00004-3: its manifest does not record a cooldown (kind/cooldown missing)" in problems
         assert "cooldown-00004-3: manifest says step 2, a cooldown of 3 from 4 ends at 7" in problems
         assert "cooldown-00004-3: model.safetensors holds the weights of step 2" in problems
         assert not any(p.startswith("main:") for p in problems)  # main still holds the newest step
         g.update_refs([("cooldown-00004-3", refs["step-00004"], refs["step-00002"])])  # now main's commit
-        assert "main: points at the cooldown probe cooldown-00004-3; main tracks the newest step branch" in publish.verify(repo)
+        assert "main: points at the cooldown probe cooldown-00004-3; main tracks the newest step branch" in verify.verify(repo)
     finally:
         subprocess.run(["git", "-C", str(repo), "update-ref", "-d", "refs/heads/cooldown-00004-3"], check=True)
-    assert publish.verify(repo) == []
+    assert verify.verify(repo) == []
 
 
 def test_fresh_optimizer_from_a_branch(run, tmp_path, monkeypatch, capsys):

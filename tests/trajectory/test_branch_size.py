@@ -18,6 +18,7 @@ from poelm.core.errors import PoelmError
 from poelm.train import checkpoint
 from poelm.trajectory import export as export_mod
 from poelm.trajectory import publish
+from poelm.trajectory import verify
 from poelm.trajectory.gitrepo import GitRepo
 
 from test_export import make_ckpt
@@ -117,7 +118,7 @@ def test_cli_dtype_flags(ckpts, tmp_path, capsys):
     assert cli.main(["publish", str(root / "fp32-run"), str(tmp_path / "repo"), "--dtype", "fp16"]) == 0
     publish.checkout(tmp_path / "repo", "step-00100", tmp_path / "co")
     assert _dtypes(tmp_path / "co" / "model.safetensors") == {"F16"}
-    assert publish.verify(tmp_path / "repo") == []
+    assert verify.verify(tmp_path / "repo") == []
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         cli.main(["publish", str(root / "fp32-run"), str(tmp_path / "repo2"), "--dtype", "int4"])

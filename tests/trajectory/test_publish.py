@@ -18,6 +18,7 @@ import pytest
 
 from poelm import cli
 from poelm.trajectory import publish as P
+from poelm.trajectory import verify
 from poelm import targets
 from poelm.core.errors import PoelmError, PublishError
 from poelm.trajectory.gitrepo import GitRepo
@@ -65,7 +66,7 @@ def test_trajectory_branches_and_main(trajectory):
         ("step-00300", 300, 3000, 0.5, "b2", True)]
     # each branch is the child of the previous step: `git log step-00300` reads the trajectory
     assert git(repo, "rev-parse", "step-00200^") == refs["step-00100"]
-    assert P.verify(repo) == []
+    assert verify.verify(repo) == []
 
 
 def test_branch_loadable_at_its_revision(trajectory, ckpts, tmp_path):
@@ -180,7 +181,7 @@ def test_verify_flags_swapped_weights(ckpts, tmp_path, capsys):
     for s in (100, 200):
         P.publish(ckpts[s], repo)
     _swap_blobs(repo, "step-00100", "step-00200", "model.safetensors")
-    problems = P.verify(repo)
+    problems = verify.verify(repo)
     assert "step-00100: model.safetensors does not match its manifest (sha256/size): corrupted or replaced" in problems
     assert "step-00100: model.safetensors holds the weights of step 200" in problems
     assert "step-00200: model.safetensors holds the weights of step 100" in problems
@@ -199,7 +200,7 @@ def test_verify_flags_swap_even_with_regenerated_manifests(ckpts, tmp_path):
     mans["step-00100"]["files"]["model.safetensors"], mans["step-00200"]["files"]["model.safetensors"] = w["step-00200"], w["step-00100"]
     _swap_blobs(repo, "step-00100", "step-00200", "model.safetensors",
                 extra={b: {"poelm_manifest.json": json.dumps(m).encode()} for b, m in mans.items()})
-    problems = P.verify(repo)
+    problems = verify.verify(repo)
     assert not any("does not match its manifest" in p for p in problems)
     assert "step-00100: model.safetensors holds the weights of step 200" in problems
 
@@ -218,7 +219,7 @@ def test_verify_flags_duplicate_weights_tokens_and_main(ckpts, tmp_path):
     old = g.refs()["step-00200"]
     new = g.commit(g.mktree(t200), [old], "dup")
     g.update_refs([("step-00200", new, old), ("main", g.refs()["step-00100"], old)])  # main moved backwards
-    problems = P.verify(repo)
+    problems = verify.verify(repo)
     assert "step-00200: holds the same weights as step-00100" in problems
     assert "step-00200: tokens 500 do not increase over step-00100 (1000)" in problems
     assert "main: holds step 100, not the newest step 200" in problems
@@ -271,7 +272,7 @@ def test_update_branch_files_and_records(ckpts, tmp_path):
     assert refs["main"] == refs["step-00200"]  # main followed its branch
     assert [r["step"] for r in P.read_records(repo)] == [100, 200]
     assert [r["bpb"] for r in P.list_branches(repo)] == [1.25, 1.25]
-    assert P.verify(repo) == []  # the manifest was refreshed
+    assert verify.verify(repo) == []  # the manifest was refreshed
     out = P.checkout(repo, "main", tmp_path / "main")
     assert json.loads((out / "config.json").read_text())["poe_wand_p99_bounds_per_stage_head"] == [0.75, 0.5]
 
@@ -389,7 +390,7 @@ def test_hub_path_against_fake_api(ckpts, tmp_path):
     rows = P.list_branches(repo, api=hub)
     assert [(r["branch"], r["main"]) for r in rows] == [("step-00100", False), ("step-00200", False), ("step-00300", True)]
     assert set(hub.branches["org/poe-tiny"]) == {"main", "step-00100", "step-00200", "step-00300"}  # staging removed
-    assert P.verify(repo, api=hub) == []
+    assert verify.verify(repo, api=hub) == []
     with pytest.raises(PublishError, match="already exists"):
         P.publish(ckpts[200], repo, api=hub)
     # a dropped upload: no step branch, main untouched, only a staging branch that verify names
@@ -401,7 +402,7 @@ def test_hub_path_against_fake_api(ckpts, tmp_path):
         P.publish(steps_dir, repo, api=hub)
     refs = hub.branches["org/poe-tiny"]
     assert "step-00400" not in refs and refs["main"] == before["main"]
-    assert "poelm-staging-step-00400: a staging branch left by a failed publish (delete it)" in P.verify(repo, api=hub)
+    assert "poelm-staging-step-00400: a staging branch left by a failed publish (delete it)" in verify.verify(repo, api=hub)
     hub.fail = None
     assert P.publish(steps_dir, repo, api=hub) == "step-00400"
     assert "poelm-staging-step-00400" not in hub.branches["org/poe-tiny"]
@@ -411,6 +412,6 @@ def test_hub_path_against_fake_api(ckpts, tmp_path):
     assert [r["step"] for r in P.read_records(repo, api=hub)] == [400]
     out = P.checkout(repo, "main", tmp_path / "co", api=hub)
     assert json.loads((out / "poelm_measure.json").read_text())["step"] == 400
-    assert P.verify(repo, api=hub) == []
+    assert verify.verify(repo, api=hub) == []
     with pytest.raises(PublishError, match="invalid Hub repository"):
         P.list_branches("hf://../x", api=hub)
