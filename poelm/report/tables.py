@@ -224,7 +224,7 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     cols = [(lambda a: lambda r: _sweep_cell(r, a))(a) for a in alphas] + [keyed("crossover_gap", fmt_signed(6))]
     out.append(("Bayesian PoE α-sweep (renormed BPB)",
                 "α=0 is the geometric-mean PoE aggregate; α=1 the pure sum (log opinion pool). Crossover gap = "
-                f"BPB(full K, α=0) − BPB(single s{K - 1}).",
+                f"BPB(full K, α=0) − BPB(single s{K - 1}); on the same local val slice ({_tokens(split)}).",
                 _table(["Branch", "Step"] + [_alpha_label(a) for a in alphas] + [f"crossover gap (α=0 vs single s{K - 1})"],
                        _rows(recs, seed_i, cols))))
 
