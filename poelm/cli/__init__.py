@@ -1,0 +1,111 @@
+"""``poelm <verb>``: the thin command-line front. Parses, resolves TARGETs, calls the library,
+prints.
+
+Every ``PoelmError`` becomes one line ``error: ...`` on stderr and exit code 2, with no traceback;
+nothing already saved is touched because every writer in the library is atomic. The library never
+imports this package.
+
+Each verb has its own ``_add_<verb>`` (arguments) and ``_run_<verb>`` (call) pair, grouped by the
+pipeline stage they drive: ``phases.py`` (train, continue, cooldown, plan, demo), ``decode.py``
+(generate), ``trajectory.py`` (export, publish, branches, checkout, verify, report),
+``measure.py`` (measure, eval) and ``ops.py`` (doctor, selftest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from poelm.cli.decode import TextStream, format_stats, mode_kwargs  # noqa: F401  (public helpers)
+from poelm.cli.decode import _add_generate, _run_generate
+from poelm.cli.measure import _add_eval, _add_measure, _run_eval, _run_measure
+from poelm.cli.ops import _add_doctor, _add_selftest, _run_doctor, _run_selftest
+from poelm.cli.phases import (_add_continue, _add_cooldown, _add_demo, _add_plan, _add_train, _run_continue, _run_cooldown,
+                              _run_demo, _run_plan, _run_train)
+from poelm.cli.trajectory import (_add_branches, _add_checkout, _add_export, _add_publish, _add_report, _add_verify,
+                                  _run_branches, _run_checkout, _run_export, _run_publish, _run_report, _run_verify)
+from poelm.core.errors import PoelmError
+
+
+# ----------------------------------------------------------------------------- registry
+VERBS = [
+    ("train", _add_train, _run_train),
+    ("continue", _add_continue, _run_continue),
+    ("cooldown", _add_cooldown, _run_cooldown),
+    ("demo", _add_demo, _run_demo),
+    ("report", _add_report, _run_report),
+    ("generate", _add_generate, _run_generate),
+    ("export", _add_export, _run_export),
+    ("publish", _add_publish, _run_publish),
+    ("branches", _add_branches, _run_branches),
+    ("checkout", _add_checkout, _run_checkout),
+    ("verify", _add_verify, _run_verify),
+    ("measure", _add_measure, _run_measure),
+    ("eval", _add_eval, _run_eval),
+    ("plan", _add_plan, _run_plan),
+    ("doctor", _add_doctor, _run_doctor),
+    ("selftest", _add_selftest, _run_selftest),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house rule for bad input: one line ``error: ...`` on stderr, exit code 2.
+
+    argparse's own ``error`` prints the whole usage block first; a mistyped flag then reads like a
+    wall of text. Here the usage is one ``--help`` away, named in the line. Subparsers are built
+    from this class too (``add_subparsers`` uses ``type(parser)``), so a bad flag of a verb points
+    at that verb's help."""
+
+    verb_hint: str | None = None  # set by main(): the verb in argv, for errors the top level raises
+
+    def error(self, message: str):
+        where = self.prog
+        if where == "poelm" and self.verb_hint and message.startswith("unrecognized arguments"):
+            where = f"poelm {self.verb_hint}"  # unknown flags of a verb are collected by the top level
+        line = " ".join(str(message).split())  # one line whatever argparse composed
+        self.exit(2, f"error: {line} (see {where} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="poelm", description="Product-of-Experts per-stage-head language models")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, add, run in VERBS:
+        p = add(sub)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser.verb_hint = next((a for a in argv if a in {v for v, _, _ in VERBS}), None)
+    args = parser.parse_args(argv)
+    try:
+        rc = args._run(args)
+        return int(rc or 0)
+    except PoelmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # disk full, permissions ...: one line, nothing half-written (atomic writers)
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:  # under torchrun: a collective failed because a peer died or hung
+        from poelm.train.runtime import peer_failure
+
+        line = peer_failure(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""``poelm measure | eval``: every per-checkpoint metric of the card, and benchmark evals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+# ----------------------------------------------------------------------------- measure
+def _add_measure(sub):
+    p = sub.add_parser("measure", help="measure checkpoints: BPB per stage/prefix, accuracy, alpha sweep, WAND bounds, routing, speculative, probe")
+    p.add_argument("targets", nargs="+", metavar="TARGET", help="checkpoint dir, run dir (newest save), exported folder, REPO, REPO@main, REPO@step-XXXXX or hf://org/name[@rev]")
+    p.add_argument("--split-tokens", type=int, default=1_048_576, help="measurement slice: first N validation tokens (default 1,048,576)")
+    p.add_argument("--calib-tokens", type=int, default=131_072, help="calibration slice right after it, for WAND bounds and routing tau (default 131,072; 0 skips)")
+    p.add_argument("--data", help="measure on this txt/jsonl/parquet corpus instead of the checkpoint's validation split (calibration is then not written back)")
+    p.add_argument("--out", help="record file (one TARGET) or directory (several); default: poelm_measure.json in the checkpoint / the branch")
+    p.add_argument("--against", metavar="REF", help="reference checkpoint: paired deltas with 95%% bootstrap intervals on the same slice")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available); bf16 autocast on CUDA")
+    p.add_argument("--batch-size", type=int, default=8, help="rows of seq_len per forward (default 8)")
+    p.add_argument("--seq-len", type=int, help="row length (default: the run's train.seq_len, else max_seq_len)")
+    p.add_argument("--cap", type=float, default=0.02, help="routing cap (default 0.020)")
+    p.add_argument("--routing-metric", default="agreement", choices=["agreement", "target", "nll", "target_regression"],
+                   help="routing regression metric: agreement (default: routed positions where stage-0 top-1 != full-K top-1), "
+                        "target (full K right, stage 0 wrong; old name target_regression) or nll")
+    p.add_argument("--confidence", default="maxprob", choices=["maxprob", "margin"], help="stage-0 confidence for routing")
+    p.add_argument("--m", type=int, default=4, help="speculative draft length (default 4)")
+    p.add_argument("--probe", default="auto", help="prompt set: card, embedded, a JSONL file, or none (default: embedded for embedded-corpus models, else card)")
+    p.add_argument("--max-new-tokens", type=int, default=60, help="greedy tokens per probe prompt (default 60)")
+    p.add_argument("--block-tokens", type=int, default=1024, help="bootstrap block size in tokens (default 1024)")
+    p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--no-write", action="store_true", help="do not write the WAND bounds / routing tau back to the checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _run_measure(args):
+
+    from poelm.measure import run as measure
+
+    many = len(args.targets) > 1
+    for t in args.targets:
+        out = args.out
+        if out and many:
+            out = str(Path(out) / (Path(t.replace("@", "_")).name + ".json"))
+        rec = measure.measure_target(
+            t, data=args.data, out=out, against=args.against, device=args.device, write_calibration=False if args.no_write else None,
+            probe_set=None if args.probe == "none" else args.probe, split_tokens=args.split_tokens, calib_tokens=args.calib_tokens,
+            batch_size=args.batch_size, seq_len=args.seq_len, cap=args.cap, routing_metric=args.routing_metric,
+            confidence=args.confidence, m=args.m, max_new_tokens=args.max_new_tokens, block_tokens=args.block_tokens,
+            samples=args.samples, seed=args.seed, progress=not args.quiet)
+        if rec is None:  # torchrun: a rank other than 0 (rank 0 prints and writes)
+            continue
+        from poelm.report.tables import format_summary
+
+        print(format_summary(rec))
+        print(f"  record: {rec['record_path']}" + (f"; calibration: {', '.join(rec['calibration_written'])}" if rec["calibration_written"] else ""))
+        if rec.get("branch") and rec.get("repo") and not args.out:
+            from poelm.report import tables as report
+
+            updated = report.update_cards(rec["repo"], [rec["branch"]])
+            print(f"  model cards refreshed: {', '.join(updated)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="lm-evaluation-harness benchmarks on a branch or every branch; scores go into each measurement record")
+    p.add_argument("target", metavar="TARGET", help="REPO (every step branch), REPO@step-XXXXX, REPO@main, checkpoint dir, run dir or exported folder")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. poelm_devils_cloze (offline, shipped) or hellaswag")
+    p.add_argument("--stages", default="full", help="full (default), k (stage k alone) or prefix=K' (stages 0..K'-1)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward (default 8)")
+    p.add_argument("--limit", type=int, help="the first N documents of each task")
+    p.add_argument("--out", metavar="FILE", help="write the records to this JSON file instead of the branches / folders")
+    p.add_argument("--include-path", action="append", metavar="DIR", help="folder of your own lm-eval task YAMLs (repeatable)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--verbose", action="store_true", help="show lm-eval's own log and progress bars")
+    return p
+
+
+def _run_eval(args):
+    from poelm.measure import evals
+
+    tasks = [t.strip() for t in args.tasks.split(",")]
+    records = evals.run_eval(args.target, tasks, stages=args.stages, batch_size=args.batch_size, limit=args.limit, out=args.out,
+                             device=args.device, include_path=args.include_path, quiet=not args.verbose)
+    if args.out:
+        print(f"records: {args.out}")
+        return 0
+    done = [r for r in records if r["repo"]]
+    if done:  # the branches' model cards show the new scores (the report's benchmarks section)
+        from poelm.report import tables as report
+
+        print(f"model cards refreshed: {', '.join(report.update_cards(done[0]['repo'], [r['branch'] for r in done]))}")
+    return 0

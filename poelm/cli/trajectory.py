@@ -1,0 +1,131 @@
+"""``poelm export | publish | branches | checkout | verify | report``: a trajectory's branches and its report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+from poelm.cli.common import float_list as _float_list
+
+# ----------------------------------------------------------------------------- export / publish / branches / checkout / verify
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (trust_remote_code)")
+    p.add_argument("ckpt", metavar="TARGET", help="checkpoint dir, run dir (its newest checkpoint), exported folder, REPO[@step-XXXXX|@main]")
+    p.add_argument("out", metavar="OUT", help="output folder (new, empty, or an earlier export)")
+    p.add_argument("--bounds", type=_float_list, help="K-1 comma-separated WAND bounds (default: the checkpoint's calibration)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights dtype (default: bf16 for a bf16-autocast run, else the stored dtype)")
+    return p
+
+
+def _run_export(args):
+    import tempfile
+
+    from poelm import targets
+    from poelm.trajectory import export
+
+    with tempfile.TemporaryDirectory(prefix="poelm-export-") as work:
+        src = targets.resolve(args.ckpt, work)
+        print(f"exported {export.export(src.path, args.out, bounds=args.bounds, dtype=args.dtype)}")
+    return 0
+
+
+def _add_publish(sub):
+    p = sub.add_parser("publish", help="publish a checkpoint as branch step-XXXXX of a trajectory repo")
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint dir")
+    p.add_argument("repo", metavar="REPO", help="local path (git repo, created if absent) or hf://org/name")
+    p.add_argument("--force", action="store_true", help="replace the branch if it exists")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights dtype of the branch (default: bf16 for a bf16-autocast run, else fp32)")
+    return p
+
+
+def _run_publish(args):
+    from poelm.trajectory import publish
+
+    print(f"published {publish.publish(args.ckpt, args.repo, force=args.force, dtype=args.dtype)} to {args.repo}")
+    return 0
+
+
+def _add_branches(sub):
+    p = sub.add_parser("branches", help="list the trajectory of a repo (step, tokens, lrm, BPB)")
+    p.add_argument("repo", metavar="REPO")
+    return p
+
+
+def _run_branches(args):
+    from poelm import targets
+    from poelm.trajectory import publish
+
+    rows = publish.list_branches(targets.repository(args.repo)[0], cooldowns=True)
+    fmt = "{:<14} {:>9} {:>14} {:>8} {:<10} {:>9} {}"
+    print(fmt.format("branch", "step", "tokens", "lrm", "phase", "bpb", ""))
+    for r in rows:
+        lrm = "-" if r["lrm"] is None else f"{r['lrm']:.4f}"
+        bpb = "-" if r["bpb"] is None else f"{r['bpb']:.6f}"
+        print(fmt.format(r["branch"], r["step"], "-" if r["tokens"] is None else r["tokens"], lrm, r["phase"] or "-", bpb, "<- main" if r["main"] else ""))
+    return 0
+
+
+def _add_checkout(sub):
+    p = sub.add_parser("checkout", help="materialise one branch of a trajectory repo as a folder")
+    p.add_argument("repo", metavar="TARGET", help="REPO@step-XXXXX, REPO@main or REPO (= main); or REPO BRANCH DIR")
+    p.add_argument("rest", nargs="+", metavar="[BRANCH] DIR", help="new or empty folder (BRANCH: step-XXXXX or main)")
+    return p
+
+
+def _run_checkout(args):
+    from poelm import targets
+    from poelm.trajectory import publish
+
+    if len(args.rest) > 2:
+        raise targets.TargetError("checkout takes TARGET DIR or REPO BRANCH DIR")
+    text = f"{args.repo}@{args.rest[0]}" if len(args.rest) == 2 else args.repo
+    repo, branch = targets.repository(text)
+    branch = branch or targets.resolve_branch(repo, "main", text)
+    print(f"checked out {branch} to {publish.checkout(repo, branch, args.rest[-1])}")
+    return 0
+
+
+def _add_verify(sub):
+    p = sub.add_parser("verify", help="audit a trajectory repo: manifests, distinct weights, tokens increasing, main newest")
+    p.add_argument("repo", metavar="REPO")
+    return p
+
+
+def _run_verify(args):
+    from poelm.trajectory import publish, verify
+
+    problems = verify.verify(args.repo)
+    for line in problems:
+        print(f"problem: {line}", file=sys.stderr)
+    if problems:
+        return 2
+    print(f"ok: {len(publish.list_branches(args.repo))} branches of {args.repo} verified")
+    return 0
+
+
+# ----------------------------------------------------------------------------- report
+def _add_report(sub):
+    p = sub.add_parser("report", help="trajectory report: the card's tables, verdict and plots from measurement records")
+    p.add_argument("source", metavar="REPO", help="trajectory repo (path or hf://org/name), a directory of records, or record files")
+    p.add_argument("more", nargs="*", metavar="FILE", help="further record files (when REPO is a record file)")
+    p.add_argument("--out", default="report", help="output directory for report.md and the PNGs (default ./report)")
+    return p
+
+
+def _run_report(args):
+    from poelm import targets
+    from poelm.report import tables as report
+
+    source = args.source
+    if not args.more and "@" in source and not Path(source).exists():
+        source = targets.repository(source)[0]  # REPO@rev: the report is of the whole trajectory
+    records = report.load_records([source, *args.more] if args.more else source)
+    paths = report.write_report(records, args.out)
+    from poelm.report import cooldown as cooldown_report
+
+    for line in report.verdict(records) + cooldown_report.verdict_lines(records):
+        print(line)
+    for name, path in paths.items():
+        print(f"wrote {path}")
+    return 0
