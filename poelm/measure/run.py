@@ -453,6 +453,14 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
         if repo:  # the branch gets the data files; publish refreshes its manifest itself
             written = [name for name in written if name not in MANIFESTS]
         rec["calibration_written"] = written
+        prior = path / RECORD_NAME  # the branch's / checkpoint's earlier record, if any
+        if not out and prior.is_file():
+            try:  # `poelm eval` scores are not measured here: a re-measurement keeps them
+                kept = json.loads(prior.read_text()).get("benchmarks")
+            except (ValueError, OSError):
+                kept = None
+            if kept:
+                rec["benchmarks"] = kept
         body = _json_bytes(rec)
         if out:
             atomic_write_bytes(out, body)

@@ -242,7 +242,13 @@ def test_bounds_land_in_checkpoint_and_export(ckpt, tmp_path):
     assert rec["calibration_written"] == [] and not (path / "calibration.json").exists()
     assert rec["step"] == 120 and rec["rel_step"] == 20 and rec["lrm"] == 0.5 and rec["data"] == str(corpus)
     assert json.loads((path / measure.RECORD_NAME).read_text())["bpb"] == rec["bpb"]
+    # `poelm eval` scores in the record survive a re-measurement (measure does not compute them)
+    scored = json.loads((path / measure.RECORD_NAME).read_text())
+    scored["benchmarks"] = [{"task": "poelm_devils_cloze", "metric": "acc", "value": 0.5}]
+    (path / measure.RECORD_NAME).write_text(json.dumps(scored))
     rec = measure.measure_target(str(path), write_calibration=True, **kw)
+    assert rec["benchmarks"] == scored["benchmarks"]
+    assert json.loads((path / measure.RECORD_NAME).read_text())["benchmarks"] == scored["benchmarks"]
     assert rec["calibration_written"] == ["calibration.json", "manifest.json"]
     cal = json.loads((path / "calibration.json").read_text())
     assert cal[BOUNDS_KEY] == rec["wand"]["bounds"] and cal["poe_routing"]["tau"] == rec["routing"]["tau"]
