@@ -21,34 +21,26 @@ WAND bounds are the p99 of ``range(delta_s)`` (SPEC) on random token rows.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from poelm.core import poe
-from poelm.core.model import ModelConfig, PoEGPT
+from poelm.core.model import PoEGPT
 from poelm.infer.engine import Engine
 
 
 def build(args) -> PoEGPT:
-    stages = tuple(int(x) for x in args.stages.split(","))
-    cfg = ModelConfig(vocab_size=args.vocab, depth=sum(stages), n_embd=args.width, n_head=args.heads, n_kv_head=args.kv_heads,
-                      intermediate=4 * args.width, max_seq_len=args.max_len + args.new_tokens + 8, stage_layers=stages)
-    model = PoEGPT(cfg)
-    model.init_weights(seed=args.seed)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    with torch.no_grad():
-        for i, b in enumerate(model.blocks):
-            scale = 1.0 if i < stages[0] else args.late
-            for lin in (b.attn.c_proj, b.mlp.c_proj):
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * scale * lin.weight.shape[1] ** -0.5)
-            if i >= stages[0]:
-                model.x0_lambdas[i] = 0.0
-        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=g) * 4.0 * args.width ** -0.5)
-    return model.eval()
+    """bench/decode.py's agreeing-stages model (imported by path: bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).resolve().parent / "decode.py")
+    decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode)
+    return decode.build(argparse.Namespace(**{**vars(args), "prompt_len": args.max_len, "head_scale": 4.0}))
 
 
 @torch.no_grad()
