@@ -103,7 +103,7 @@ def build_bad_inputs(fx: Fixture, root: Path) -> list[Case]:
 
     repo = fx.seed_repo
     for bad in ("../step-00002", "step-00002..main", "refs/heads/main", "step 00002", "step-00002;touch pwned", "$(touch pwned)"):
-        cases.append(Case(f"branch name {bad!r}", ["checkout", repo, bad, root / "co"], r"invalid (branch|revision) .*: expected (main or )?step-XXXXX"))
+        cases.append(Case(f"branch name {bad!r}", ["checkout", repo, bad, root / "co"], r"invalid (branch|revision) .*: expected (main(, | or ))?step-XXXXX"))
     cases.append(Case("revision that does not exist", ["checkout", repo, "step-99999", root / "co"], r"has no branch step-99999"))
     cases.append(Case("revision that does not exist (REPO@)", ["continue", "--from", f"{repo}@step-99999", "--out", root / "o5", "--quiet"], r"has no branch step-99999"))
 
