@@ -158,8 +158,13 @@ def read_cooldown_records(repo, api=None) -> list[dict]:
     """Every cooldown branch's ``poelm_measure.json`` (by source step, then N); unmeasured ones
     are skipped. Kept apart from ``read_records``: a probe is not a save of the trajectory."""
     backend = open_repo(repo, api=api)
+    return _branch_records(backend, cooldown_branches(backend.refs()))
+
+
+def _branch_records(backend, branches) -> list[dict]:
+    """The measurement records of ``branches`` (unmeasured ones skipped), each naming its branch."""
     out = []
-    for b in cooldown_branches(backend.refs()):
+    for b in branches:
         rec = read_json(backend, b, MEASURE)
         if rec is not None:
             rec.setdefault("branch", b)
@@ -173,15 +178,10 @@ def read_records(repo, api=None) -> list[dict]:
     step it starts from, in ``cooldown_probes`` (on the first record, in
     ``cooldown_probes_unmatched``, when that step is not measured; ``poelm.report.cooldown``)."""
     backend = open_repo(repo, api=api)
-    out = []
-    for b in step_branches(backend.refs()):
-        rec = read_json(backend, b, MEASURE)
-        if rec is not None:
-            rec.setdefault("branch", b)
-            out.append(rec)
-    out = sorted(out, key=lambda r: int(r.get("step", branch_step(r["branch"]))))
+    refs = backend.refs()
+    out = sorted(_branch_records(backend, step_branches(refs)), key=lambda r: int(r.get("step", branch_step(r["branch"]))))
     by_step = {int(r["step"]): r for r in out if isinstance(r.get("step"), int)}
-    for probe in read_cooldown_records(repo, api=api) if out else []:
+    for probe in _branch_records(backend, cooldown_branches(refs)) if out else []:
         host = by_step.get(cooldown_of(probe["branch"])[0])
         (host or out[0]).setdefault("cooldown_probes" if host else "cooldown_probes_unmatched", []).append(probe)
     return out
