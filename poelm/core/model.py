@@ -388,20 +388,20 @@ class PoEGPT(nn.Module):
         out["total"] = sum(v for v in out.values() if isinstance(v, int))
         return out
 
-    def flops_per_token(self, context: int | None = None) -> dict:
+    def flops_per_token(self, context: float | None = None, seq_len: int | None = None) -> dict:
         """Forward FLOPs per token, per stage (its blocks plus its head) and in total.
 
-        Matmuls cost 2 FLOPs per weight; attention adds ``4 * n_head * head_dim * context`` per
-        layer (scores and weighted sum) with ``context`` defaulting to ``max_seq_len / 2``, the
-        mean causal context of a full row. A sliding-window layer (window W, ``window_sizes``)
-        sees at most W+1 keys: by default its context is the mean of ``min(i+1, W+1)`` over the
-        ``max_seq_len`` positions of a full row, and ``min(context, W+1)`` for a given
-        ``context``. Embedding and value-embedding lookups and the smear's 24-channel gate are
-        free. The full model runs every stage, so its cost is the sum (SPEC routing's c0 is stage
-        0's share). Training costs 3x forward (the usual 6N rule)."""
+        Matmuls cost 2 FLOPs per weight; attention adds ``4 * n_head * head_dim * c`` per layer
+        (scores and weighted sum), ``c`` the keys a query sees. By default ``c`` is the mean over
+        a full row of ``seq_len`` positions (default ``max_seq_len``): ``seq_len / 2`` for a
+        full-context layer, and for a sliding-window layer (window W, ``window_sizes``) that
+        binds, the mean of ``min(i+1, W+1)`` (``window_mean_context``). A given ``context`` (keys
+        before a decoded position) is taken as is, capped at W+1 on window layers. Embedding and
+        value-embedding lookups and the smear's gate are free. The full model runs every stage,
+        so its cost is the sum (SPEC routing's c0 is stage 0's share). Training costs 3x forward
+        (the usual 6N rule)."""
         cfg = self.config
-        T = cfg.max_seq_len
-        ctx = T / 2 if context is None else context
+        T = seq_len or cfg.max_seq_len
         head = 2 * cfg.n_embd * cfg.vocab_size
         per_stage = []
         for k in range(cfg.n_stages):
@@ -411,7 +411,10 @@ class PoEGPT(nn.Module):
                 blk = self.blocks[i]
                 mat = sum(p.numel() for name, p in blk.named_parameters() if "ve_gate" not in name)
                 W = self.windows[i]
-                c = ctx if W is None else (min(ctx, W + 1) if context is not None else window_mean_context(T, W))
+                if context is not None:
+                    c = context if W is None else min(context, W + 1)
+                else:
+                    c = T / 2 if W is None or W >= T - 1 else window_mean_context(T, W)
                 f += 2 * mat + 4 * cfg.n_head * cfg.head_dim * c
             per_stage.append(f + head)
         return {"per_stage": per_stage, "total": sum(per_stage), "train_total": 3 * sum(per_stage)}
