@@ -228,23 +228,3 @@ def test_cached_decoding_token_by_token_equals_uncached(ops):
     with torch.no_grad():
         again = torch.cat([m.stage_log_probs(idx[:, t : t + 1], cache=cache, pos=t) for t in range(10, 30)], dim=2)
     assert (again - full[:, :, 10:]).abs().max() < 1e-5
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_batch_rows_equal_rows_alone_with_reference_ops(side):
-    m = build(REF_SMALL)
-    g = torch.Generator().manual_seed(7)
-    lengths = [30, 12, 21]
-    rows = [torch.randint(0, 300, (n,), generator=g) for n in lengths]
-    W = max(lengths)
-    idx = torch.zeros(3, W, dtype=torch.long)
-    mask = torch.zeros(3, W, dtype=torch.long)
-    for b, r in enumerate(rows):
-        sl = slice(W - len(r), W) if side == "left" else slice(0, len(r))
-        idx[b, sl], mask[b, sl] = r, 1
-    with torch.no_grad():
-        batch = m(idx, attention_mask=mask)
-        for b, r in enumerate(rows):
-            alone = m(r[None])[0]
-            sl = slice(W - len(r), W) if side == "left" else slice(0, len(r))
-            assert (batch[b, sl] - alone).abs().max() < 1e-5
