@@ -1,14 +1,24 @@
-"""The PoE per-stage-head decoder: trunk, stages, heads, KV cache.
+"""The PoE per-stage-head decoder: embedding (+ smear), stages, heads, accounting.
 
 One source of truth for the model: training, measurement, inference and the exported Hugging
-Face remote code (which ships this file unchanged next to ``poe.py``) all run this module.
-It imports torch and ``poe`` only.
+Face remote code (which ships this file unchanged next to its siblings) all run this module.
+It imports torch and its core/ siblings only: ``arch`` (``ModelConfig``), ``layers`` (attention,
+MLP, block), ``cache`` (``KVCache``), ``inputs`` (masks), ``head`` and ``poe``; ``ModelConfig``
+and ``KVCache`` are re-exported here.
 
 Trunk (nanochat lineage, github.com/karpathy/nanochat ``gpt.py``): untied token embedding,
 RMSNorm without weights, rotary position embeddings, QK-norm, grouped-query attention
 (``n_kv_head``), relu^2 MLP with a configurable ``intermediate`` size, an ``x0`` residual mixed
 into every block with learned per-layer scalars, value embeddings on alternating layers
-(ResFormer-style, gated per KV head), logit soft-cap 15.
+(ResFormer-style, gated per KV head), logit soft-cap 15. The reference implementation's ops
+(``REFERENCE_OPS``: q/k scale 1.2, gate 3*sigmoid over 12 channels, the smear of the previous
+token's embedding, per-layer sliding windows "SSSL", RoPE base 100000, its init) are config
+fields whose defaults keep poelm's model as it was; with them this module computes the
+reference's per-stage log-probs (tests/core/test_reference_ops.py).
+
+Sliding windows and padding: a window counts a row's real positions (RoPE positions), so padded
+or holed rows see what they see alone; attention keeps the unmasked causal kernels whenever no
+window can bind (every layer L, or a row no longer than the window) and no row is padded.
 
 PoE per-stage heads (jaepil/nanochat ``_poe_layer_loss``, generalised to asymmetric stages):
 the ``depth`` blocks are cut into K stages of ``stage_layers`` blocks. Stage k ends with logits
