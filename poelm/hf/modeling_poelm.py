@@ -16,7 +16,9 @@ imports them relatively (transformers' dynamic-module loader copies every file n
   row what it gets alone. Without padding no mask is built (the fast path).
 - The KV cache is the transformers ``DynamicCache`` that ``generate()`` creates; a small adapter
   presents it to ``PoEGPT`` as the ``write(layer, pos, k, v)`` interface of poelm's own
-  ``KVCache``, refusing a write that would leave a gap (a stage that was skipped).
+  ``KVCache``, refusing a write that would leave a gap (a stage that was skipped). With
+  ``smear`` (the reference's ops) the pre-smear token embeddings ride in one extra cache layer
+  (index ``depth``), so a new token finds its predecessor's, beam reordering and cropping included.
 - ``generate(..., poe_mode=...)`` reaches every PoE decoding mode (see ``generate``);
   ``generate_wand`` / ``generate_speculative`` / ``generate_route`` are shorthands for it with
   the branch's own calibrated bounds / threshold from config.json.
