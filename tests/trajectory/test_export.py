@@ -621,3 +621,12 @@ def test_reference_ops_travel_in_config_json_and_weights(exported_ref):
     for key in ("smear_gate.weight", "smear_lambda", "backout_lambda"):
         assert torch.equal(weights["model." + key], model.state_dict()[key]), key
     assert hf.model.windows == [4, None, None]
+
+
+def test_beam_search_with_cache_equals_without_reference_ops(exported_ref):
+    """Beam search reorders the cache every step: the smear's embeddings (an extra cache layer)
+    must follow the beams, so cached beams equal beams recomputed without a cache."""
+    hf, tok = exported_ref["hf"], exported_ref["tok"]
+    ids = prompt_ids(tok)
+    kw = dict(max_new_tokens=12, num_beams=3, do_sample=False, early_stopping=False)
+    assert torch.equal(hf.generate(ids, use_cache=True, **kw), hf.generate(ids, use_cache=False, **kw))
