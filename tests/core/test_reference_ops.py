@@ -228,3 +228,16 @@ def test_cached_decoding_token_by_token_equals_uncached(ops):
     with torch.no_grad():
         again = torch.cat([m.stage_log_probs(idx[:, t : t + 1], cache=cache, pos=t) for t in range(10, 30)], dim=2)
     assert (again - full[:, :, 10:]).abs().max() < 1e-5
+
+
+def test_config_validate_reports_bad_reference_ops_as_one_line():
+    from poelm import config
+    from poelm.core.errors import ConfigError
+
+    for setting, words in (('model.window_pattern="SXL"', "window_pattern"), ('model.init="xavier"', "model.init"),
+                           ("model.ve_gate_channels=0", "ve_gate_channels")):
+        with pytest.raises(ConfigError, match=words) as e:
+            config.load(None, [setting])
+        assert "\n" not in str(e.value)
+    cfg = config.load(None, ['model.window_pattern="SSSL"', "model.smear=true", "model.qk_scale=1.2"])
+    assert cfg.model.window_sizes()[:4] == [128, 128, 128, 256] and cfg.model.smear
