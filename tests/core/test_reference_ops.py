@@ -241,3 +241,10 @@ def test_config_validate_reports_bad_reference_ops_as_one_line():
         assert "\n" not in str(e.value)
     cfg = config.load(None, ['model.window_pattern="SSSL"', "model.smear=true", "model.qk_scale=1.2"])
     assert cfg.model.window_sizes()[:4] == [128, 128, 128, 256] and cfg.model.smear
+
+
+def test_narrow_models_keep_their_clamped_gate():
+    m = PoEGPT(ModelConfig(vocab_size=300, depth=2, n_embd=16, n_head=2, n_kv_head=1, intermediate=32, stage_layers=(1, 1)))
+    assert m.blocks[1].attn.ve_gate.weight.shape == (1, 16)  # min(32, n_embd), as before the options existed
+    with pytest.raises(ValueError, match="smear_channels"):
+        ModelConfig(n_embd=16, n_head=2, smear=True).check()
