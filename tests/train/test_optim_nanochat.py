@@ -419,3 +419,40 @@ def test_bad_shard_sets_raise():
         scatter_reference_state(part_t, partial, RSHAPES, 1)
     with pytest.raises(CheckpointError, match="missing"):
         scatter_reference_state({k: v for k, v in tensors.items() if k != "wte.weight/exp_avg"}, meta, RSHAPES, 1)
+
+
+# ----------------------------------------------------------------------------- the training loop
+def test_training_loop_resumes_nanochat_optimizer_bitwise(tmp_path):
+    import shutil
+
+    from poelm import config
+    from poelm.train import checkpoint
+    from poelm.train import loop as train
+    from poelm.train.plan import plan
+
+    tiny = ["model.vocab_size=320", "model.depth=2", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=1",
+            "model.intermediate=64", "model.max_seq_len=32", "model.stage_layers=[1,1]", "train.seq_len=32",
+            "train.device_batch_size=2", "train.eval_every=0", "train.log_every=1", "data.tokenizer_train_chars=100000",
+            "schedule.steps=4", "schedule.warmup=1", "schedule.warmdown_ratio=0.5", "train.save_every=2",
+            "optim.optimizer=nanochat", "optim.weight_decay=0.1"]
+    cfg = config.load("embedded", tiny)
+    straight, half = tmp_path / "straight", tmp_path / "half"
+    train.train(cfg, straight, progress=False)
+    half.mkdir()
+    shutil.copytree(straight / "step-00002", half / "step-00002")
+    shutil.copy(straight / "tokenizer.json", half / "tokenizer.json")
+    train.train(checkpoint.load(half / "step-00002").config, half, resume=half / "step-00002", progress=False)
+    for name in ("model.safetensors", "optim.safetensors"):
+        a, b = (load_file(str(d / "step-00004" / name)) for d in (straight, half))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    meta = json.loads((straight / "step-00004" / "optim.json").read_text())
+    assert meta["format"] == "poelm-optim-nanochat/1" and meta["step"] == 4
+    # momentum at the last update (rel 3): base_train checks its 400-step warmup first
+    assert meta["groups"]["matrix_32x32"]["momentum"] == pytest.approx(0.85 * (1 - 3 / 400) + 0.97 * 3 / 400)
+    assert meta["groups"]["matrix_32x32"]["weight_decay"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    model = PoEGPT(cfg.model)
+    cfg.train.tokens_per_step = 0  # one micro-batch per rank, whatever the world size
+    p = plan(cfg, 2)
+    assert p["memory"]["optimizer_state"] == 4 * max(state_numel_per_rank(model, 2))
+    with pytest.raises(Exception, match="optim.optimizer"):
+        config.load("embedded", tiny + ["optim.optimizer=adam"])
