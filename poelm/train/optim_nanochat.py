@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 import torch
 
 from poelm.core.errors import CheckpointError, PoelmError
-from poelm.train.dist import SHARD, WHOLE, ShardedOptimizer, Slot, plan
+from poelm.train.dist import ShardedOptimizer, Slot
 from poelm.train.nanochat_rules import adamw_update, muon_update, reference_momentum, reference_weight_decay
 
 STATE_FORMAT = "poelm-optim-nanochat/1"
@@ -146,6 +146,16 @@ def reference_param_groups(param_names_shapes: dict[str, tuple], optim_cfg=None)
     return groups
 
 
+def group_of_names(param_names_shapes: dict[str, tuple]) -> dict[str, tuple[str, str]]:
+    """``{name: (group, "adamw" | "muon")}`` under the reference's groups."""
+    return {n: (g["name"], g["kind"]) for g in reference_param_groups(param_names_shapes) for n in g["params"]}
+
+
+def state_shapes_of(kind: str, shape) -> dict[str, tuple]:
+    """Full shape of each optimizer-state tensor of a parameter of ``shape`` under rule ``kind``."""
+    return muon_state_shapes(shape) if kind == "muon" else adamw_state_shapes(shape)
+
+
 def muon_state_shapes(shape) -> dict[str, tuple]:
     r, c = shape
     return {"momentum_buffer": (r, c), "second_momentum_buffer": (r, 1) if r >= c else (1, c)}
@@ -204,7 +214,7 @@ class NanochatOptimizer(ShardedOptimizer):
         return self._where[name]
 
     def state_shapes(self, s: Slot) -> dict[str, tuple]:
-        return muon_state_shapes(s.param.shape) if s.kind == "muon" else adamw_state_shapes(s.param.shape)
+        return state_shapes_of(s.kind, s.param.shape)
 
     def _muon_step(self, s: Slot, g: torch.Tensor, grp, st: dict):
         muon_update(s.param.data, g.to(s.param.dtype), st["momentum_buffer"], st["second_momentum_buffer"], grp.lr,
@@ -243,28 +253,6 @@ class NanochatOptimizer(ShardedOptimizer):
             if g.kind == "muon" and saved:
                 g.momentum = float(saved.get("momentum", g.momentum))
                 g.weight_decay = float(saved.get("weight_decay", g.weight_decay))
-
-
-def state_numel_per_rank(model: torch.nn.Module, world: int, objective: str = "poe") -> list[int]:
-    """Optimizer-state elements each rank allocates under ``NanochatOptimizer`` (AdamW: two
-    moments, row-sharded when large; Muon: momentum plus the factored second moment, on the
-    matrix's owner), on poelm's ``dist.plan`` layout. ``objective = "bp"``: the stage heads
-    before the last get no gradient, hence no state."""
-    names = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    where = {n: (g["name"], g["kind"]) for g in reference_param_groups(names) for n in g["params"]}
-    slots = plan([Slot(i, n, p, *where[n]) for i, (n, p) in enumerate(model.named_parameters())], world)
-    K = model.config.n_stages
-    idle = {f"stage_heads.{k}.weight" for k in range(K - 1)} if objective == "bp" else set()
-    per_rank = [0] * world
-    for s in slots:
-        if s.name in idle:
-            continue
-        shapes = muon_state_shapes(s.param.shape) if s.kind == "muon" else adamw_state_shapes(s.param.shape)
-        numel = sum(math.prod(s.local_shape(world)) if s.layout == SHARD else math.prod(sh) for sh in shapes.values())
-        for r in range(world):
-            if s.layout != WHOLE or s.owner == r:
-                per_rank[r] += numel
-    return per_rank
 
 
 # ----------------------------------------------------------------------------- reference checkpoints

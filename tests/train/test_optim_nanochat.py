@@ -5,7 +5,6 @@ world size 1 (gloo), and the reference checkpoint layout (gather / scatter) with
 import io
 import json
 import math
-import socket
 from datetime import timedelta
 
 import pytest
@@ -19,8 +18,9 @@ from poelm.core.errors import CheckpointError, PoelmError
 from poelm.core.model import ModelConfig, PoEGPT
 from poelm.schedule import Phase
 from poelm.train.optim import build_optimizer
-from poelm.train.optim_nanochat import (gather_reference_state, reference_param_groups, scatter_reference_state,
-                                        state_numel_per_rank)
+from poelm.train.optim_nanochat import gather_reference_state, reference_param_groups, scatter_reference_state
+from poelm.train.plan import optimizer_state_numel
+from test_optim_dist import free_port, warm_model  # the same warm tiny model as poelm's ZeRO-2 test (same folder)
 
 # A fake model with the reference's parameter set under poelm names (smear / backout included).
 E = 16  # n_embd: s = (16 / 768) ** -0.5 = sqrt(48)
@@ -221,20 +221,6 @@ def run_steps(model, opt, steps, start=0, phase=Phase(steps=8, warmup=2, warmdow
         opt.zero_grad()
 
 
-TINY = dict(vocab_size=300, depth=4, n_embd=32, n_head=2, n_kv_head=1, intermediate=64, max_seq_len=32, stage_layers=(2, 1, 1))
-
-
-def warm_model(**over):
-    m = PoEGPT(ModelConfig(**{**TINY, **over}))
-    m.init_weights(0)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if any(k in n for k in ("c_proj", "stage_heads", "ve_gate")):
-                p.normal_(0.0, 0.02, generator=g)
-    return m
-
-
 def test_exact_resume_and_state_accounting(tmp_path):
     cfg = OptimConfig(optimizer="nanochat", weight_decay=0.2, grad_clip=1.0)
     a = warm_model()
@@ -255,19 +241,13 @@ def test_exact_resume_and_state_accounting(tmp_path):
     run_steps(c, oc, 2, start=3)
     for (n, p), (_, q) in zip(a.named_parameters(), c.named_parameters()):
         assert torch.equal(p, q), n
-    assert [oa.owned_state_numel()] == state_numel_per_rank(a, 1)
+    assert [oa.owned_state_numel()] == optimizer_state_numel(a, 1, optimizer="nanochat")
     assert oa.unsharded_state_numel() == oa.owned_state_numel()
     with pytest.raises(CheckpointError, match="format"):
         build_optimizer(warm_model(), OptimConfig()).load_full_state_dict(t, meta)  # poelm's optimizer refuses it
 
 
 # ----------------------------------------------------------------------------- two ranks
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker(rank, world, port, d):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
@@ -315,7 +295,7 @@ def test_two_ranks_equal_one(tmp_path):
     for k in t1:
         torch.testing.assert_close(t2[k], t1[k], atol=2e-5, rtol=1e-3)
     assert sum(i["owned"] for i in info) < 1.6 * o1.owned_state_numel()  # sharded, not replicated
-    assert [i["owned"] for i in info] == state_numel_per_rank(one, 2)
+    assert [i["owned"] for i in info] == optimizer_state_numel(one, 2, optimizer="nanochat")
 
 
 # ----------------------------------------------------------------------------- reference checkpoints
@@ -453,6 +433,6 @@ def test_training_loop_resumes_nanochat_optimizer_bitwise(tmp_path):
     model = PoEGPT(cfg.model)
     cfg.train.tokens_per_step = 0  # one micro-batch per rank, whatever the world size
     p = plan(cfg, 2)
-    assert p["memory"]["optimizer_state"] == 4 * max(state_numel_per_rank(model, 2))
+    assert p["memory"]["optimizer_state"] == 4 * max(optimizer_state_numel(model, 2, optimizer="nanochat"))
     with pytest.raises(Exception, match="optim.optimizer"):
         config.load("embedded", tiny + ["optim.optimizer=adam"])
