@@ -436,3 +436,20 @@ def test_training_loop_resumes_nanochat_optimizer_bitwise(tmp_path):
     assert p["memory"]["optimizer_state"] == 4 * max(optimizer_state_numel(model, 2, optimizer="nanochat"))
     with pytest.raises(Exception, match="optim.optimizer"):
         config.load("embedded", tiny + ["optim.optimizer=adam"])
+
+
+def test_vocab_padding_rows_cut_and_restored():
+    from poelm.train.optim_nanochat import resize_vocab_rows
+
+    tensors, meta = trained_state()  # 72 rows stand for the reference's padded vocabulary
+    sd = scatter_reference_state(tensors, meta, SHAPES, 2)  # wte etc.: the model's 72 rows
+    padded = {n: (128, *s[1:]) if s[0] == 72 else s for n, s in SHAPES.items()}
+    t128, m128 = resize_vocab_rows(tensors, meta, 128)
+    assert torch.equal(t128["wte.weight/exp_avg"][72:], torch.zeros(56, 16))
+    assert m128["params"]["lm_head.weight"]["shape"] == [128, 16] and m128["params"]["resid_lambdas"] == meta["params"]["resid_lambdas"]
+    ranks = scatter_reference_state(t128, m128, padded, 2)
+    assert ranks[1]["state"][3]["exp_avg"].shape == (64, 16) and sd[1]["state"][3]["exp_avg"].shape == (36, 16)
+    back, bmeta = resize_vocab_rows(*gather_reference_state(ranks, padded, 2), 72)
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors) and bmeta["params"] == meta["params"]
+    with pytest.raises(CheckpointError, match="non-zero rows past 50"):
+        resize_vocab_rows(tensors, meta, 50)
