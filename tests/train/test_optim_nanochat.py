@@ -453,3 +453,21 @@ def test_vocab_padding_rows_cut_and_restored():
     assert all(torch.equal(back[k], tensors[k]) for k in tensors) and bmeta["params"] == meta["params"]
     with pytest.raises(CheckpointError, match="non-zero rows past 50"):
         resize_vocab_rows(tensors, meta, 50)
+
+
+def test_bf16_compute_path_as_on_cuda():
+    # On CUDA the reference orthogonalizes in bf16 and casts lr, wd and beta2 to bf16 (0.9 -> 0.8984375).
+    from poelm.train.nanochat_rules import muon_update, normuon_scale, polar_express
+
+    g = torch.Generator().manual_seed(0)
+    p, grad = torch.randn(24, 8, generator=g), torch.randn(24, 8, generator=g)
+    X = polar_express(grad, dtype=torch.bfloat16)
+    sv = torch.linalg.svdvals(X.float())
+    assert X.dtype == torch.bfloat16 and sv.min() > 0.8 and sv.max() < 1.2  # orthogonalized, at bf16 accuracy
+    q = p.clone()
+    muon_update(q, grad, torch.zeros(24, 8), torch.zeros(24, 1), 0.02, 0.95, 0.0, 5, 0.9, dtype=torch.bfloat16)
+    assert q.dtype == torch.float32 and 0 < (q - p).abs().max() < 0.2  # fp32 master weights, a bounded step
+    for dt, w in ((torch.bfloat16, 0.1015625), (torch.float32, float(1 - torch.tensor(0.9)))):  # 1 - bf16(0.9) = 0.1015625
+        sec = torch.zeros(4, 1)
+        normuon_scale(torch.full((4, 3), 0.5, dtype=dt), sec, 0.9)
+        assert torch.equal(sec, torch.full((4, 1), 0.25 * w, dtype=torch.float32))
