@@ -12,6 +12,7 @@ unembedding    AdamW   lm_head, stage_heads.*                               unem
 gate           AdamW   blocks.*.attn.ve_gate                                matrix_lr
 resid          AdamW   resid_lambdas                                        0.01 x scalar_lr
 x0             AdamW   x0_lambdas                                           scalar_lr
+smear          AdamW   smear_gate, smear_lambda, backout_lambda             0.2 (fixed)
 =============  ======  ==================================================  ==================
 
 Design choices where SPEC is silent:
@@ -23,7 +24,9 @@ Design choices where SPEC is silent:
   a gate logit by ~0.5 * sqrt(32), saturating the sigmoid at once.
 - ``weight_decay`` (decoupled, ``p *= 1 - lr * wd``) applies to the Muon matrices and to the
   embedding/unembedding groups, never to scalars and gates (decaying a residual gain to zero is
-  not a regulariser). LRs are used as configured; there is no ``1/sqrt(d_model/768)`` rescaling.
+  not a regulariser). The smear / backout scalars (present only with the reference ops,
+  ``model.smear`` / ``model.backout``) take the reference's fixed AdamW lr 0.2 without decay,
+  so a model with the reference's ops trains under either optimizer. LRs are used as configured; there is no ``1/sqrt(d_model/768)`` rescaling.
 - Muon momentum warms up linearly from ``muon_momentum_start`` (0.85) to ``muon_momentum`` over
   the first ``muon_momentum_warmup`` (300) optimizer steps, as nanochat's ``get_muon_momentum``;
   both are read from the OptimConfig when present (``muon_momentum_warmup = 0`` disables it).
@@ -57,6 +60,7 @@ from poelm.train.optim_nanochat import NanochatOptimizer
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steep at 0, lands in ~[0.7, 1.2]
 RESID_LR_SCALE = 0.01
+SMEAR_LR = 0.2  # jaepil/nanochat gpt.py setup_optimizer: smear_gate / smear_lambda / backout_lambda
 MOMENTUM_START, MOMENTUM_WARMUP = 0.85, 300
 STATE_FORMAT = "poelm-optim/1"
 
@@ -67,6 +71,7 @@ GROUP_RULES = (
     ("unembedding", "adamw", re.compile(r"(?:lm_head|stage_heads\.\d+)\.weight")),
     ("resid", "adamw", re.compile(r"resid_lambdas")),
     ("x0", "adamw", re.compile(r"x0_lambdas")),
+    ("smear", "adamw", re.compile(r"smear_gate\.weight|smear_lambda|backout_lambda")),
 )
 STATE_KEYS = {"muon": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}
 
@@ -149,6 +154,7 @@ def make_groups(optim_cfg) -> dict[str, Group]:
         Group("gate", "adamw", o.matrix_lr, 0.0, **adam),
         Group("resid", "adamw", o.scalar_lr * RESID_LR_SCALE, 0.0, **adam),
         Group("x0", "adamw", o.scalar_lr, 0.0, **adam),
+        Group("smear", "adamw", SMEAR_LR, 0.0, **adam),
     ]
     return {g.name: g for g in groups}
 
