@@ -26,6 +26,7 @@ from poelm.cli.phases import (_add_continue, _add_cooldown, _add_demo, _add_plan
 from poelm.cli.trajectory import (_add_branches, _add_checkout, _add_export, _add_publish, _add_report, _add_verify,
                                   _run_branches, _run_checkout, _run_export, _run_publish, _run_report, _run_verify)
 from poelm.core.errors import PoelmError
+from poelm.cli.data import _add_batch, _add_tokenize, _run_batch, _run_tokenize
 
 
 # ----------------------------------------------------------------------------- registry
@@ -46,6 +47,8 @@ VERBS = [
     ("plan", _add_plan, _run_plan),
     ("doctor", _add_doctor, _run_doctor),
     ("selftest", _add_selftest, _run_selftest),
+    ("tokenize", _add_tokenize, _run_tokenize),
+    ("batch", _add_batch, _run_batch),
 ]
 
 

@@ -87,8 +87,13 @@ def tokenize(data_cfg, out, tokenizer, workers: int = 1, log=None) -> list[dict]
                 log(f"{d}: {rec['docs']:,} documents, {rec['tokens']:,} tokens ({done[0] + done[1]}/{len(tasks)} shards)")
         return rec
 
-    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, int(workers)))
+    try:
         recs = list(pool.map(one, tasks))
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # stop at the first failure: finished shards stay
+        raise
+    pool.shutdown()
     indexes, at = [], 0
     for src, folder, files in jobs:
         mine = recs[at:at + len(files)]
