@@ -84,8 +84,11 @@ def _u64(*key) -> int:
 
 
 def shuffled(n: int, *key) -> list[int]:
-    """A permutation of range(n): indices sorted by ``blake2b_64(key..., i)``."""
-    return sorted(range(n), key=lambda i: _u64(*key, i))
+    """A permutation of range(n): indices sorted by ``blake2b_64(key..., i)`` (``_u64``'s bytes,
+    the key's prefix joined once)."""
+    prefix = "".join(f"{k}:" for k in key)
+    b2 = hashlib.blake2b
+    return sorted(range(n), key=lambda i: int.from_bytes(b2(f"{prefix}{i}".encode("utf-8"), digest_size=8).digest(), "big"))
 
 
 def row_digest(row: np.ndarray) -> bytes:
@@ -182,13 +185,12 @@ class _SourceStream:
     def next_row(self, length: int, out: np.ndarray | None) -> None:
         """Advance by one row of ``length`` tokens, writing it into ``out`` unless None."""
         filled = 0
-        self._settle()
+        doc = self._settle()
         if self.tok > 0:  # a continued document: the row still starts with BOS
             if out is not None:
                 out[0] = self.bos_id
             filled = 1
-        while filled < length:
-            doc = self._settle()
+        while True:
             k = min(length - filled, len(doc) - self.tok)
             if out is not None:
                 out[filled: filled + k] = doc[self.tok: self.tok + k]
@@ -196,6 +198,9 @@ class _SourceStream:
             self.tok += k
             if self.tok == len(doc):
                 self.doc, self.tok = self.doc + 1, 0
+            if filled == length:
+                return
+            doc = self._settle()
 
     def position(self) -> dict:
         return {"name": self.name, "epoch": self.epoch, "unit": self.unit, "doc": self.doc, "tok": self.tok}

@@ -134,6 +134,9 @@ class ShardSet:
                 n = self.shards[si]["tokens"]
                 toks = np.memmap(d / "tokens.bin", dtype=self.dtype, mode="r", shape=(n,)) if n else np.zeros(0, self.dtype)
                 docs, keys, units = (np.load(d / f, mmap_mode="r", allow_pickle=False) for f in ("docs.npy", "hashes.npy", "units.npy"))
+                # plain ndarray views of the same mapping: np.memmap's Python-level slicing costs
+                # ~10 us a slice, and the packer slices every document it reaches
+                toks, docs, keys, units = (a.view(np.ndarray) for a in (toks, docs, keys, units))
             except (OSError, ValueError) as e:
                 raise DataError(f"shard {d} is unreadable ({e}); tokenise the data again") from None
             if len(docs) != self.shards[si]["docs"] + 1 or int(docs[-1]) != n:
