@@ -19,6 +19,11 @@ sorted path order. Formats, by suffix:
 Empty and whitespace-only documents are skipped. Files of other suffixes inside a directory are
 ignored; naming one directly is an error.
 
+A path (or a source's path) may also name a shard folder written by ``poelm tokenize``
+(``shards.py``): the same documents as ids, read memory-mapped. Every function here gives the
+same answer for a shard folder as for the text it was made from (its name, fingerprint, splits,
+validation slices, tokenizer texts), so a run moves between the two freely.
+
 Split
 -----
 A document is in the validation split iff ``blake2b_64(utf8(text)) < val_fraction * 2**64``

@@ -106,6 +106,8 @@ def tokenize(data_cfg, out, tokenizer, workers: int = 1, log=None) -> list[dict]
         tokenizer.save(folder)
         atomic_write_json(folder / shards.INDEX, idx)
         indexes.append(idx)
+    if len(jobs) > 1 or jobs[0][1] != Path(out):
+        tokenizer.save(out)  # beside the source folders too: the one a run on them copies
     if log:
         log(f"{done[0]} shards written, {done[1]} kept from an earlier run")
     return indexes

@@ -100,6 +100,7 @@ def test_mixture_config_and_cli(texts_dir, tok, tmp_path, capsys):
     assert main(["tokenize", str(cfg), str(out), "--tokenizer", str(tmp_path), "--workers", "2"]) == 0
     printed = capsys.readouterr().out
     assert f'path = "{out.resolve() / "js"}"' in printed and (out / "pq" / "index.json").is_file()
+    assert (out / "tokenizer.json").read_text() == (out / "js" / "tokenizer.json").read_text() == tok.to_json()
     text = DataConfig(sources=[SourceConfig("js", f"{texts_dir}/*.jsonl*", 3), SourceConfig("pq", f"{texts_dir}/c.parquet", 1)],
                       val_fraction=0.1, mixture_seed=5)
     sh = DataConfig(sources=[SourceConfig("js", str(out / "js"), 3), SourceConfig("pq", str(out / "pq"), 1)], val_fraction=0.1, mixture_seed=5)
