@@ -47,9 +47,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def is_shard_dir(path) -> bool:
-    """A folder ``poelm tokenize`` wrote to (complete or not): it has an index or shard dirs."""
+    """A folder ``poelm tokenize`` wrote to (complete or not): a poelm shard index, a finished
+    shard or a shard being written. A text corpus's own ``index.json`` or ``shard-0001.jsonl``
+    files do not count."""
     p = Path(str(path)).expanduser()
-    return p.is_dir() and ((p / INDEX).is_file() or any(p.glob("shard-[0-9]*")) or any(p.glob(".shard-[0-9]*")))
+    if not p.is_dir():
+        return False
+    try:  # atomic_write_json sorts keys: "format" comes within the first lines
+        with open(p / INDEX, "rb") as f:
+            if f'"format": "{FORMAT}"'.encode() in f.read(512):
+                return True
+    except OSError:
+        pass
+    return any((d / SHARD_META).is_file() for d in p.glob("shard-[0-9]*") if d.is_dir()) or any(d.is_dir() for d in p.glob(".shard-[0-9]*.tmp"))
 
 
 def split_mask(hashes: np.ndarray, threshold: int, val: bool) -> np.ndarray:

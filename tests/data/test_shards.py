@@ -185,3 +185,12 @@ def test_batch_hash_is_per_row(texts_dir, tok):
     assert r1.batch_hash() is None  # only the logging rank hashes
     ids, src, h2 = TrainLoader(cfg, tok, seq_len=15).take(12)
     assert h2 == h and ids.shape == (12, 16) and src == [0] * 12
+
+
+def test_a_text_corpus_is_not_taken_for_shards(tmp_path):
+    (tmp_path / "index.json").write_text('{"files": []}')
+    (tmp_path / "shard-0001.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "shard-0002").mkdir()
+    assert not shards.is_shard_dir(tmp_path)
+    assert [s.name for s in corpus.resolve_sources(DataConfig(path=str(tmp_path)))] == ["data"]
+    assert list(corpus.read_documents(str(tmp_path))) == ["hello"]
