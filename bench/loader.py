@@ -25,7 +25,9 @@ Cells (seconds per optimizer step, median over ``--steps`` steps after one warm-
 
 Each cell is printed next to ``poelm plan``'s step time for the 3B preset on W H100s
 (``poelm.train.plan.plan``, MFU 0.4) as a share of it; the goal is an exposed wait <= 2 %. Also
-printed: the one-off ``poelm tokenize`` time for the corpus (``--workers`` threads).
+printed: the one-off ``poelm tokenize`` time for the corpus (``--workers`` threads), and per cell
+the CPU seconds the process spent per step (all threads; less sensitive than wall time to other
+jobs on a shared machine).
 """
 
 from __future__ import annotations
@@ -62,13 +64,16 @@ def make_corpus(root: Path, copies: int, per_file: int = 10) -> tuple[Path, int,
     return d, len(docs), sum(map(len, docs)) / len(docs)
 
 
-def time_steps(loader, world: int, dbs: int, rows: int, steps: int, sim_step: float | None) -> list[float]:
-    """Seconds rank 0 waits in ``next_batch`` per optimizer step (after one warm-up step)."""
+def time_steps(loader, world: int, dbs: int, rows: int, steps: int, sim_step: float | None) -> tuple[list[float], list[float]]:
+    """Seconds rank 0 waits in ``next_batch`` per optimizer step, and CPU seconds the process
+    spent per step (all threads: the tokenizer's pool and the prefetch thread included), after
+    one warm-up step."""
     micro = world * dbs
     accum = rows // micro
-    out = []
+    out, cpu = [], []
     for s in range(steps + 1):
         wait = 0.0
+        c0 = time.process_time()
         for _ in range(accum):
             t0 = time.perf_counter()
             loader.next_batch(micro, 0, world)
@@ -78,7 +83,8 @@ def time_steps(loader, world: int, dbs: int, rows: int, steps: int, sim_step: fl
         loader.batch_hash()  # the loop logs it once per step
         if s:
             out.append(wait)
-    return out
+            cpu.append(time.process_time() - c0)
+    return out, cpu
 
 
 def main():
@@ -118,14 +124,16 @@ def main():
         for w in worlds:
             step_s = plan(cfg, w)["step_s"]
             sim = min(step_s, args.sim_cap)
-            cells = []
+            cells, cpus = [], []
             for m in modes:
                 data = shard_cfg if m.startswith("shards") else text_cfg
                 loader = TrainLoader(data, tok, cfg.seq_len, prefetch=m.endswith("prefetch"))
-                ts = time_steps(loader, w, dbs, rows, args.steps, sim if m.endswith("prefetch") else None)
+                ts, cpu = time_steps(loader, w, dbs, rows, args.steps, sim if m.endswith("prefetch") else None)
                 med = statistics.median(ts)
                 cells.append(f"{med:6.3f} [{min(ts):.3f}-{max(ts):.3f}] {100 * med / step_s:5.1f}%")
+                cpus.append(statistics.median(cpu))
             print(f"{w:>3} {step_s:>9.2f}s " + " ".join(f"{c:>28}" for c in cells), flush=True)
+            print(f"{'':>3} {'cpu s/step':>10} " + " ".join(f"{c:>28.3f}" for c in cpus), flush=True)
     print(f"\nprefetch cells simulate a GPU step of min(plan, {args.sim_cap:g} s); load average {os.getloadavg()[0]:.1f} at the end")
 
 

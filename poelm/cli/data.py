@@ -116,7 +116,12 @@ def _run_batch(args):
     state = meta.get("loader_state")
     if not state:
         raise DataError(f"checkpoint {ref} holds no loader position: the batches of {run} cannot be re-derived")
-    per_step = cfg.train.tokens_per_step // cfg.seq_len
+    per_step = (cfg.train.tokens_per_step or int(meta.get("tokens_per_step", 0))) // cfg.seq_len
+    layout = [r for r in recs if r.get("kind") == "dist" and isinstance(r.get("step"), int) and r["step"] <= n]
+    world = layout[-1]["world_size"] if layout else 1
+    dbs = layout[-1]["device_batch_size"] if layout else cfg.train.device_batch_size
+    if args.rank is not None and not 0 <= args.rank < world:
+        raise DataError(f"--rank {args.rank}: step {n} ran on {world} rank(s) (0..{world - 1})")
     if before:
         rows_before = int(state["rows"]) + (n - 1 - s) * per_step
     else:  # the stream from its start: only a base phase that began at step 0 consumed it from row 0
@@ -133,15 +138,10 @@ def _run_batch(args):
     if logged is not None and logged != h:
         raise DataError(f"step {n}'s re-derived batch hash {h} differs from the logged {logged}: the data or tokenizer changed "
                         f"in a way the fingerprints do not see (same file sizes); its batch cannot be shown")
-    layout = [r for r in recs if r.get("kind") == "dist" and isinstance(r.get("step"), int) and r["step"] <= n]
-    world = layout[-1]["world_size"] if layout else 1
-    dbs = layout[-1]["device_batch_size"] if layout else cfg.train.device_batch_size
     owner = {}
     for r in range(world):
         for i in batches.rank_rows(per_step, world, dbs, r):
             owner[i] = r
-    if args.rank is not None and not 0 <= args.rank < world:
-        raise DataError(f"--rank {args.rank}: step {n} ran on {world} rank(s) (0..{world - 1})")
     order = batches.rank_rows(per_step, world, dbs, args.rank) if args.rank is not None else range(per_step)
     head = {"run": str(run), "step": n, "hash": h, "logged_hash": logged, "rows": per_step, "first_row": rows_before,
             "seq_len": cfg.seq_len, "world_size": world, "device_batch_size": dbs, "rank": args.rank,
