@@ -129,6 +129,7 @@ def main():
                 data = shard_cfg if m.startswith("shards") else text_cfg
                 loader = TrainLoader(data, tok, cfg.seq_len, prefetch=m.endswith("prefetch"))
                 ts, cpu = time_steps(loader, w, dbs, rows, args.steps, sim if m.endswith("prefetch") else None)
+                loader.close()  # its prepared batch must not run into the next cell's timing
                 med = statistics.median(ts)
                 cells.append(f"{med:6.3f} [{min(ts):.3f}-{max(ts):.3f}] {100 * med / step_s:5.1f}%")
                 cpus.append(statistics.median(cpu))

@@ -264,6 +264,10 @@ class TrainLoader:
             self._job = None
             self._restore(self._handed)
 
+    def close(self) -> None:
+        """Stop preparing: wait for a batch in preparation and drop it (nothing runs after)."""
+        self._settle_job()
+
     def __deepcopy__(self, memo):
         if self._job is not None:
             self._job[1].wait()  # the streams are not moving while they are copied

@@ -164,6 +164,8 @@ def test_prefetch_keeps_the_state_exact(shard_dir, texts_dir, tok):
         second.load_state_dict(state)
         got += _batches(second, 4, 16)
         assert _same(want, got) and second.state_dict() == straight.state_dict()
+        second.close()
+        assert second._job is None and torch.equal(second.next_batch(16)[0], straight.next_batch(16)[0])
         assert torch.equal(twin.next_batch(16)[0], want[4][0]) and torch.equal(first.next_batch(16)[0], want[4][0])
         # other arguments than the prepared batch's: rewind, same rows
         mixed = TrainLoader(cfg, tok, seq_len=63, seed=7, prefetch=True)
