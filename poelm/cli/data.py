@@ -43,8 +43,7 @@ def _run_tokenize(args):
         tok = train_tokenizer(corpus.tokenizer_texts(cfg.data), cfg.model.vocab_size)
     idx = pretokenize.tokenize(cfg.data, args.out, tok, workers=args.workers, log=lambda m: print(m, file=sys.stderr))
     print(f"{sum(i['tokens'] for i in idx):,} tokens in {sum(len(i['shards']) for i in idx)} shards ({idx[0]['dtype']}), tokenizer {tok.fingerprint[:12]}")
-    print("use them with these [data] lines (a new run reuses the shards' tokenizer when its --out folder holds "
-          f"a copy of {args.out}/tokenizer.json):\n"
+    print(f"use them with these [data] lines (copy {args.out}/tokenizer.json into a new run's --out to skip fitting the BPE again):\n"
           + pretokenize.sources_toml(cfg.data, args.out))
     return 0
 
