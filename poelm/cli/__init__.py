@@ -8,7 +8,7 @@ imports this package.
 Each verb has its own ``_add_<verb>`` (arguments) and ``_run_<verb>`` (call) pair, grouped by the
 pipeline stage they drive: ``phases.py`` (train, continue, cooldown, plan, demo), ``decode.py``
 (generate), ``trajectory.py`` (export, publish, branches, checkout, verify, report),
-``measure.py`` (measure, eval) and ``ops.py`` (doctor, selftest).
+``measure.py`` (measure, eval), ``ops.py`` (doctor, selftest) and ``data.py`` (tokenize, batch).
 """
 
 from __future__ import annotations

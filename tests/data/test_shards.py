@@ -196,3 +196,19 @@ def test_a_text_corpus_is_not_taken_for_shards(tmp_path):
     assert not shards.is_shard_dir(tmp_path)
     assert [s.name for s in corpus.resolve_sources(DataConfig(path=str(tmp_path)))] == ["data"]
     assert list(corpus.read_documents(str(tmp_path))) == ["hello"]
+
+
+def test_a_changed_source_file_is_tokenised_again(texts_dir, tok, tmp_path, monkeypatch):
+    import shutil
+
+    src = tmp_path / "text"
+    shutil.copytree(texts_dir, src)
+    cfg = DataConfig(path=str(src), val_fraction=0.1)
+    pretokenize.tokenize(cfg, tmp_path / "s", tok)
+    with open(src / "a.jsonl", "a") as f:
+        f.write(json.dumps({"text": "a new document"}) + "\n")
+    real, written = shards.write_shard, []
+    monkeypatch.setattr(shards, "write_shard", lambda final, *a: (written.append(final.name), real(final, *a))[1])
+    idx = pretokenize.tokenize(cfg, tmp_path / "s", tok)[0]
+    assert written == ["shard-00000"] and idx["docs"] == 202
+    assert corpus.data_fingerprint(cfg) == corpus.data_fingerprint(DataConfig(path=str(tmp_path / "s"), val_fraction=0.1))
