@@ -39,6 +39,9 @@ class DataConfig:
     val_fraction: float = 0.05  # of documents, chosen deterministically by hashing (see data.py)
     tokenizer_train_chars: int = 20_000_000  # characters of the train split used to fit the BPE
     mixture_seed: int = 0
+    # prepare the next batch in a background thread while the step runs (data/mixture.py); a
+    # path or source path may name a shard folder written by `poelm tokenize` (data/shards.py)
+    prefetch: bool = True
 
 
 @dataclass
@@ -236,6 +239,8 @@ def validate(cfg: Config) -> Config:
         if not s.path:
             raise ConfigError(f"data.sources[{i}] ({s.name or 'unnamed'}) has no path")
         _positive(f"data.sources[{i}].weight", s.weight)
+    if not isinstance(d.prefetch, bool):
+        raise ConfigError(f"data.prefetch must be true or false, got {d.prefetch!r}")
     o = cfg.optim
     for key in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "muon_momentum"):
         _positive(f"optim.{key}", getattr(o, key), allow_zero=True)

@@ -8,7 +8,7 @@ imports this package.
 Each verb has its own ``_add_<verb>`` (arguments) and ``_run_<verb>`` (call) pair, grouped by the
 pipeline stage they drive: ``phases.py`` (train, continue, cooldown, plan, demo), ``decode.py``
 (generate), ``trajectory.py`` (export, publish, branches, checkout, verify, report),
-``measure.py`` (measure, eval) and ``ops.py`` (doctor, selftest).
+``measure.py`` (measure, eval), ``ops.py`` (doctor, selftest) and ``data.py`` (tokenize, batch).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from poelm.cli.phases import (_add_continue, _add_cooldown, _add_demo, _add_plan
 from poelm.cli.trajectory import (_add_branches, _add_checkout, _add_export, _add_publish, _add_report, _add_verify,
                                   _run_branches, _run_checkout, _run_export, _run_publish, _run_report, _run_verify)
 from poelm.core.errors import PoelmError
+from poelm.cli.data import _add_batch, _add_tokenize, _run_batch, _run_tokenize
 
 
 # ----------------------------------------------------------------------------- registry
@@ -46,6 +47,8 @@ VERBS = [
     ("plan", _add_plan, _run_plan),
     ("doctor", _add_doctor, _run_doctor),
     ("selftest", _add_selftest, _run_selftest),
+    ("tokenize", _add_tokenize, _run_tokenize),
+    ("batch", _add_batch, _run_batch),
 ]
 
 

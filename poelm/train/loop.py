@@ -285,6 +285,7 @@ class Trainer:
                 self._log_layout()
                 first = False
             self.step += 1
+            self.log({"kind": "batch", "step": self.step, "hash": self.loader.batch_hash()})  # `poelm batch` re-derives it
             self.tokens += self.tokens_per_step
             self.tokens_in_phase += self.tokens_per_step
             dt = time.time() - t0
