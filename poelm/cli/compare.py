@@ -60,3 +60,51 @@ def _run_average(args):
             out = average.average(paths, args.out, labels=labels, dtype=args.dtype)
             print(f"averaged {len(paths)} saves ({', '.join(labels)}) in fp32 -> {out}")
     return 0
+
+
+# ----------------------------------------------------------------------------- compare
+def _add_compare(sub):
+    p = sub.add_parser("compare", help="two or more runs side by side on one slice: BPB, the gap with paired 95%% intervals, its course, LR schedules")
+    p.add_argument("targets", nargs="+", metavar="TARGET", help="trajectory repos (every step branch), run dirs (every checkpoint), "
+                   "REPO@step-XXXXX or a checkpoint (one save); the gap is the first minus each other")
+    p.add_argument("--labels", help="comma-separated names of the runs, in order (default: the TARGETs)")
+    p.add_argument("--by", default="step", choices=["step", "tokens"], help="align saves by step (default) or by tokens seen")
+    p.add_argument("--out", default="compare", help="output directory for compare.md, compare.json, compare.png (default ./compare)")
+    p.add_argument("--split-tokens", type=int, help="measurement slice (default: poelm measure's, 1,048,576, fitted to the split)")
+    p.add_argument("--seq-len", type=int, help="row length (default: the smallest train.seq_len of the runs)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8, as poelm measure)")
+    p.add_argument("--block-tokens", type=int, default=1024, help="bootstrap block size in tokens (default 1024)")
+    p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    return p
+
+
+def _run_compare(args):
+    from poelm.core.errors import PoelmError
+    from poelm.measure import compare as cmp
+    from poelm.report import compare as report
+
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else list(args.targets)
+    if len(labels) != len(args.targets) or not all(labels) or len(set(labels)) != len(labels):
+        raise PoelmError(f"--labels needs {len(args.targets)} distinct comma-separated names, one per TARGET, got {args.labels!r}")
+    for name, v in (("--split-tokens", args.split_tokens), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size),
+                    ("--block-tokens", args.block_tokens), ("--samples", args.samples)):
+        if v is not None and v <= 0:
+            raise PoelmError(f"{name} must be positive, got {v}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise PoelmError(f"--out {out} is a file; give a directory")
+    runs = [cmp.load_run(t, lb) for t, lb in zip(args.targets, labels)]
+    cmp.check_comparable(runs)
+    keys = cmp.align(runs, args.by)
+    print(f"compare: {len(keys)} aligned save(s) by {args.by} ({', '.join(f'{k:,}' for k in keys)}) x {len(runs)} runs, one slice")
+    comp = cmp.measure(runs, keys, by=args.by, split_tokens=args.split_tokens, seq_len=args.seq_len, block_tokens=args.block_tokens,
+                       batch_size=args.batch_size, device=args.device, log=print)
+    result = report.build(comp, samples=args.samples, seed=args.seed)
+    paths = report.write(result, out)
+    for j in range(1, len(runs)):
+        print(report.course(result, j))
+    for p in paths.values():
+        print(f"wrote {p}")
+    return 0
