@@ -189,7 +189,7 @@ def markdown(result: dict, plot: str | None = PLOT) -> str:
         heads = p.get("lm_head", 0) + p.get("stage_heads", 0)
         L.append(f"- **{r['label']}** (`{r['source']}`): objective {r['objective']}, K={r['K']} {tuple(r['stage_layers'])}, "
                  f"{p.get('total', 0):,} parameters ({p.get('total', 0) - heads:,} trunk + embeddings, {heads:,} in heads); "
-                 f"model BPB = {'full-K PoE' if r['output'] == 'full' else 'its last stage (a bp run: earlier stages are not trained to predict)'}")
+                 f"model BPB = {_output_words(r)}")
     L += ["", f"Every aligned save ({by}) measured on the same slice: the first {sl['split_tokens']:,} validation tokens "
           f"(`poelm measure`'s measurement slice), rows of {sl['seq_len']}, batches of {sl['batch_size']}. Gap = "
           f"{runs[0]['label']} − other, relative to the other (the paper's PoE − BP over BP). Intervals: 95 %, paired block "
@@ -221,6 +221,12 @@ def markdown(result: dict, plot: str | None = PLOT) -> str:
     if plot:
         L += ["", f"![BPB, gap and LR schedules]({plot})"]
     return "\n".join(L) + "\n"
+
+
+def _output_words(run: dict) -> str:
+    if run["K"] == 1:
+        return "its one stage (K=1: a plain decoder with one head)"
+    return "full-K PoE" if run["output"] == "full" else "its last stage (a bp run: earlier stages are not trained to predict)"
 
 
 def figure(result: dict):
