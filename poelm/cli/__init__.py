@@ -42,13 +42,13 @@ VERBS = [
     ("branches", _add_branches, _run_branches),
     ("checkout", _add_checkout, _run_checkout),
     ("verify", _add_verify, _run_verify),
+    ("average", _add_average, _run_average),
+    ("compare", _add_compare, _run_compare),
     ("measure", _add_measure, _run_measure),
     ("eval", _add_eval, _run_eval),
     ("plan", _add_plan, _run_plan),
     ("doctor", _add_doctor, _run_doctor),
     ("selftest", _add_selftest, _run_selftest),
-    ("average", _add_average, _run_average),
-    ("compare", _add_compare, _run_compare),
 ]
 
 
