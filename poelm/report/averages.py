@@ -59,6 +59,10 @@ def _answer(delta, dci) -> str | None:
     return "below" if dci[1] < 0 else "above" if dci[0] > 0 else "within"
 
 
+def _words(ans: str) -> str:
+    return "not distinguishable from the seed (the interval holds 0)" if ans == "within" else f"{ans} the seed beyond the interval"
+
+
 def rows(records) -> list[dict]:
     """One dict per (averaged branch, average): ``branch, step, lrm, own, own_ci, avg, avg_ci, n,
     delta, delta_ci, avg_branch, probes`` (each probe of the branch: ``branch, steps, bpb, ci,
@@ -113,7 +117,7 @@ def section(records):
 def verdict_lines(records) -> list[str]:
     """One line per average: its Δ vs the seed and, where the branch has a cooldown probe, whether
     the two estimates agree (module docstring)."""
-    out = []
+    out, pairs = [], []
     b6, d6 = fmt_num(6), fmt_signed(6)
     for r in rows(records):
         if r["avg"] is None:
@@ -121,7 +125,7 @@ def verdict_lines(records) -> list[str]:
         ci = f" [{d6(r['delta_ci'][0])}, {d6(r['delta_ci'][1])}]" if r["delta_ci"] else ""
         ans = _answer(r["delta"], r["delta_ci"])
         s = (f"BPB of the average of the last {r['n']} saves at step {r['step']:,}: {b6(r['avg'])} (own {b6(r['own']) if r['own'] is not None else NM}), "
-             + (f"Δ vs the seed {d6(r['delta'])}{ci}" + (f", {ans} the seed{'' if ans == 'within' else ' beyond the interval'}" if ans else
+             + (f"Δ vs the seed {d6(r['delta'])}{ci}" + (f", {_words(ans)}" if ans else
                                                           " (measure it --against the seed for an interval)") if r["delta"] is not None else "no seed value"))
         for p in r["probes"]:
             if p["bpb"] is None:
@@ -130,14 +134,25 @@ def verdict_lines(records) -> list[str]:
             ca, cb = (r["delta_ci"], p["delta_ci"]) if paired else (r["avg_ci"], p["ci"])
             overlap = None if ca is None or cb is None else not (ca[1] < cb[0] or cb[1] < ca[0])
             pans = _answer(p["delta"], p["delta_ci"])
-            same = "" if ans is None or pans is None else (" and give the same answer to the card's question (" + ans + " the seed)" if ans == pans
-                                                          else f" but answer the card's question differently (average: {ans}, probe: {pans})")
+            if ans is None or pans is None or overlap is None:
+                same = ""
+            elif ans == pans:
+                same = f" {'and' if overlap else 'but'} give the same answer to the card's question ({_words(ans)})"
+            else:
+                same = f" {'but' if overlap else 'and'} answer the card's question differently (average: {ans}, probe: {pans})"
             word = ("intervals unknown" if overlap is None else
                     f"agree ({'paired Δ-vs-seed' if paired else 'value'} intervals overlap)" if overlap else
                     f"disagree ({'paired Δ-vs-seed' if paired else 'value'} intervals disjoint)")
             s += (f"; vs the {p['steps']}-step cooldown probe {b6(p['bpb'])}: average − probe {d6(r['avg'] - p['bpb'])}, the two estimates "
                   f"{word}{same}")
+            pairs.append((overlap, ans is not None and ans == pans, r["avg"] - p["bpb"]))
         out.append(s + ".")
+    if len(pairs) > 1:
+        d = [x[2] for x in pairs]
+        side = ("below" if max(d) < 0 else "above" if min(d) > 0 else "on both sides of")
+        out.append(f"Averages vs cooldown probes over {len(pairs)} pairs: {sum(1 for x in pairs if x[0])} agree within their intervals, "
+                   f"{sum(1 for x in pairs if x[1])} give the same answer to the card's question; the averages sit {side} the probes "
+                   f"(average − probe {d6(min(d))} to {d6(max(d))}).")
     return out
 
 
