@@ -189,7 +189,9 @@ def read_records(repo, api=None) -> list[dict]:
     """Every step branch's ``poelm_measure.json``, sorted by step; unmeasured branches are skipped.
     Measured cooldown probes are not records of the trajectory: each rides on the record of the
     step it starts from, in ``cooldown_probes`` (on the first record, in
-    ``cooldown_probes_unmatched``, when that step is not measured; ``poelm.report.cooldown``)."""
+    ``cooldown_probes_unmatched``, when that step is not measured; ``poelm.report.cooldown``); a
+    measured weight average (``avg-XXXXX-N``) rides the same way on ``averages`` of step XXXXX
+    (``averages_unmatched``; ``poelm.report.averages``)."""
     backend = open_repo(repo, api=api)
     refs = backend.refs()
     out = sorted(_branch_records(backend, step_branches(refs)), key=lambda r: int(r.get("step", branch_step(r["branch"]))))

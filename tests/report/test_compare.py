@@ -127,6 +127,19 @@ def test_compare_two_tiny_runs_end_to_end(runs, tmp_path, capsys):
     assert res["stages_compared"] == 3 and len(res["points"][0]["gaps"][0]["stages"]) == 3
     assert (out / "compare.png").stat().st_size > 1000 and "## Course of the gap" in (out / "compare.md").read_text()
     assert "poelm measure" in (out / "compare.md").read_text()  # the saves have no record of their own: named
+    # run A as a published trajectory, aligned by tokens: the same saves, the same figures
+    from poelm.trajectory import publish
+
+    repo = tmp_path / "repo"
+    for step in (100, 200):
+        publish.publish(runs / "a" / f"step-{step:05d}", repo)
+    rc = cli.main(["compare", str(repo), str(runs / "b"), "--by", "tokens", "--out", str(tmp_path / "out2"), "--split-tokens", "512",
+                   "--seq-len", "64", "--block-tokens", "64", "--samples", "200"])
+    assert rc == 0
+    res2 = json.loads((tmp_path / "out2" / "compare.json").read_text())
+    assert res2["keys"] == [1000, 2000] and res2["by"] == "tokens"
+    for p in range(2):
+        assert res2["points"][p]["gaps"][0]["abs"] == res["points"][p]["gaps"][0]["abs"]
 
 
 def _refuses(argv, capsys, match):
