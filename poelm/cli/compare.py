@@ -55,7 +55,10 @@ def _run_average(args):
         if args.publish:
             branch = average.publish_average(paths, args.publish, labels=labels, dtype=args.dtype, force=args.force)
             print(f"averaged {len(paths)} saves ({', '.join(labels)}) in fp32 -> {args.publish}@{branch}")
-            print(f"measure it: poelm measure {args.publish}@{branch} --against {args.publish}@<seed step branch>")
+            from poelm.trajectory import publish
+
+            seed = publish.step_branches(publish.open_repo(args.publish).refs())[0]
+            print(f"measure it: poelm measure {args.publish}@{branch} --against {args.publish}@{seed}   (or the phase's seed branch)")
         if args.out:
             out = average.average(paths, args.out, labels=labels, dtype=args.dtype)
             print(f"averaged {len(paths)} saves ({', '.join(labels)}) in fp32 -> {out}")
