@@ -14,7 +14,9 @@ run saved. All of this happens before a model is loaded.
 
 ``measure`` then runs every aligned save over the same measurement slice: the one ``poelm
 measure`` uses (``run.validation_slices`` with the default calibration size, so a point's BPB is
-its branch record's ``bpb.full`` when both were measured with the same settings), in rows of
+its branch record's ``bpb.full`` when both were measured with the same settings; ``poelm measure``
+cuts no calibration slice for K = 1, so on a short split a K = 1 run's own record covers more
+tokens than the shared slice), in rows of
 the same ``seq_len`` (the smallest ``train.seq_len`` of the runs unless given) and the same
 batches, and keeps per block of ``block_tokens`` consecutive target positions the NLL sums of the
 model's output and of every stage, and the UTF-8 byte count (``metrics.BlockSums``). A run's
