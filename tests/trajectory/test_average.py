@@ -140,3 +140,22 @@ def test_bad_inputs_one_line_nothing_written(ckpts, tmp_path, capsys):
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
     with pytest.raises(CheckpointError, match="nothing to average"):
         A.check_same_run([])
+
+
+def test_measured_average_rides_on_its_save_in_the_records(ckpts, tmp_path):
+    from poelm.measure import run as measure
+
+    repo = tmp_path / "repo"
+    for s in (200, 300):
+        P.publish(ckpts[s], repo)
+    branch = A.publish_average([ckpts[200], ckpts[300]], repo)
+    kw = dict(split_tokens=256, calib_tokens=64, probe_set=None, progress=False, samples=50)
+    measure.measure_target(f"{repo}@step-00300", **kw)
+    rec = measure.measure_target(f"{repo}@{branch}", against=f"{repo}@step-00200", **kw)
+    assert rec["branch"] == "avg-00300-2" and rec["step"] == 300
+    man = P.read_json(GitRepo(repo), branch, P.MANIFEST)
+    assert man["kind"] == "average" and man["average"]["n"] == 2  # the measurement commit keeps the provenance
+    (r300,) = P.read_records(repo)
+    assert [a["branch"] for a in r300["averages"]] == ["avg-00300-2"]
+    assert r300["averages"][0]["bpb"]["full"]["value"] == rec["bpb"]["full"]["value"]
+    assert verify.verify(repo) == []
