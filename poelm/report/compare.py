@@ -195,6 +195,12 @@ def markdown(result: dict, plot: str | None = PLOT) -> str:
           f"{runs[0]['label']} − other, relative to the other (the paper's PoE − BP over BP). Intervals: 95 %, paired block "
           f"bootstrap ({result['bootstrap']['samples']} resamples of {sl['n_blocks']} blocks of {sl['block_tokens']} consecutive "
           f"target positions; the same draw for every run and save, so shared difficulty cancels from gaps and their changes).", ""]
+    other = "tokens" if by == "step" else "step"
+    differ = [pt for pt in result["points"] if len({x[other] for x in pt["runs"]}) > 1]
+    if differ:
+        L += [f"Note: at {by} {differ[0][by]:,} the runs' {other} differ ({', '.join(str(x[other]) for x in differ[0]['runs'])}): "
+              f"aligned by {by}, they have not seen the same {'data' if other == 'tokens' else 'number of updates'}; "
+              f"`--by {other}` aligns the other way.", ""]
     head = [by.capitalize()] + [f"{r['label']} BPB" for r in runs] + [f"lrm {r['label']}" for r in runs]
     for j in range(1, len(runs)):
         head += [f"gap vs {runs[j]['label']} (BPB)", f"gap vs {runs[j]['label']} (relative)"]
