@@ -18,6 +18,7 @@ import os
 import sys
 
 from poelm.cli.decode import TextStream, format_stats, mode_kwargs  # noqa: F401  (public helpers)
+from poelm.cli.compare import _add_average, _add_compare, _run_average, _run_compare
 from poelm.cli.decode import _add_generate, _run_generate
 from poelm.cli.measure import _add_eval, _add_measure, _run_eval, _run_measure
 from poelm.cli.ops import _add_doctor, _add_selftest, _run_doctor, _run_selftest
@@ -42,6 +43,8 @@ VERBS = [
     ("branches", _add_branches, _run_branches),
     ("checkout", _add_checkout, _run_checkout),
     ("verify", _add_verify, _run_verify),
+    ("average", _add_average, _run_average),
+    ("compare", _add_compare, _run_compare),
     ("measure", _add_measure, _run_measure),
     ("eval", _add_eval, _run_eval),
     ("plan", _add_plan, _run_plan),

@@ -122,9 +122,10 @@ def _run_report(args):
         source = targets.repository(source)[0]  # REPO@rev: the report is of the whole trajectory
     records = report.load_records([source, *args.more] if args.more else source)
     paths = report.write_report(records, args.out)
+    from poelm.report import averages as averages_report
     from poelm.report import cooldown as cooldown_report
 
-    for line in report.verdict(records) + cooldown_report.verdict_lines(records):
+    for line in report.verdict(records) + cooldown_report.verdict_lines(records) + averages_report.verdict_lines(records):
         print(line)
     for name, path in paths.items():
         print(f"wrote {path}")

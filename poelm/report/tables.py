@@ -25,6 +25,7 @@ from poelm.fsio import atomic_write_text
 from poelm.trajectory import publish
 from poelm.report.plots import make_plots
 from poelm.report import benchmarks
+from poelm.report import averages as averages_report
 from poelm.report import cooldown as cooldown_report
 from poelm.report import sections as S
 from poelm.report.sections import NM, NO_THRESHOLD, _cell, _esc, _rows, _table, _tokens, _x, cap_met_at_tau0
@@ -86,6 +87,7 @@ def load_records(source) -> list[dict]:
             recs = publish.read_records(source)
         else:
             raise PoelmError(f"{source} does not exist; pass a directory of records, record files, or a trajectory repo")
+    recs = averages_report.attach(recs)  # weight averages: a field of their newest averaged save
     recs = cooldown_report.attach(recs)  # probe records: a field of the save they start from
     steps = [int(r["step"]) for r in recs]
     dup = sorted({s for s in steps if steps.count(s) > 1})
@@ -174,6 +176,7 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
                 _table(["Branch", "Step", "Phase rel_it", "Training-log val BPB", f"Local-slice full K={K} BPB ({_tokens(split)})"],
                        _rows(recs, seed_i, [rel, keyed("train_val_bpb", fmt_num(6)), keyed("bpb.full", fmt_num(6))]))))
     out += [sec for sec in [cooldown_report.section(recs)] if sec]  # "BPB if annealed here", when probed
+    out += [sec for sec in [averages_report.section(recs)] if sec]  # "BPB of the average of the last N saves"
 
     cols = [keyed("bpb.full", fmt_num(6))] + [keyed(f"bpb.single.{k}", fmt_num(6)) for k in range(K)]
     cols += [keyed(f"bpb.prefix.{j}", fmt_num(6)) for j in range(K - 1)]
@@ -446,7 +449,8 @@ def render_card(records, *, title: str | None = None, repo_id: str | None = None
     out.append("## " + secs[0][0] + "\n\n" + secs[0][1] + "\n\n" + secs[0][2] + "\n")
     out.append("## Trajectory measurements\n")
     out += [f"### {h}\n\n{d}\n\n{t}\n" for h, d, t in secs[1:]]
-    out.append("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(recs) + cooldown_report.verdict_lines(recs)) + "\n")
+    out.append("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(recs) + cooldown_report.verdict_lines(recs)
+                                                               + averages_report.verdict_lines(recs)) + "\n")
     if plots:
         out.append("## Plots\n\n" + "\n\n".join(f"![{cap}]({path})" for cap, path in plots.items()) + "\n")
     return "\n".join(out)
