@@ -404,17 +404,25 @@ def _clean(obj):
 
 def measure_target(target: str, *, data: str | None = None, out: str | None = None, against: str | None = None,
                    device: str | None = "auto", write_calibration: bool | None = None, probe_set: str | None = "auto",
-                   split_tokens: int = DEFAULT_SPLIT_TOKENS, calib_tokens: int = DEFAULT_CALIB_TOKENS, **kw) -> dict:
+                   split_tokens: int = DEFAULT_SPLIT_TOKENS, calib_tokens: int = DEFAULT_CALIB_TOKENS, write: bool = True,
+                   write_branch: bool = False, **kw) -> dict:
     """Load ``target`` (``checkpoint.load_model``), measure it, store the calibration and the record.
 
-    ``data``: measure on this txt/jsonl/parquet corpus instead of the validation split.
-    ``write_calibration`` (default: only when measuring the checkpoint's own validation split, so
-    a measurement on another corpus never overwrites the published calibration) stores the WAND
-    bounds and routing threshold with the checkpoint (``calibrate.write_bounds``). The record goes
-    to ``out``, else ``<checkpoint dir>/poelm_measure.json``; for ``REPO@branch`` both the
-    calibrated config.json and the record are committed to the branch
-    (``publish.update_branch_files``). ``probe_set="auto"``: ``embedded`` for a model trained on
-    the embedded corpus, else ``card``. Other keywords go to ``measure``.
+    Where the record goes (a measurement never overwrites what it was told to leave alone):
+
+    - default: into the target, i.e. ``<checkpoint dir>/poelm_measure.json``, or for ``REPO@branch``
+      a commit on the branch (``publish.update_branch_files``; ``main`` follows when it holds it);
+    - ``out``: to that file ONLY; the checkpoint / branch / repository are not touched;
+    - ``write=False`` (``--no-write``): nothing into the target (only ``out``, if given);
+    - ``data`` (another txt/jsonl/parquet corpus instead of the validation split): never into the
+      target unless ``write_branch`` (``--write-branch``) asks for it; the record then says so
+      (``data_override: true``) and the report marks it. Without ``out`` or ``write_branch`` a
+      ``data`` measurement is refused before any work (its record would go nowhere).
+
+    ``write_calibration`` (default: when the record goes into the target and was measured on its
+    own validation split) stores the WAND bounds and routing threshold with the checkpoint
+    (``calibrate.write_bounds``). ``probe_set="auto"``: ``embedded`` for a model trained on the
+    embedded corpus, else ``card``. Other keywords go to ``measure``.
 
     Under torchrun the ranks share the work (module docstring) and rank 0 alone writes; the other
     ranks return None."""
@@ -422,9 +430,15 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
     from poelm.train.checkpoint import load_model
     from poelm.train.runtime import join_group, pick_device
 
-    dev = join_group(pick_device(device))
+    if write_branch and not write:
+        raise PoelmError("--write-branch and --no-write contradict each other: pass one")
+    into = write and (write_branch or (out is None and data is None))  # the record goes into the target
+    if data is not None and write and not into and out is None:
+        raise PoelmError(f"--data {data}: a measurement on another corpus is not written into {target} unless asked; "
+                         f"pass --out FILE for the record, or --write-branch to replace the target's record (marked as such)")
     if write_calibration is None:
-        write_calibration = data is None
+        write_calibration = into and data is None
+    dev = join_group(pick_device(device))
     with tempfile.TemporaryDirectory(prefix="poelm-measure-") as work:
         # both TARGETs resolve (and fail) before anything is loaded or computed
         tgt = targets.resolve(target, Path(work) / "target")
@@ -453,8 +467,10 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
         if repo:  # the branch gets the data files; publish refreshes its manifest itself
             written = [name for name in written if name not in MANIFESTS]
         rec["calibration_written"] = written
+        if into and data is not None:  # asked for (--write-branch): the report marks this record
+            rec["data_override"] = True
         prior = path / RECORD_NAME  # the branch's / checkpoint's earlier record, if any
-        if not out and prior.is_file():
+        if into and prior.is_file():
             try:  # `poelm eval` scores are not measured here: a re-measurement keeps them
                 kept = json.loads(prior.read_text()).get("benchmarks")
             except (ValueError, OSError):
@@ -464,12 +480,18 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
         body = _json_bytes(rec)
         if out:
             atomic_write_bytes(out, body)
-        if repo:
+        if repo and (into or written):
             files = {name: (path / name).read_bytes() for name in written}
-            files[RECORD_NAME] = body
+            if into:
+                files[RECORD_NAME] = body
             publish.update_branch_files(repo, branch, files)
-        elif not out:
+        elif into:
             atomic_write_bytes(path / RECORD_NAME, body)
-        rec["repo"] = repo  # after the record was serialised: the branch's file never holds a local path
-        rec["record_path"] = str(out) if out else (f"{tgt.label}:{RECORD_NAME}" if repo else str(path / RECORD_NAME))
+        # after the record was serialised: the branch's file never holds a local path
+        rec["repo"] = repo
+        rec["record_written"] = bool(into)
+        paths = [str(out)] if out else []
+        if into:
+            paths.append(f"{tgt.label}:{RECORD_NAME}" if repo else str(path / RECORD_NAME))
+        rec["record_path"] = ", ".join(paths) or None
     return rec

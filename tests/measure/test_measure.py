@@ -238,15 +238,18 @@ def test_bounds_land_in_checkpoint_and_export(ckpt, tmp_path):
 
     path, corpus = ckpt
     kw = dict(data=str(corpus), split_tokens=SPLIT, calib_tokens=CALIB, probe_set=None, progress=False, samples=50, seq_len=T)
-    rec = measure.measure_target(str(path), **kw)  # --data: calibration not written by default
+    with pytest.raises(PoelmError, match="--write-branch"):  # --data alone: the record would go nowhere
+        measure.measure_target(str(path), **kw)
+    rec = measure.measure_target(str(path), write_branch=True, **kw)  # --data: calibration not written by default
     assert rec["calibration_written"] == [] and not (path / "calibration.json").exists()
     assert rec["step"] == 120 and rec["rel_step"] == 20 and rec["lrm"] == 0.5 and rec["data"] == str(corpus)
+    assert rec["data_override"] is True and rec["record_written"] is True
     assert json.loads((path / measure.RECORD_NAME).read_text())["bpb"] == rec["bpb"]
     # `poelm eval` scores in the record survive a re-measurement (measure does not compute them)
     scored = json.loads((path / measure.RECORD_NAME).read_text())
     scored["benchmarks"] = [{"task": "poelm_devils_cloze", "metric": "acc", "value": 0.5}]
     (path / measure.RECORD_NAME).write_text(json.dumps(scored))
-    rec = measure.measure_target(str(path), write_calibration=True, **kw)
+    rec = measure.measure_target(str(path), write_calibration=True, write_branch=True, **kw)
     assert rec["benchmarks"] == scored["benchmarks"]
     assert json.loads((path / measure.RECORD_NAME).read_text())["benchmarks"] == scored["benchmarks"]
     assert rec["calibration_written"] == ["calibration.json", "manifest.json"]
@@ -366,7 +369,8 @@ def test_branch_target_gets_bounds_and_record(ckpt, tmp_path):
     repo = tmp_path / "traj"
     branch = publish.publish(path, str(repo))
     rec = measure.measure_target(f"{repo}@{branch}", data=str(corpus), write_calibration=True, split_tokens=SPLIT, calib_tokens=CALIB,
-                                 probe_set=None, progress=False, samples=50, seq_len=T, against=f"{repo}@{branch}")
+                                 probe_set=None, progress=False, samples=50, seq_len=T, against=f"{repo}@{branch}", write_branch=True)
+    assert rec["data_override"] is True
     assert rec["branch"] == branch and rec["target"] == f"{repo}@{branch}" and rec["calibration_written"] == ["config.json"]
     assert rec["against"]["deltas"]["bpb.full"]["value"] == 0.0
     stored = publish.read_records(str(repo))
@@ -424,3 +428,48 @@ def test_bf16_autocast_and_bad_options(tok, tokens):
         run(model, tok, tokens, split_tokens=0)
     rec = run(model, tok, tokens, routing_metric="target_regression", confidence="margin", cap=0.5)
     assert rec["routing"]["metric"] == "target" and rec["routing"]["confidence"] == "margin"  # the old name is an alias
+
+
+def _snapshot(repo):
+    """Every ref's SHA and every work-tree file's bytes of a trajectory repository."""
+    refs = subprocess.run(["git", "-C", str(repo), "for-each-ref", "--format=%(refname) %(objectname)"], capture_output=True,
+                          text=True, check=True).stdout
+    files = {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file() and ".git" not in p.parts}
+    return refs, files
+
+
+def test_out_no_write_and_data_leave_the_trajectory_alone(ckpt, tmp_path):
+    """--out writes only FILE, --no-write nothing, --data nothing into the branch unless --write-branch
+    (issue 22: a --data --out measurement used to replace the branch's val-split record)."""
+    from poelm.trajectory import publish
+
+    path, corpus = ckpt
+    repo = tmp_path / "traj"
+    branch = publish.publish(path, str(repo))
+    kw = dict(split_tokens=SPLIT, calib_tokens=CALIB, probe_set=None, progress=False, samples=50, seq_len=T)
+    first = measure.measure_target(f"{repo}@{branch}", **kw)  # the branch's own record: val split
+    assert first["record_written"] and first["calibration_written"] == ["config.json"]
+    before = _snapshot(repo)
+    assert f"refs/heads/{branch}" in before[0] and "refs/heads/main" in before[0]
+    flags = ["--split-tokens", str(SPLIT), "--calib-tokens", str(CALIB), "--probe", "none", "--samples", "50", "--seq-len", str(T), "--quiet"]
+    target = f"{repo}@{branch}"
+    for extra, out in ((["--out", str(tmp_path / "a.json")], tmp_path / "a.json"),
+                       (["--no-write"], None),
+                       (["--data", str(corpus), "--out", str(tmp_path / "b.json")], tmp_path / "b.json")):
+        r = subprocess.run([sys.executable, "-m", "poelm", "measure", target, *flags, *extra], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "model cards refreshed" not in r.stdout
+        assert _snapshot(repo) == before, extra
+        if out is not None:
+            assert json.loads(out.read_text())["bpb"]["full"]["value"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["data"] == str(corpus)
+    r = subprocess.run([sys.executable, "-m", "poelm", "measure", target, *flags, "--data", str(corpus)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "--write-branch" in r.stderr
+    assert _snapshot(repo) == before
+    stored = publish.read_records(str(repo))
+    assert stored[0]["data"] == "val split" and stored[0]["bpb"] == first["bpb"] and "data_override" not in stored[0]
+    rec = measure.measure_target(target, data=str(corpus), write_branch=True, **kw)  # asked for: written, marked
+    stored = publish.read_records(str(repo))
+    assert stored[0]["data"] == str(corpus) and stored[0]["data_override"] is True and stored[0]["bpb"] == rec["bpb"]
+    assert _snapshot(repo)[0] != before[0]
