@@ -29,7 +29,9 @@ from poelm.report import cooldown as cooldown_report
 from poelm.report import sections as S
 from poelm.report.sections import NM, NO_THRESHOLD, _cell, _esc, _rows, _table, _tokens, _x, cap_met_at_tau0
 from poelm.report.verdict import fmt_num, fmt_pct, fmt_signed
-from poelm.report.verdict import branch_name, delta_ci, metrics_for, phase_of, rel_step, seed_position, segment, sort_records, value, verdict
+from poelm.report.verdict import branch_name, delta_ci, judge, metrics_for, phase_of, rel_step, seed_position, segment, sort_records, value
+from poelm.report.answer import answer, answer_markdown, verdict_markdown
+from poelm.report import verdict as verdict_mod
 
 RECORD_NAME = "poelm_measure.json"
 
@@ -231,8 +233,7 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     out.append(S.routing_calibration_section(recs, seed_i, split, _newest_value(recs, "calib_tokens")))
     out.append(S.wand_generation_section(recs, seed_i, K, split))
     out.append(S.spec_timing_section(recs, seed_i))
-    out.append(_probe_section(recs, seed_i, K))
-    out.append(S.probe_grid_section(recs, seed_i))
+    out += _probe_sections(recs, seed_i, K)
     out.append(_delta_section(recs, seed_i, K))
     out += benchmarks.sections(recs)  # poelm eval's scores; none when no record has them
     return out
@@ -253,6 +254,26 @@ def _sweep_cell(rec, a) -> str:
         if x == a and isinstance(b, (int, float)):
             return f"{b:.6f}"
     return NM
+
+
+APPENDIX = "Appendix: "
+
+
+def _probe_sections(recs, seed_i, K) -> list[tuple[str, str, str]]:
+    """The probe tables; while no save passes any prompt, one line instead (the per-prompt
+    continuations stay in each record's ``probe.results``)."""
+    probes = [(r, r["probe"]) for r in recs if isinstance(r.get("probe"), dict)]
+    if not probes:
+        return []
+    if any(p.get("passed") for _, p in probes):
+        return [_probe_section(recs, seed_i, K), S.probe_grid_section(recs, seed_i)]
+    p0 = probes[-1][1]
+    words = [f"`{branch_name(r)}` {p['words_matched']}/{p['words_total']}" for r, p in probes if p.get("words_total")]
+    line = (f"No save passes any of the {p0.get('total', '?')} prompts of set '{p0.get('set', NM)}' (greedy full K, "
+            f"{p0.get('max_new_tokens', '?')} new tokens, graded on the start of the continuation)"
+            + (f"; answer words matched: {', '.join(words)}" if words else "")
+            + ". The continuations are in each record's `probe.results`.")
+    return [("Sample-mode probe", line, "")]
 
 
 def _probe_section(recs, seed_i, K):
@@ -310,12 +331,20 @@ def _delta_section(recs, seed_i, K):
     return "Deltas vs the seed (95% intervals)", desc, _table(["Branch", "Step"] + [ms[k].label for k in wanted], rows)
 
 
+def verdict(records) -> list[str]:
+    """What ``poelm report`` prints: the answer's lines first, then the verdict's
+    (``verdict.verdict``: per kind, its summary and one sentence per figure)."""
+    recs = sort_records(records)
+    j = judge(recs)
+    return [ln.replace("**", "") for ln in answer(recs, j)["lines"]] + verdict_mod.verdict(recs)
+
+
 def build_tables(records) -> str:
     """All card tables (and the deltas table) as markdown, one ``###`` section each."""
     recs = sort_records(records)
     if not recs:
         return "_No measurement records._\n"
-    return "\n\n".join(f"### {h}\n\n{d}\n\n{t}" for h, d, t in _sections(recs)) + "\n"
+    return "\n\n".join(f"### {h}\n\n{d}" + (f"\n\n{t}" if t else "") for h, d, t in _sections(recs)) + "\n"
 
 
 # ----------------------------------------------------------------------------- card / report
@@ -436,6 +465,8 @@ def render_card(records, *, title: str | None = None, repo_id: str | None = None
              + ("`main` tracks " if main else "Newest save: ") + f"branch `{branch_name(last)}` (step "
              f"{int(last['step']):,}); the tables cover the {len(recs)} measured save(s) up to that step.")
     out.append(f"# {title}\n\n{intro}\n")
+    j = judge(recs)
+    out.append(answer_markdown(recs, j))  # the card's question answered first (issue 22)
     if repo_id:
         rev = "main" if main else branch_name(last)
         out.append("## Inference\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -443,12 +474,17 @@ def render_card(records, *, title: str | None = None, repo_id: str | None = None
                    f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\", revision=\"{rev}\", trust_remote_code=True)\n"
                    "```\n\nPrepend the BOS token to a prompt; any `step-XXXXX` branch loads the same way.\n")
     secs = _sections(recs, main=main)
+    appendix = [sec for sec in secs if sec[0].startswith(APPENDIX)]
+    secs = [sec for sec in secs if not sec[0].startswith(APPENDIX)]
+    out.append(verdict_markdown(j, cooldown_report.verdict_lines(recs)))
     out.append("## " + secs[0][0] + "\n\n" + secs[0][1] + "\n\n" + secs[0][2] + "\n")
     out.append("## Trajectory measurements\n")
-    out += [f"### {h}\n\n{d}\n\n{t}\n" for h, d, t in secs[1:]]
-    out.append("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(recs) + cooldown_report.verdict_lines(recs)) + "\n")
+    out += [f"### {h}\n\n{d}\n\n{t}\n" if t else f"### {h}\n\n{d}\n" for h, d, t in secs[1:]]
     if plots:
         out.append("## Plots\n\n" + "\n\n".join(f"![{cap}]({path})" for cap, path in plots.items()) + "\n")
+    if appendix:
+        out.append("## Appendix\n")
+        out += [f"### {h}\n\n{d}\n\n{t}\n" for h, d, t in appendix]
     return "\n".join(out)
 
 

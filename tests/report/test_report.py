@@ -158,9 +158,9 @@ def _line(lines, label):
 def test_verdict_bpb_lr_shock_then_peak_phase_oscillation(lines):
     full = _line(lines, "full K=4 BPB")
     assert "Δ +0.102625 (95% interval not available)" in full
-    assert "outside the noise band (seed → first save at step 84,000: |Δ| 0.000151)" in full
+    assert "outside the noise band (warmup floor 0.000151)" in full
     assert "worse than the seed" in full
-    assert "+0.097608 at step 86,000 (the first save after warmup), is an LR shock" in full
+    assert "LR shock: +0.097608 at step 86,000, the first save after warmup" in full
     assert "Within the peak phase (6 saves, steps 86,000–96,000): no monotonic trend" in full
     assert "oscillating within an envelope of 0.822195–0.832245, range 0.010050" in full
     # every BPB series (training log, full, each stage) oscillates within the peak phase
@@ -175,11 +175,14 @@ def test_verdict_noise_band_and_overall(lines):
     assert "inside the noise band" in _line(lines, "spec acceptance α")  # 0.9853 vs 0.9852, floor 0.0116
     assert "indistinguishable from the seed" in _line(lines, "spec acceptance α")
     assert "not measured at the newest save" in _line(lines, "probe prompts passed")
-    overall = lines[-1]
-    assert overall.startswith("Overall (step 96,000 vs the seed): 15 of 18 measured metrics are outside the noise band; "
-                              "11 moved the worse way")
-    assert "coherent direction, but it is the worse one (11 of 12)" in overall
-    assert "the peak phase is an oscillation regime" in overall
+    quality = next(ln for ln in lines if ln.startswith("Quality ("))
+    assert quality.startswith("Quality (step 96,000 vs the seed): 9 of 9 figures outside the noise band: 0 the better way (none), "
+                              "9 the worse way (BPB ×7, accuracy ×2)")
+    assert "Coherent divergence from the seed in the worse direction" in quality
+    eff = next(ln for ln in lines if ln.startswith("Inference efficiency ("))
+    assert "3 of 5 figures outside the noise band" in eff and "not how good the model is" in eff
+    trend = next(ln for ln in lines if ln.startswith("Trends within"))
+    assert "the peak phase is an oscillation regime" in trend
 
 
 def test_trend_and_noise_by_hand():
@@ -204,7 +207,7 @@ def test_against_block_gives_delta_interval(recs):
     head, rows = section(md_tables(R.build_tables(rs)), "Deltas vs the seed")
     assert rows["step-86000"][head.index("full K=4 BPB") - 1] == "+0.097457 [+0.095100, +0.099800]"
     full = _line(V.verdict(rs), "full K=4 BPB")
-    assert "95% CI [+0.095100, +0.099800]" in full and "bootstrap interval excludes no change" in full
+    assert "95% CI [+0.095100, +0.099800]" in full and "interval excludes no change" in full
     rs[2]["against"]["target"] = "some/other@step-1"  # an interval against another checkpoint is not a delta vs the seed
     assert "95% interval not available" in _line(V.verdict(rs), "full K=4 BPB")
 
@@ -385,13 +388,13 @@ def test_new_sections_name_the_metric_tau_and_measured_speedups(recs):
 def test_verdict_calls_a_timing_change_real_only_beyond_its_interval(recs):
     rs = _with_new_fields(recs)
     line = _line(V.verdict(rs), "spec end-to-end speedup")  # 1.50 [1.45, 1.55] -> 2.10 [2.05, 2.15]: no overlap
-    assert "outside the noise band" in line and "intervals over the timing rounds do not overlap" in line
+    assert "outside the noise band" in line and "intervals do not overlap" in line
     rs[2]["spec"]["speedup"]["ci"] = [1.50, 2.20]  # overlapping intervals: not a change, whatever the warmup floor says
     line = _line(V.verdict(rs), "spec end-to-end speedup")
     assert "inside the noise band" in line and "indistinguishable from the seed" in line
     rs[2]["spec"]["speedup"] = 2.10  # a bare number (an old record): no interval, no call
     line = _line(V.verdict(rs), "spec end-to-end speedup")
-    assert "noise band not available (a timing figure needs the intervals" in line
+    assert "noise band not available (a timing figure needs both records' intervals)" in line
     nt = V.noise_test(rs, 0, 2, "spec.speedup", V.phase_of(rs), timing=True)
     assert nt["floor"] is not None and nt["outside"] is None  # the floor alone does not decide a timing figure
     assert V.noise_test(rs, 0, 2, "spec.speedup", V.phase_of(rs))["outside"] is True
