@@ -29,6 +29,14 @@ def _add_measure(sub):
     p.add_argument("--m", type=int, default=4, help="speculative draft length (default 4)")
     p.add_argument("--probe", default="auto", help="prompt set: card, embedded, a JSONL file, or none (default: embedded for embedded-corpus models, else card)")
     p.add_argument("--max-new-tokens", type=int, default=60, help="greedy tokens per probe prompt (default 60)")
+    p.add_argument("--gen-prompts", type=int, default=32, help="generation set: contexts cut from the measurement slice for acceptance, "
+                                                               "agreement in generation and exit depths, with 95%% intervals over prompts (default 32)")
+    p.add_argument("--gen-tokens", type=int, default=32, help="generation set: greedy new tokens per context (default 32)")
+    p.add_argument("--gen-seed", type=int, default=0, help="generation set: seed of the context offsets (default 0)")
+    p.add_argument("--timing-prompts", type=int, default=8, help="timed decoding: the first N prompts of the generation set (default 8)")
+    p.add_argument("--timing-tokens", type=int, default=16, help="timed decoding: new tokens per prompt (default 16)")
+    p.add_argument("--timing-rounds", type=int, default=2, help="timed decoding: interleaved rounds; speedup intervals resample rounds "
+                                                                "and prompts (default 2)")
     p.add_argument("--block-tokens", type=int, default=1024, help="bootstrap block size in tokens (default 1024)")
     p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -52,10 +60,11 @@ def _run_measure(args):
             probe_set=None if args.probe == "none" else args.probe, split_tokens=args.split_tokens, calib_tokens=args.calib_tokens,
             batch_size=args.batch_size, seq_len=args.seq_len, cap=args.cap, routing_metric=args.routing_metric,
             confidence=args.confidence, m=args.m, max_new_tokens=args.max_new_tokens, block_tokens=args.block_tokens,
-            samples=args.samples, seed=args.seed, progress=not args.quiet)
+            samples=args.samples, seed=args.seed, progress=not args.quiet, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
+            gen_seed=args.gen_seed, timing_prompts=args.timing_prompts, timing_tokens=args.timing_tokens, timing_repeats=args.timing_rounds)
         if rec is None:  # torchrun: a rank other than 0 (rank 0 prints and writes)
             continue
-        from poelm.report.tables import format_summary
+        from poelm.report.summary import format_summary
 
         print(format_summary(rec))
         print(f"  record: {rec['record_path'] or 'not written (--no-write)'}"

@@ -149,3 +149,28 @@ def delta_intervals(a: BlockSums, b: BlockSums, K: int, alphas, samples: int, se
     gp, gl, gh = bootstrap(gap, arr, samples, seed, level)  # gap_this - gap_ref
     out["crossover_gap"] = _noise(interval(gp[0], gl[0], gh[0]))
     return out
+
+
+# ----------------------------------------------------------------------------- timed figures
+def crossed_bootstrap(tables, stat: Callable[[np.ndarray], np.ndarray], samples: int = DEFAULT_SAMPLES, seed: int = 0,
+                      level: float = DEFAULT_LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Point estimates and percentile intervals of ``stat`` when every observation is a (round,
+    prompt) cell: wall times of the timing protocol (``timing.py``). A resample redraws the rounds
+    AND the prompts with replacement, independently (the two-way "crossed" bootstrap, so both the
+    machine's drift between rounds and the choice of prompts enter the interval), and ``stat``
+    maps the weighted sums ``S[:, i] = sum_rp w_r w_p tables[i][r, p]`` (``[S, n_tables]``) to
+    statistics ``[S, F]``. Deterministic in ``seed``."""
+    T = np.stack([np.asarray(t, dtype=np.float64) for t in tables])  # [n_tables, R, P]
+    _, R, P = T.shape
+    point = np.asarray(stat(T.sum(axis=(1, 2))[None, :]))[0]
+    if samples <= 0 or R * P < 2:
+        nan = np.full_like(point, np.nan, dtype=np.float64)
+        return point, nan, nan
+    rng = np.random.default_rng(seed)
+    wr = rng.multinomial(R, np.full(R, 1.0 / R), size=samples).astype(np.float64)  # [S, R]
+    wp = rng.multinomial(P, np.full(P, 1.0 / P), size=samples).astype(np.float64)  # [S, P]
+    sums = np.einsum("sr,irp,sp->si", wr, T, wp)
+    allv = np.asarray(stat(sums))
+    a = (1.0 - level) / 2.0
+    lo, hi = np.nanquantile(allv, [a, 1.0 - a], axis=0)
+    return point, lo, hi

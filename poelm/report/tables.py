@@ -29,9 +29,10 @@ from poelm.report import cooldown as cooldown_report
 from poelm.report import sections as S
 from poelm.report.sections import NM, NO_THRESHOLD, _cell, _esc, _rows, _table, _tokens, _x, cap_met_at_tau0
 from poelm.report.verdict import fmt_num, fmt_pct, fmt_signed
-from poelm.report.verdict import branch_name, delta_ci, judge, metrics_for, phase_of, rel_step, seed_position, segment, sort_records, value
+from poelm.report.judge import judge
+from poelm.report.verdict import branch_name, delta_ci, metrics_for, phase_of, rel_step, seed_position, segment, sort_records, value
 from poelm.report.answer import answer, answer_markdown, verdict_markdown
-from poelm.report import verdict as verdict_mod
+from poelm.report import judge as judge_mod
 
 RECORD_NAME = "poelm_measure.json"
 
@@ -191,11 +192,9 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     spec = _newest(recs, "spec")
     m = spec.get("m", "m")
     cols = [keyed("spec.acceptance", fmt_num(4)), keyed("spec.mean_accepted", fmt_num(2)), keyed("spec.speedup", _x(2))]
-    where = (f" on {spec['prompts']} probe prompts, {spec['new_tokens']:,} new tokens in all" if spec.get("prompts") and spec.get("new_tokens") else "")
     out.append((f"Self-speculative decoding (m={m} stage-0 draft, full K={K} verify)",
-                f"Greedy; mode: {spec.get('mode', NM)}{where}; acceptance α = accepted / proposed draft tokens; "
-                f"speedup = wall time of full-K greedy / self-speculative greedy (median [min, max] over the timing rounds "
-                f"where measured; protocol and the implied speedup: \"Speculative decoding timing\" below).",
+                f"Greedy, mode {spec.get('mode', NM)}; acceptance α = accepted / proposed drafts, on {S.gen_words(recs)}; "
+                f"speedup: full-K / speculative wall time ({S._timing_words(recs)}).",
                 _table(["Branch", "Step", "acceptance α", f"mean accepted / {m}", "end-to-end speedup"],
                        _rows(recs, seed_i, cols))))
 
@@ -207,11 +206,9 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
             lambda r: "—" if cap_met_at_tau0(r) else _cell(r, "routing.projected_speedup", _x(3)),
             keyed("routing.agreement_s0_full", fmt_num(4))]
     out.append((f"Confidence-aware routing ({label or NM})",
-                f"A position goes to stage 0 alone when its stage-0 confidence ({', '.join(conf) or NM}) >= τ, the "
-                f"lowest threshold whose {' / '.join(k[0] for k in kinds) or 'regression metric'} stays within the cap; "
-                f"fraction routed on the {_tokens(split)} measurement slice; projected speedup = 1 / (f·c0 + 1 - f), a FLOP "
-                f"projection (measured speedups: \"Routing calibration\" below); \"{NO_THRESHOLD}\": τ = 0 already meets "
-                f"the cap, so routing selects nothing; base s0=full agreement = positions where argmax(stage 0) = argmax(full K).",
+                f"A position goes to stage 0 alone when its stage-0 confidence ({', '.join(conf) or NM}) ≥ τ (\"Routing "
+                f"calibration\" below); fraction routed on the {_tokens(split)} measurement slice; projected speedup: a FLOP "
+                f"projection; s0=full agreement: positions where argmax(stage 0) = argmax(full K).",
                 _table(["Branch", "Step", "fraction routed to stage 0", "projected speedup", "base s0=full agreement"],
                        _rows(recs, seed_i, cols))))
 
@@ -300,9 +297,7 @@ def _probe_section(recs, seed_i, K):
     total = p0.get("total", len(names))
     head = (f"Sample-mode probe (full K={K}, greedy, {p0.get('max_new_tokens', '?')} tokens, {total}-prompt set "
             f"'{p0.get('set', NM)}')")
-    desc = ("✓: the start of the continuation gives the prompt's expected answer; ✗: it does not. Each cell gives the graded "
-            "start (" + (p0.get("grading") or "the continuation") + "); per-prompt grades across branches: "
-            "\"Probe grades per prompt\" below.")
+    desc = "✓ / ✗: the graded start of the continuation gives / does not give the prompt's expected answer."
     return head, desc, _table(["Branch", "Step"] + [_esc(n) for n in names] + ["Note"], rows)
 
 
@@ -326,17 +321,16 @@ def _delta_section(recs, seed_i, K):
                 f = ms[key].dfmt
                 cells.append(f"{f(v - v0)} " + (f"[{f(ci[0])}, {f(ci[1])}]" if ci else "(CI n/a)"))
         rows.append([name, f"{int(r['step']):,}"] + cells)
-    desc = ("Δ = value − seed value, with its 95% interval from the record's `against` block (a paired bootstrap vs "
-            "the seed); \"CI n/a\": the interval is not available (the record was not measured against the seed).")
+    desc = "Δ = value − seed value [paired 95% interval vs the seed]; \"CI n/a\": not measured against the seed."
     return "Deltas vs the seed (95% intervals)", desc, _table(["Branch", "Step"] + [ms[k].label for k in wanted], rows)
 
 
 def verdict(records) -> list[str]:
     """What ``poelm report`` prints: the answer's lines first, then the verdict's
-    (``verdict.verdict``: per kind, its summary and one sentence per figure)."""
+    (``judge.verdict``: per kind, its summary and one sentence per figure)."""
     recs = sort_records(records)
     j = judge(recs)
-    return [ln.replace("**", "") for ln in answer(recs, j)["lines"]] + verdict_mod.verdict(recs)
+    return [ln.replace("**", "") for ln in answer(recs, j)["lines"]] + judge_mod.verdict(recs)
 
 
 def build_tables(records) -> str:
@@ -348,78 +342,6 @@ def build_tables(records) -> str:
 
 
 # ----------------------------------------------------------------------------- card / report
-# ----------------------------------------------------------------------------- one record, as text (poelm measure)
-def _f(x, d=6):
-    return "n/a" if x is None else f"{x:.{d}f}"
-
-
-def _ci(node, d=6):
-    v, ci = node.get("value"), node.get("ci") or [None, None]
-    if ci[0] is None:
-        return _f(v, d)
-    return f"{_f(v, d)} [{_f(ci[0], d)}, {_f(ci[1], d)}]"
-
-
-def _cx(node) -> str:
-    """A timed speedup ``1.23x [1.10x, 1.30x]`` (median [min, max] over the timing rounds)."""
-    return _cell({"n": node}, "n", _x(2))
-
-
-def format_summary(rec: dict) -> str:
-    """A few lines for the terminal (the record has everything)."""
-    K = rec["K"]
-    L = [f"{rec.get('target') or 'model'}  step {rec.get('step')}  K={K} {rec['stage_layers']}  "
-         f"{rec['split_tokens']:,} tokens ({rec['data']}), calib {rec['calib_tokens']:,}, {rec['device']} {rec['dtype']}, "
-         f"{rec['elapsed_s']:.1f}s"]
-    b = rec["bpb"]
-    L.append(f"  BPB full K    {_ci(b['full'])}   (95% block-bootstrap interval)")
-    L.append("  BPB single    " + "  ".join(f"s{k} {_f(x['value'])}" for k, x in enumerate(b["single"])))
-    if b["prefix"]:
-        L.append("  BPB prefix    " + "  ".join(f"K'={j + 1} {_f(x['value'])}" for j, x in enumerate(b["prefix"])))
-    a = rec["acc"]
-    L.append("  accuracy      " + "  ".join(f"s{k} {_f(x['value'], 4)}" for k, x in enumerate(a["single"])) + f"  full {_f(a['full']['value'], 4)}")
-    sw = rec["alpha_sweep"]
-    L.append("  alpha sweep   " + "  ".join(f"{al:g}: {_f(v)}" for al, v in zip(sw["alphas"], sw["bpb"])) + f"   crossover gap {_f(rec['crossover_gap'])}")
-    if rec.get("wand"):
-        L.append("  WAND p99      " + "  ".join(f"{s}->{s + 1} {v:.4f}" for s, v in enumerate(rec["wand"]["bounds"])))
-    r = rec.get("routing")
-    if r:
-        sel = (f"cap met with no threshold (value {_f(r.get('value_tau0_calib'), 4)} at tau 0)" if r.get("cap_met_at_tau0") else
-               f"tau {r['tau']:.4f} (value at tau 0: {_f(r.get('value_tau0_calib'), 4)}), routed {100 * r['fraction']:.2f}%, "
-               f"projected {r['projected_speedup']:.3f}x")
-        g = r.get("generation") or {}
-        meas = f", measured {_cx(g['speedup'])} agreement {_f(g.get('agreement'), 4)}" if g.get("speedup") else ""
-        L.append(f"  routing       {r['metric']} <= {r['cap']} ({r['confidence']}): {sel}{meas}, "
-                 f"s0=full agreement {_f(r['agreement_s0_full'], 4)}")
-    g = (rec.get("wand") or {}).get("generation")
-    if g:
-        L.append(f"  WAND decode   speedup {_cx(g['speedup'])}, agreement {_f(g['agreement'], 4)}, "
-                 f"mean exit depth {_f(g['mean_depth'], 2)}, exit depths {g['depth_hist']}")
-    s = rec.get("spec")
-    if s:
-        sp = s.get("speedup")
-        sp = "n/a" if sp is None else (_cx(sp) if isinstance(sp, dict) else f"{sp:.2f}x")
-        imp = f", implied {_cx(s['implied_speedup'])}" if isinstance(s.get("implied_speedup"), dict) else ""
-        L.append(f"  speculative   m={s['m']} ({s['mode']}): acceptance {_f(s['acceptance'], 4)}, "
-                 f"mean accepted {_f(s['mean_accepted'], 2)}/{s['m']}, speedup {sp}{imp}")
-    t = rec.get("timing")
-    if t:
-        L.append(f"  timing        {t['prompts']} prompts x {t['new_tokens_per_prompt']} tokens, median [min, max] of {t['repeats']} "
-                 f"interleaved rounds; full K {t['ms_per_token']['full']:.2f} ms/token")
-    p = rec.get("probe")
-    if p:
-        marks = " ".join(f"{x['name']} {'PASS' if x['pass'] else 'fail'}" for x in p["results"])
-        words = f" ({p['words_matched']}/{p['words_total']} answer words)" if p.get("words_total") else ""
-        L.append(f"  probe ({p['set']}) {p['passed']}/{p['total']}{words}: {marks}")
-    ag = rec.get("against")
-    if ag:
-        d = ag["deltas"]
-        noisy = [k for k, v in d.items() if v.get("inside_noise")]
-        L.append(f"  vs {ag['target']}: dBPB full {_ci(d['bpb.full'])}, dacc full {_ci(d['acc.full'], 4)}; "
-                 f"{len(d) - len(noisy)} of {len(d)} deltas outside noise")
-    return "\n".join(L)
-
-
 def update_cards(repo, branches=None) -> list[str]:
     """Make the report the model card (README.md) of trajectory branches: each branch gets the
     tables and verdict over the records up to its own step, the newest (``main``) the whole

@@ -285,22 +285,73 @@ def test_cli_measure(ckpt, tmp_path):
 
 def test_spec_teacher_forced_matches_engine(tok, tokens, monkeypatch):
     model = make_model(tok, 8)
-    rec = run(model, tok, tokens, probe_set="embedded", max_new_tokens=8, m=3, timing_prompts=12, timing_tokens=8, timing_repeats=2)
-    s = rec["spec"]
-    assert s["mode"] == "engine" and s["identical_outputs"] == s["prompts"] == 12
-    assert s["acceptance"] == s["teacher_forced"]["acceptance"]
-    assert s["mean_accepted"] == pytest.approx(s["teacher_forced"]["mean_accepted"])
-    assert s["full_consistency_mismatches"] == 0 and sum(s["accept_hist"]) == s["rounds"]
+    kw = dict(probe_set="embedded", max_new_tokens=8, m=3, gen_prompts=12, gen_tokens=8, timing_prompts=3, timing_tokens=8,
+              timing_repeats=2, cap=0.7)
+    rec = run(model, tok, tokens, **kw)
+    s, g = rec["spec"], rec["generation"]
+    assert g["prompts"] == 12 and g["new_tokens_per_prompt"] == 8 and g["seed"] == 0 and len(g["starts"]) == 12
+    assert s["mode"] == "engine" and s["prompts"] == 12 and s["new_tokens"] == 96 and s["timed_prompts"] == 3
+    assert s["identical_outputs"] == 3 and s["full_consistency_mismatches"] == 0
+    assert s["engine_check"]["acceptance"] == s["engine_check"]["teacher_forced"]  # the engine's rounds are the exact ones
+    assert s["acceptance"] == pytest.approx(s["accepted"] / s["proposed"])
+    assert s["acceptance_ci"][0] <= s["acceptance"] <= s["acceptance_ci"][1] and s["acceptance_ci"][0] < s["acceptance_ci"][1]
     assert len(s["speedup"]["repeats"]) == 2 and s["speedup"]["ci"][0] <= s["speedup"]["value"] <= s["speedup"]["ci"][1]
-    assert rec["timing"]["prompts"] == 12 and rec["timing"]["new_tokens"] == 96 and rec["timing"]["repeats"] == 2
-    g = rec["wand"]["generation"]
-    assert sum(g["depth_hist"]) == 96 and 1 <= g["mean_depth"] <= 4 and 0 <= g["agreement"] <= 1
+    assert rec["timing"]["prompts"] == 3 and rec["timing"]["new_tokens"] == 24 and rec["timing"]["repeats"] == 2
+    assert "bootstrap over rounds and prompts" in rec["timing"]["interval"]
+    w = rec["wand"]["generation"]
+    assert sum(w["depth_hist"]) == 96 and 1 <= w["mean_depth"] <= 4 and 0 <= w["agreement"] <= 1 and w["prompts"] == 12
+    assert w["mean_depth_ci"][0] <= w["mean_depth"] <= w["mean_depth_ci"][1]
     monkeypatch.setattr(timing, "get_engine", lambda model: None)
-    tf = run(model, tok, tokens, probe_set="embedded", max_new_tokens=8, m=3)
+    tf = run(model, tok, tokens, **kw)
     assert tf["spec"]["mode"] == "teacher_forced" and tf["spec"]["speedup"] is None
-    assert tf["spec"]["acceptance"] == s["acceptance"]
+    assert tf["spec"]["acceptance"] == s["acceptance"] and tf["spec"]["acceptance_ci"] == s["acceptance_ci"]
     assert tf["probe"]["generator"] == "builtin"
     assert [r["continuation"] for r in tf["probe"]["results"]] == [r["continuation"] for r in rec["probe"]["results"]]
+
+
+def test_generation_set_is_cut_from_the_slice_deterministically(tok, tokens):
+    from poelm.measure.genset import cut_prompts
+
+    meas = tokens[:1500]
+    a, sa = cut_prompts(meas, tok.bos_id, 10, 40, seed=3)
+    b, sb = cut_prompts(meas, tok.bos_id, 10, 40, seed=3)
+    c, sc = cut_prompts(meas, tok.bos_id, 10, 40, seed=4)
+    assert a == b and sa == sb and sa != sc and len(a) == 10
+    ids = meas.tolist()
+    for p, s in zip(a, sa):
+        assert p[0] == tok.bos_id and tok.bos_id not in p[1:] and 2 <= len(p) <= 41
+        assert s // 150 == sa.index(s)  # one context per stratum of 1500 / 10 positions
+        win = ids[s:s + 40]
+        assert any(p[1:] == win[k:k + len(p) - 1] for k in range(41 - len(p) + 1))  # a run of the slice itself
+    assert cut_prompts(meas[:3], tok.bos_id, 10, 40)[0] != []  # a short slice gives fewer prompts, not an error
+
+
+def test_crossed_bootstrap_by_hand():
+    from poelm.measure.bootstrap import crossed_bootstrap
+
+    num = [[2.0, 4.0], [2.0, 4.0]]
+    den = [[1.0, 2.0], [1.0, 2.0]]  # every cell's ratio is 2: every resample gives 2
+    p, lo, hi = crossed_bootstrap([num, den], lambda S: (S[:, 0] / S[:, 1])[:, None], samples=200, seed=1)
+    assert p[0] == pytest.approx(2.0) and lo[0] == pytest.approx(2.0) and hi[0] == pytest.approx(2.0)
+    den = [[1.0, 4.0], [1.0, 4.0]]  # prompt 0 ratio 2, prompt 1 ratio 1: the interval spans the prompts' spread
+    p, lo, hi = crossed_bootstrap([num, den], lambda S: (S[:, 0] / S[:, 1])[:, None], samples=400, seed=1)
+    assert p[0] == pytest.approx(6 / 5) and lo[0] == pytest.approx(1.0) and hi[0] == pytest.approx(2.0)
+
+
+def test_second_prompt_seed_lands_inside_the_first_intervals(tok, tokens):
+    """Issue 22: generation figures with intervals over prompts survive a fresh draw of prompts
+    (the untimed ones here; the timed speedups are checked on the demo model, see the report)."""
+    model = make_model(tok, 8)
+    kw = dict(probe_set="embedded", max_new_tokens=4, m=3, gen_prompts=24, gen_tokens=12, timing_prompts=2, timing_tokens=4,
+              timing_repeats=1, cap=0.7)
+    one, two = (run(model, tok, tokens, gen_seed=s, **kw) for s in (0, 1))
+    assert one["generation"]["starts"] != two["generation"]["starts"]
+    for key in ("acceptance", "mean_accepted"):
+        lo, hi = one["spec"][f"{key}_ci"]
+        assert lo <= two["spec"][key] <= hi, key
+    for key in ("agreement", "mean_depth"):
+        lo, hi = one["wand"]["generation"][f"{key}_ci"]
+        assert lo <= two["wand"]["generation"][key] <= hi, key
 
 
 def test_prompt_sets_and_grading_on_the_start(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 
 from poelm.report import answer as A
 from poelm.report import tables as R
+from poelm.report import judge as J
 from poelm.report import verdict as V
 
 PHASE = {"name": "c", "start_step": 100, "steps": 100, "warmup": 10, "peak": 0.5, "warmdown_ratio": 0.5, "final": 0.0}
@@ -36,7 +37,7 @@ def test_quality_better_efficiency_worse_answers_better():
     assert a["lines"][0].startswith("**Answer: better.** The newest save `step-00150` (step 150, peak rel_it 50, lrm 0.5) has "
                                     "full-K BPB 1.250000 vs 1.300000 at the seed `step-00100`: Δ -0.050000 [-0.060000, -0.040000], "
                                     "below the seed beyond the noise band.")
-    j = V.judge(recs)
+    j = J.judge(recs)
     q = {g["kind"]: g for g in j["groups"]}
     assert q["quality"]["result"]["direction"] == "better" and len(q["quality"]["result"]["worse"]) == 0
     assert "Coherent divergence from the seed in the better direction" in q["quality"]["summary"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from poelm.report import tables as R
+from poelm.report import judge as J
 from poelm.report import verdict as V
 from poelm.core.errors import PoelmError
 from poelm.report.plots import figures, make_plots, series
@@ -27,7 +28,7 @@ def recs():
 
 @pytest.fixture(scope="module")
 def lines(recs):
-    return V.verdict(recs)
+    return J.verdict(recs)
 
 
 def md_tables(md: str) -> dict[str, tuple[list[str], dict[str, list[str]]]]:
@@ -206,10 +207,10 @@ def test_against_block_gives_delta_interval(recs):
                         "deltas": {"bpb.full": {"value": 0.097457, "ci": [0.0951, 0.0998]}}}
     head, rows = section(md_tables(R.build_tables(rs)), "Deltas vs the seed")
     assert rows["step-86000"][head.index("full K=4 BPB") - 1] == "+0.097457 [+0.095100, +0.099800]"
-    full = _line(V.verdict(rs), "full K=4 BPB")
+    full = _line(J.verdict(rs), "full K=4 BPB")
     assert "95% CI [+0.095100, +0.099800]" in full and "interval excludes no change" in full
     rs[2]["against"]["target"] = "some/other@step-1"  # an interval against another checkpoint is not a delta vs the seed
-    assert "95% interval not available" in _line(V.verdict(rs), "full K=4 BPB")
+    assert "95% interval not available" in _line(J.verdict(rs), "full K=4 BPB")
 
 
 # ----------------------------------------------------------------------------- missing measurements
@@ -227,7 +228,7 @@ def test_missing_measurement_renders_not_measured(recs, tmp_path):
     assert section(tables, "Confidence-aware routing")[1]["step-92000"][1:] == ["not measured"] * 3
     assert section(tables, "Per-checkpoint val BPB")[1]["step-94000"][2] == "not measured"
     assert section(tables, "WAND p99 bounds")[1]["step-96000"][1:] == ["not measured"] * 3
-    lines = V.verdict(rs)
+    lines = J.verdict(rs)
     assert "not measured at the newest save" in _line(lines, "WAND p99 bound 0 → 1")
     assert "(5 saves, steps 86,000–96,000)" in _line(lines, "training-log val BPB")
     paths = R.write_report(rs, tmp_path)
@@ -382,18 +383,24 @@ def test_new_sections_name_the_metric_tau_and_measured_speedups(recs):
     probe = section(tables, "Sample-mode probe")[1]
     assert probe["step-84000"][2] == "✓ An obsolescent appliance for it."  # the graded start, not the whole continuation
     md = R.build_tables(rs)
-    assert "4 probe prompts × 16 new tokens" in md and "median of 3 rounds" in md
+    assert "4 probe prompts × 16 new tokens, median [min, max] of 3 rounds" in md  # a record from before issue 22
+    for r in rs:
+        r["timing"]["interval"] = "95% crossed bootstrap over rounds and prompts"
+        r["generation"] = {"prompts": 32, "context_tokens": 64, "new_tokens_per_prompt": 32, "seed": 5}
+    md = R.build_tables(rs)
+    assert "4 prompts of the generation set × 16 new tokens × 3 interleaved rounds, 95% interval over rounds and prompts" in md
+    assert "32 contexts of 64 tokens cut from the measurement slice (seed 5) × 32 greedy new tokens, 95% interval over prompts" in md
 
 
 def test_verdict_calls_a_timing_change_real_only_beyond_its_interval(recs):
     rs = _with_new_fields(recs)
-    line = _line(V.verdict(rs), "spec end-to-end speedup")  # 1.50 [1.45, 1.55] -> 2.10 [2.05, 2.15]: no overlap
+    line = _line(J.verdict(rs), "spec end-to-end speedup")  # 1.50 [1.45, 1.55] -> 2.10 [2.05, 2.15]: no overlap
     assert "outside the noise band" in line and "intervals do not overlap" in line
     rs[2]["spec"]["speedup"]["ci"] = [1.50, 2.20]  # overlapping intervals: not a change, whatever the warmup floor says
-    line = _line(V.verdict(rs), "spec end-to-end speedup")
+    line = _line(J.verdict(rs), "spec end-to-end speedup")
     assert "inside the noise band" in line and "indistinguishable from the seed" in line
     rs[2]["spec"]["speedup"] = 2.10  # a bare number (an old record): no interval, no call
-    line = _line(V.verdict(rs), "spec end-to-end speedup")
+    line = _line(J.verdict(rs), "spec end-to-end speedup")
     assert "noise band not available (a timing figure needs both records' intervals)" in line
     nt = V.noise_test(rs, 0, 2, "spec.speedup", V.phase_of(rs), timing=True)
     assert nt["floor"] is not None and nt["outside"] is None  # the floor alone does not decide a timing figure
