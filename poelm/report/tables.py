@@ -1,7 +1,9 @@
 """The trajectory report: the card's tables, the verdict and the plots, from measurement records.
 
 Input: one measurement record per checkpoint/branch (``poelm measure``; schema in
-``docs/record.md``). Output: markdown with the reference card's table layout and column names
+``docs/record.md``). Output: markdown that opens with the answer to the card's question and a
+seed / best / newest table (``answer.py``), then the verdict grouped by kind of figure
+(``judge.py``), then the reference card's table layout and column names
 (branches, per-checkpoint val BPB, per-stage BPB, per-stage accuracy, self-speculative decoding,
 confidence-aware routing, WAND p99 bounds, alpha sweep with crossover gap, sample-mode probe),
 a table of deltas vs the seed with their 95% intervals, the verdict (``poelm.verdict``) and the
