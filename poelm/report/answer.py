@@ -202,7 +202,7 @@ def headline_table(recs, seed_i, best_i) -> str:
 def answer_markdown(records, verdict_data: dict | None = None) -> str:
     """The ``## Answer`` section: the computed lines, then the headline table."""
     a = answer(records, verdict_data)
-    return "## Answer\n\n" + "\n\n".join(a["lines"]) + "\n\n" + a["table"] + "\n"
+    return "## Answer\n\n" + "\n\n".join(a["lines"]) + ("\n\n" + a["table"] if a["table"] else "") + "\n"
 
 
 def verdict_markdown(j: dict, extra: list[str] = ()) -> str:
@@ -210,7 +210,8 @@ def verdict_markdown(j: dict, extra: list[str] = ()) -> str:
     figure, the trend line, ``extra`` lines (cooldown), then the legend (said once)."""
     out = ["## Verdict\n", j["head"] + "\n"]
     for g in j["groups"]:
-        out.append(f"### {g['title']}\n\n{g['summary']}\n\n" + _table(j["row_header"], [r for r in g["rows"] if r[1] != NM or r[2] != NM]) + "\n")
+        rows = [r for r in g["rows"] if r[1] != NM or r[2] != NM]
+        out.append(f"### {g['title']}\n\n{g['summary']}\n" + (f"\n{_table(j['row_header'], rows, keep=len(rows[0]))}\n" if rows else ""))
     tail = ([j["trend"]] if j.get("trend") else []) + list(extra)
     if tail:
         out.append("\n".join(f"- {ln}" for ln in tail) + "\n")

@@ -42,9 +42,15 @@ def _esc(text) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+def _table(header: list[str], rows: list[list[str]], keep: int = 2) -> str | None:
+    """A markdown table. Columns after the first ``keep`` that are "not measured" in every row are
+    left out (an old record, or a figure this trajectory never measured, would otherwise fill the
+    report with empty columns); None when no such column is left: the caller drops the section."""
+    cols = [i for i in range(len(header)) if i < keep or not rows or any(r[i] != NM for r in rows)]
+    if len(header) > keep and len(cols) == keep and rows:
+        return None
+    lines = ["| " + " | ".join(header[i] for i in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r[i] for i in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 

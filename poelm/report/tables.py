@@ -235,7 +235,7 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     out += _probe_sections(recs, seed_i, K)
     out.append(_delta_section(recs, seed_i, K))
     out += benchmarks.sections(recs)  # poelm eval's scores; none when no record has them
-    return out
+    return [sec for sec in out if sec[2] is not None]  # a table with nothing measured is left out
 
 
 def _newest_value(recs, key):
