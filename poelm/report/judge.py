@@ -58,7 +58,7 @@ def _metric_sentence(m, recs, seed_i, last_i, phase, level, window):
     v0, v1 = value(seed, m.key), value(last, m.key)
     if v1 is None or v0 is None:
         where = "the newest save" if v1 is None else "the seed"
-        return f"{m.label}: not measured at {where}; no comparison.", None, [m.label] + [NMV if v is None else m.fmt(v) for v in (v0, v1)] + ["—"] * 4
+        return f"{m.label}: not measured at {where}; no comparison.", None, [m.label] + [NMV if v is None else m.fmt(v) for v in (v0, v1)] + ["—"] * 3
     nt = noise_test(recs, seed_i, last_i, m.key, phase, m.timing)
     d = nt["delta"]
     ci = f"95% CI [{m.dfmt(nt['ci'][0])}, {m.dfmt(nt['ci'][1])}]" if nt["ci"] else "95% interval not available"
@@ -91,7 +91,7 @@ def _metric_sentence(m, recs, seed_i, last_i, phase, level, window):
     if nt["outside"] and shock:
         call += f" (LR shock at {shock[0]:,})"
     row = [m.label, m.fmt(v0), m.fmt(v1), f"{m.dfmt(d)}" + (f" [{m.dfmt(nt['ci'][0])}, {m.dfmt(nt['ci'][1])}]" if nt["ci"] else ""),
-           "; ".join(parts) or "n/a", call, _trend_cell(t, m)]
+           call, _trend_cell(t, m)]
     return s + ". " + _trend_text(t, m, where, [p[0] for p in pts]), {"metric": m, "noise": nt, "trend": t}, row
 
 
@@ -207,7 +207,7 @@ def judge(records, seed_index: int | None = None, level: float = 0.05) -> dict:
         out["groups"].append({"kind": kind, "title": KINDS[kind], "summary": _kind_line(kind, res, last), "lines": lines,
                               "rows": rows, "result": res})
     seg_name = seg or "trajectory"
-    out["row_header"] = ["figure", "seed", "newest", "Δ [95% CI]", "noise tests", "call", f"trend within the {seg_name} ({len(window)} saves)"]
+    out["row_header"] = ["figure", "seed", "newest", "Δ [95% CI]", "call", f"trend within the {seg_name} ({len(window)} saves)"]
     out["trend"] = _trend_line(out["results"], last, phase, level, window)
     out["legend"] = legend(recs, window, level)
     return out
@@ -216,15 +216,14 @@ def judge(records, seed_index: int | None = None, level: float = 0.05) -> dict:
 def legend(recs, window, level: float = 0.05) -> list[str]:
     """The verdict's words, explained once."""
     n = len(window)
-    out = ["Δ = newest − seed. Noise band: the paired 95% bootstrap interval of Δ (record `against`; without it, the two "
-           "value intervals must not overlap) must exclude 0, and |Δ| must exceed the warmup floor (seed → first save while "
-           "the LR is still warming up: pure measurement noise). A timed figure (speedups) is called changed only when its "
-           "interval decides it.",
-           "Quality decides the answer; stage structure (agreement, WAND bounds, crossover gap) and inference efficiency "
-           "(acceptance, speedups, routing, exit depth) are reported for what they are. Coherent divergence: at least 2 "
-           f"quality figures beyond the noise band, {COHERENT_SHARE:.0%} of them the same way.",
-           "Trends: Mann–Kendall (Kendall's τ vs step) with Spearman's ρ over the saves of the newest save's phase segment; "
-           "an LR shock is the largest save-to-save change falling at the first save after warmup."]
+    out = ["Δ = newest − seed; call: better / worse (higher / lower without a preferred direction) when Δ is outside the "
+           "noise band, else no change. Noise band: the paired 95% interval of Δ (else the two value intervals) excludes 0, and "
+           "|Δ| exceeds the warmup floor (seed → first save still in the warmup: measurement noise); a timed figure needs its "
+           "interval.",
+           f"Quality decides the answer; coherent divergence = at least 2 quality figures beyond the noise band, "
+           f"{COHERENT_SHARE:.0%} of them the same way. Stage structure and inference efficiency are reported for what they are.",
+           "Trend: Mann–Kendall τ and p over the saves of the newest save's phase segment, with its range; LR shock: the largest "
+           "save-to-save change, at the first save after warmup."]
     if n >= 3:  # below 3 saves no test is run at all ("too few")
         mp = 2.0 / math.factorial(n)
         if mp >= level:

@@ -69,6 +69,23 @@ def _rows(recs, seed_i, cols):
     return out
 
 
+def _key_rows(recs, seed_i, cols):
+    """Rows of the seed, the best save (lowest full-K BPB) and the newest only: the audit sections'
+    detail is in every record, the trajectory of the headline figures in the card's tables."""
+    pts = [(v, i) for i, r in enumerate(recs) if i != seed_i and (v := get(r, "bpb.full")[0]) is not None]
+    keep = {seed_i, len(recs) - 1} | ({min(pts)[1]} if pts else set())
+    best = min(pts)[1] if pts else None
+    out = []
+    for i in sorted(keep):
+        r = recs[i]
+        role = " (seed)" if i == seed_i else " (best)" if i == best and i != len(recs) - 1 else ""
+        out.append([f"`{branch_name(r)}`{role}", f"{int(r['step']):,}"] + [c(r) for c in cols])
+    return out
+
+
+KEY_ROWS = "Seed, best (lowest full-K BPB) and newest save; every record holds the same for each save. "
+
+
 def _newest(recs, *keys):
     """The newest record's dict at the dotted path ``keys`` (``{}`` when none has one)."""
     for r in reversed(recs):
@@ -121,29 +138,21 @@ def routing_calibration_section(recs, seed_i, split, calib):
             return f"0 ({NO_THRESHOLD})"
         return _cell(r, "routing.tau", lambda v: f"{v:.4f}")
 
-    def metric(r):
-        x = r.get("routing") if isinstance(r.get("routing"), dict) else {}
-        if not x:
-            return NM
-        return f"{x.get('metric')} ≤ {x.get('cap')} ({x.get('confidence')})"
-
     def measured(r):
         if cap_met_at_tau0(r):
             return "not timed (no threshold)"
         return _cell(r, "routing.generation.speedup", _x(2))
 
-    cols = [metric, tau, lambda r: _cell(r, "routing.value_tau0_calib", lambda v: f"{v:.4f}"),
-            lambda r: _cell(r, "routing.value", lambda v: f"{v:.4f}"),
-            lambda r: NO_THRESHOLD if cap_met_at_tau0(r) else _cell(r, "routing.fraction", lambda v: f"{100 * v:.2f}%"),
-            lambda r: _cell(r, "routing.projected_speedup", _x(3)), measured,
+    rt = _newest(recs, "routing")
+    cols = [tau, lambda r: _cell(r, "routing.value_tau0_calib", lambda v: f"{v:.4f}"),
+            lambda r: _cell(r, "routing.value", lambda v: f"{v:.4f}"), measured,
             lambda r: _cell(r, "routing.generation.agreement", lambda v: f"{v:.4f}")]
-    desc = (f"τ: the lowest threshold whose metric stays within the cap, calibrated on the {_tokens(calib)} calibration slice; "
-            f"the metric at τ = 0 says whether a threshold was needed at all. Metric at τ and routed fraction: held out, on the "
-            f"{_tokens(split)} measurement slice. Projected speedup = 1 / (f·c0 + 1 − f) (c0 = stage 0's FLOP share). Measured: "
-            f"full-K / route wall time ({_timing_words(recs)}), exact KV catch-up included. Agreement with full: on {gen_words(recs)}.")
-    header = ["Branch", "Step", "metric (confidence)", "τ", "metric at τ = 0 (calib)", "metric at τ (held out)",
-              "fraction routed", "projected speedup (FLOP projection)", "measured route speedup", "route agreement with full"]
-    return "Routing calibration and measured route speedup", desc, _table(header, _rows(recs, seed_i, cols))
+    desc = (f"Metric: {rt.get('metric', NM)} ≤ {rt.get('cap', '?')} ({rt.get('confidence', '?')} confidence). τ: the lowest threshold "
+            f"within the cap on the {_tokens(calib)} calibration slice; at τ = 0 the metric says whether a threshold was needed at "
+            f"all; at τ it is held out, on the {_tokens(split)} measurement slice. Measured: full-K / route wall time "
+            f"({_timing_words(recs)}), exact KV catch-up included. Agreement with full: on {gen_words(recs)}.")
+    header = ["Branch", "Step", "τ", "metric at τ = 0 (calib)", "metric at τ (held out)", "measured route speedup", "route agreement with full"]
+    return "Routing calibration and measured route speedup", KEY_ROWS + desc, _table(header, _key_rows(recs, seed_i, cols))
 
 
 def wand_generation_section(recs, seed_i, K, split):
@@ -158,7 +167,7 @@ def wand_generation_section(recs, seed_i, K, split):
             f"greedy on {gen_words(recs)}. Measured speedup: {_timing_words(recs)}.")
     header = ["Branch", "Step", "exit agreement (slice)", "greedy agreement with full", "identical continuations",
               "measured speedup", "mean exit depth", f"exit-depth histogram (1 … {K})"]
-    return "WAND adaptive depth in generation", desc, _table(header, _rows(recs, seed_i, cols))
+    return "WAND adaptive depth in generation", KEY_ROWS + desc, _table(header, _key_rows(recs, seed_i, cols))
 
 
 def _identical(rec, key) -> str:
@@ -172,17 +181,17 @@ def _identical(rec, key) -> str:
 
 def spec_timing_section(recs, seed_i):
     m = _newest(recs, "spec").get("m", "m")
-    cols = [lambda r: _cell(r, "spec.speedup", _x(2)), lambda r: _cell(r, "spec.implied_speedup", _x(2)),
+    cols = [lambda r: _cell(r, "spec.implied_speedup", _x(2)),
             lambda r: _cell(r, "spec.c0_time", lambda v: f"{v:.3f}"), lambda r: _hist(r, "spec.accept_hist"),
             lambda r: _cell(r, "timing.ms_per_token.full", lambda v: f"{v:.2f}"),
             lambda r: _identical({"s": {"identical": (r.get("spec") or {}).get("identical_outputs"),
                                         "prompts": (r.get("spec") or {}).get("prompts")}}, "s")]
-    desc = (f"Measured speedup: full-K / self-speculative wall time ({_timing_words(recs)}). Implied speedup = N / (P + (proposed + "
+    desc = (f"Measured speedup: the card's table above ({_timing_words(recs)}). Implied speedup = N / (P + (proposed + "
             f"rounds)·c + rounds·(1 − c)) from the exact acceptance and the measured stage-0 time share c. Acceptance histogram: "
             f"rounds of the timed prompts that accepted 0 / 1 / ... / {m} drafts. Identical: speculative output equal to full-K greedy.")
-    header = ["Branch", "Step", "measured speedup", "implied speedup", "stage-0 time share c", f"acceptance histogram (0 … {m})",
+    header = ["Branch", "Step", "implied speedup", "stage-0 time share c", f"acceptance histogram (0 … {m})",
               "full K ms / token", "identical to full"]
-    return "Speculative decoding timing and acceptance", desc, _table(header, _rows(recs, seed_i, cols))
+    return "Speculative decoding timing and acceptance", KEY_ROWS + desc, _table(header, _key_rows(recs, seed_i, cols))
 
 
 def probe_grid_section(recs, seed_i):

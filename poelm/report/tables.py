@@ -32,7 +32,7 @@ from poelm.report import sections as S
 from poelm.report.sections import NM, NO_THRESHOLD, _cell, _esc, _rows, _table, _tokens, _x, cap_met_at_tau0
 from poelm.report.verdict import fmt_num, fmt_pct, fmt_signed
 from poelm.report.judge import judge
-from poelm.report.verdict import branch_name, delta_ci, metrics_for, phase_of, rel_step, seed_position, segment, sort_records, value
+from poelm.report.verdict import branch_name, delta_ci, get, phase_of, rel_step, seed_position, segment, sort_records, value
 from poelm.report.answer import answer, answer_markdown, verdict_markdown
 from poelm.report import judge as judge_mod
 
@@ -148,7 +148,9 @@ def _note(recs, i, seed_i, phase) -> str:
     for key, name, fmt in (("bpb.full", "BPB", fmt_signed(6)), ("acc.full", "acc", None), ("spec.acceptance", "α", None)):
         v, v0 = value(rec, key), value(seed, key)
         if v is not None and v0 is not None:
-            ds.append(f"{name} {fmt(v - v0)}" if fmt else f"{name} {100 * (v - v0):+.2f}pp")
+            ci = delta_ci(rec, seed, key) if key == "bpb.full" else None  # the paired interval vs the seed
+            ds.append((f"{name} {fmt(v - v0)}" + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")) if fmt
+                      else f"{name} {100 * (v - v0):+.2f}pp")
     if ds:
         parts.append("vs seed: " + " / ".join(ds))
     return "; ".join(parts) or "no shared measurement with the seed"
@@ -180,16 +182,19 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
                        _rows(recs, seed_i, [rel, keyed("train_val_bpb", fmt_num(6)), keyed("bpb.full", fmt_num(6))]))))
     out += [sec for sec in [cooldown_report.section(recs)] if sec]  # "BPB if annealed here", when probed
 
-    cols = [keyed("bpb.full", fmt_num(6))] + [keyed(f"bpb.single.{k}", fmt_num(6)) for k in range(K)]
-    cols += [keyed(f"bpb.prefix.{j}", fmt_num(6)) for j in range(K - 1)]
+    # Per-stage tables: values only, their 95% intervals summarised once (a width per table), so the
+    # card's columns stay readable; every record holds each interval, the verdict the paired deltas.
+    plain = lambda key, fmt: (lambda r: NM if value(r, key) is None else fmt(value(r, key)))  # noqa: E731
+    keys = ["bpb.full"] + [f"bpb.single.{k}" for k in range(K)] + [f"bpb.prefix.{j}" for j in range(K - 1)]
     header = ["Branch", "Step", f"full K={K}"] + [f"single s{k}" for k in range(K)] + [f"prefix K'={j}" for j in range(1, K)]
-    out.append(("Per-stage BPB", f"Training-objective BPB at each PoE stage boundary, on the same local val slice ({_tokens(split)}).",
-                _table(header, _rows(recs, seed_i, cols))))
+    out.append(("Per-stage BPB", f"Training-objective BPB at each PoE stage boundary, on the same local val slice ({_tokens(split)})"
+                + _widths(recs, keys, 6) + ".", _table(header, _rows(recs, seed_i, [plain(k, fmt_num(6)) for k in keys]))))
 
-    cols = [keyed(f"acc.single.{k}", fmt_num(4)) for k in range(K)] + [keyed("acc.full", fmt_num(4))]
+    keys = [f"acc.single.{k}" for k in range(K)] + ["acc.full"]
     out.append(("Per-stage standalone target accuracy",
-                f"Top-1 accuracy of each stage's standalone prediction vs the target token, same val slice ({_tokens(split)}).",
-                _table(["Branch", "Step"] + [f"s{k}" for k in range(K)] + ["full"], _rows(recs, seed_i, cols))))
+                f"Top-1 accuracy of each stage's standalone prediction vs the target token, same val slice ({_tokens(split)})"
+                + _widths(recs, keys, 4) + ".",
+                _table(["Branch", "Step"] + [f"s{k}" for k in range(K)] + ["full"], _rows(recs, seed_i, [plain(k, fmt_num(4)) for k in keys]))))
 
     spec = _newest(recs, "spec")
     m = spec.get("m", "m")
@@ -233,9 +238,17 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     out.append(S.wand_generation_section(recs, seed_i, K, split))
     out.append(S.spec_timing_section(recs, seed_i))
     out += _probe_sections(recs, seed_i, K)
-    out.append(_delta_section(recs, seed_i, K))
     out += benchmarks.sections(recs)  # poelm eval's scores; none when no record has them
     return [sec for sec in out if sec[2] is not None]  # a table with nothing measured is left out
+
+
+def _widths(recs, keys, d: int) -> str:
+    """"; 95% intervals ±a–b" over every value interval of ``keys`` in ``recs`` (half widths)."""
+    hw = [(ci[1] - ci[0]) / 2 for r in recs for k in keys if (ci := get(r, k)[1]) is not None]
+    if not hw:
+        return ""
+    lo, hi = min(hw), max(hw)
+    return f"; 95% block-bootstrap intervals ±{lo:.{d}f}" + (f"–{hi:.{d}f}" if f"{hi:.{d}f}" != f"{lo:.{d}f}" else "") + " (in each record)"
 
 
 def _newest_value(recs, key):
@@ -301,30 +314,6 @@ def _probe_section(recs, seed_i, K):
             f"'{p0.get('set', NM)}')")
     desc = "✓ / ✗: the graded start of the continuation gives / does not give the prompt's expected answer."
     return head, desc, _table(["Branch", "Step"] + [_esc(n) for n in names] + ["Note"], rows)
-
-
-def _delta_section(recs, seed_i, K):
-    wanted = ["train_val_bpb", "bpb.full", "acc.full", "spec.acceptance", "routing.fraction"]
-    wanted += [f"wand.bounds.{s}" for s in range(K - 1)] + ["crossover_gap"]
-    ms = {m.key: m for m in metrics_for(recs)}
-    seed = recs[seed_i]
-    rows = []
-    for i, r in enumerate(recs):
-        name = f"`{branch_name(r)}`" + (" (seed)" if i == seed_i else "")
-        cells = []
-        for key in wanted:
-            v, v0 = value(r, key), value(seed, key)
-            if i == seed_i:
-                cells.append("—" if v is not None else NM)
-            elif v is None or v0 is None:
-                cells.append(NM)
-            else:
-                ci = delta_ci(r, seed, key)
-                f = ms[key].dfmt
-                cells.append(f"{f(v - v0)} " + (f"[{f(ci[0])}, {f(ci[1])}]" if ci else "(CI n/a)"))
-        rows.append([name, f"{int(r['step']):,}"] + cells)
-    desc = "Δ = value − seed value [paired 95% interval vs the seed]; \"CI n/a\": not measured against the seed."
-    return "Deltas vs the seed (95% intervals)", desc, _table(["Branch", "Step"] + [ms[k].label for k in wanted], rows)
 
 
 def verdict(records) -> list[str]:

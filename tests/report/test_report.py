@@ -42,7 +42,7 @@ def md_tables(md: str) -> dict[str, tuple[list[str], dict[str, list[str]]]]:
             if head not in out:
                 out[head] = (cells, {})
             else:
-                out[head][1][cells[0].replace("`", "").replace(" (seed)", "")] = cells[1:]
+                out[head][1][cells[0].replace("`", "").replace(" (seed)", "").replace(" (best)", "")] = cells[1:]
     return out
 
 
@@ -141,12 +141,13 @@ def test_branches_table_positions_and_notes(recs):
     assert rows["step-86000"][3] == "first save after warmup; vs seed: BPB +0.097457 / acc -4.40pp / α -4.50pp"
 
 
-def test_deltas_table_states_missing_intervals(recs):
-    head, rows = section(md_tables(R.build_tables(recs)), "Deltas vs the seed")
-    col = head.index("full K=4 BPB") - 1
-    assert rows["step-83923"][col] == "—"
-    assert rows["step-86000"][col] == "+0.097457 (CI n/a)"
-    assert rows["step-96000"][head.index("routing fraction to stage 0") - 1] == "-14.54 pp (CI n/a)"
+def test_branch_notes_carry_the_paired_interval_when_there_is_one(recs):
+    rs = copy.deepcopy(recs[:3])
+    rs[2]["against"] = {"target": "cognica/Cognica-PoE-v1.0-3B-base-continual-learning@step-83923",
+                        "deltas": {"bpb.full": {"value": 0.097457, "ci": [0.0951, 0.0998]}}}
+    _, rows = section(md_tables(R.build_tables(rs)), "Branches")
+    assert rows["step-86000"][3] == "first save after warmup; vs seed: BPB +0.097457 [+0.095100, +0.099800] / acc -4.40pp / α -4.50pp"
+    assert rows["step-84000"][3] == "vs seed: BPB -0.000151 / acc -0.01pp / α -1.16pp"  # no against block: no interval
 
 
 # ----------------------------------------------------------------------------- verdict
@@ -205,8 +206,6 @@ def test_against_block_gives_delta_interval(recs):
     rs = copy.deepcopy(recs[:3])
     rs[2]["against"] = {"target": "cognica/Cognica-PoE-v1.0-3B-base-continual-learning@step-83923",
                         "deltas": {"bpb.full": {"value": 0.097457, "ci": [0.0951, 0.0998]}}}
-    head, rows = section(md_tables(R.build_tables(rs)), "Deltas vs the seed")
-    assert rows["step-86000"][head.index("full K=4 BPB") - 1] == "+0.097457 [+0.095100, +0.099800]"
     full = _line(J.verdict(rs), "full K=4 BPB")
     assert "95% CI [+0.095100, +0.099800]" in full and "interval excludes no change" in full
     rs[2]["against"]["target"] = "some/other@step-1"  # an interval against another checkpoint is not a delta vs the seed
@@ -367,14 +366,17 @@ def test_new_sections_name_the_metric_tau_and_measured_speedups(recs):
     card = section(tables, "Confidence-aware routing")[1]
     assert card["step-83923"][1:3] == ["cap met with no threshold", "—"] and card["step-84000"][1] == "87.86%"
     head, rows = section(tables, "Routing calibration")
-    assert rows["step-83923"][1:4] == ["agreement ≤ 0.02 (maxprob)", "0 (cap met with no threshold)", "0.0120"]
-    assert rows["step-83923"][5] == "cap met with no threshold" and rows["step-83923"][7] == "not timed (no threshold)"
-    assert rows["step-84000"][2] == "0.1800" and rows["step-84000"][7] == "1.10x [1.05x, 1.20x]"
-    assert "FLOP projection" in head[7] and rows["step-84000"][6] == "1.756x"
+    assert head[2:] == ["τ", "metric at τ = 0 (calib)", "metric at τ (held out)", "measured route speedup", "route agreement with full"]
+    assert rows["step-83923"][1:3] == ["0 (cap met with no threshold)", "0.0120"]
+    assert rows["step-83923"][4] == "not timed (no threshold)"
+    assert set(rows) == {"step-83923", "step-84000", "step-86000"}  # seed, best and newest: the audit rows
+    assert "| `step-84000` (best) |" in R.build_tables(rs)
+    assert rows["step-86000"][1] == "0.1900" and rows["step-86000"][4] == "1.10x [1.05x, 1.20x]"
+    assert "Metric: agreement ≤ 0.02 (maxprob confidence)" in R.build_tables(rs)
     _, rows = section(tables, "WAND adaptive depth")
     assert rows["step-86000"][1:] == ["0.9900", "0.9800", "2/4", "0.95x [0.90x, 1.00x]", "2.50", "30 / 4 / 6 / 24"]
     _, rows = section(tables, "Speculative decoding timing")
-    assert rows["step-86000"][1:5] == ["2.10x [2.05x, 2.15x]", "1.90x [1.80x, 2.00x]", "0.410 [0.400, 0.420]", "1 / 0 / 2 / 3 / 10"]
+    assert rows["step-86000"][1:4] == ["1.90x [1.80x, 2.00x]", "0.410 [0.400, 0.420]", "1 / 0 / 2 / 3 / 10"]
     assert section(tables, "Self-speculative decoding")[1]["step-84000"][3] == "1.80x [1.75x, 1.85x]"
     head, rows = section(tables, "Probe grades per prompt")
     assert head[:3] == ["Prompt", "expected start", "`step-83923` (seed)"]
