@@ -35,8 +35,8 @@ def _add_measure(sub):
     p.add_argument("--gen-seed", type=int, default=0, help="generation set: seed of the context offsets (default 0)")
     p.add_argument("--timing-prompts", type=int, default=8, help="timed decoding: the first N prompts of the generation set (default 8)")
     p.add_argument("--timing-tokens", type=int, default=16, help="timed decoding: new tokens per prompt (default 16)")
-    p.add_argument("--timing-rounds", type=int, default=2, help="timed decoding: interleaved rounds; speedup intervals resample rounds "
-                                                                "and prompts (default 2)")
+    p.add_argument("--timing-rounds", type=int, default=3, help="timed decoding: interleaved rounds; speedup intervals resample rounds "
+                                                                "and prompts (default 3)")
     p.add_argument("--block-tokens", type=int, default=1024, help="bootstrap block size in tokens (default 1024)")
     p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
