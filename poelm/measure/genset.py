@@ -17,9 +17,10 @@ an interval that includes the prompts:
   and mean accepted from one teacher-forced pass over each continuation (``metrics.spec_rounds``:
   exact, equal to the engine's, see its docstring); WAND / route agreement with full K and exit
   depths from one batched generation each.
-- **intervals**: 95% percentile bootstrap over prompts (``bootstrap.bootstrap`` with one "block"
-  per prompt): each resample redraws the prompts with replacement and recomputes every figure as a
-  ratio of sums (accepted / proposed, equal tokens / tokens, depth sum / tokens).
+- **intervals**: 95% bootstrap over prompts (``bootstrap.bootstrap`` with one "block" per prompt):
+  each resample redraws the prompts with replacement and recomputes every figure as a ratio of sums
+  (accepted / proposed, equal tokens / tokens, depth sum / tokens); the expanded percentile
+  interval (``bootstrap.expanded_tail``), since 32 prompts are few for a plain percentile one.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def untimed_figures(model, engine, prompts: list[list[int]], n_new: int, *, m: i
     for i in range(len(modes)):
         c = 4 + 4 * i
         pairs += [(c, c + 1, 1.0), (c + 2, c + 3, 1.0)]  # agreement; mean exit depth
-    point, lo, hi = bootstrap(ratio_stat(pairs), arr, samples, seed, level) if len(arr) else (np.full(len(pairs), np.nan),) * 3
+    point, lo, hi = bootstrap(ratio_stat(pairs), arr, samples, seed, level, expand=True) if len(arr) else (np.full(len(pairs), np.nan),) * 3
     fig = [interval(point[i], lo[i], hi[i]) for i in range(len(pairs))]
     tot = arr.sum(axis=0) if len(arr) else np.zeros(4 + 4 * len(modes))
     out = {"full": full, "prompts": len(prompts), "new_tokens": int(tot[3]),

@@ -340,7 +340,7 @@ def _record(model, tokenizer, meta, ev, ref_ev, ref, *, t0, K, cfg, T, dev, dtyp
         prompts, starts = genset.cut_prompts(meas, tokenizer.bos_id, gen["prompts"], gen["context"], gen["seed"])
         rec["generation"] = {"source": "measurement slice", "prompts": len(prompts), "prompts_requested": gen["prompts"],
                              "context_tokens": gen["context"], "new_tokens_per_prompt": gen["tokens"], "seed": gen["seed"],
-                             "starts": starts, "interval": f"{level:.0%} percentile bootstrap over prompts"}
+                             "starts": starts, "interval": f"{level:.0%} expanded percentile bootstrap over prompts"}
         rec.update(timing.probe_and_timing(rec, model, tokenizer, probe_set, max_new_tokens, m, confidence, gen_prompts=prompts,
                                            gen_tokens=gen["tokens"], samples=samples, seed=seed, level=level, **timing_kw))
     if ref_ev is not None:

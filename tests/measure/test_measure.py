@@ -327,7 +327,13 @@ def test_generation_set_is_cut_from_the_slice_deterministically(tok, tokens):
 
 
 def test_crossed_bootstrap_by_hand():
-    from poelm.measure.bootstrap import crossed_bootstrap
+    from scipy import stats
+
+    from poelm.measure.bootstrap import crossed_bootstrap, expanded_tail
+
+    # Hesterberg's expanded percentile tail: t with n-1 dof and the sqrt(n/(n-1)) correction; z = 1.96 as n grows
+    assert expanded_tail(8) == pytest.approx(stats.norm.cdf(-math.sqrt(8 / 7) * 2.364624), rel=1e-4)
+    assert expanded_tail(10**6) == pytest.approx(0.025, abs=1e-4) and expanded_tail(8) < expanded_tail(32) < 0.025
 
     num = [[2.0, 4.0], [2.0, 4.0]]
     den = [[1.0, 2.0], [1.0, 2.0]]  # every cell's ratio is 2: every resample gives 2
