@@ -9,7 +9,7 @@ from pathlib import Path
 
 from poelm.report import averages as A
 from poelm.report import tables as R
-from poelm.report import verdict as V
+from poelm.report import judge as V  # the verdict lives in judge.py
 from poelm.report.plots import series
 from test_cooldown_report import FIXTURE, SEED, _probe
 
