@@ -25,6 +25,7 @@ from poelm.cli.phases import (_add_continue, _add_cooldown, _add_demo, _add_plan
                               _run_demo, _run_plan, _run_train)
 from poelm.cli.trajectory import (_add_branches, _add_checkout, _add_export, _add_publish, _add_report, _add_verify,
                                   _run_branches, _run_checkout, _run_export, _run_publish, _run_report, _run_verify)
+from poelm.cli.trajectory import _add_import, _run_import
 from poelm.core.errors import PoelmError
 
 
@@ -46,6 +47,7 @@ VERBS = [
     ("plan", _add_plan, _run_plan),
     ("doctor", _add_doctor, _run_doctor),
     ("selftest", _add_selftest, _run_selftest),
+    ("import", _add_import, _run_import),
 ]
 
 
