@@ -220,6 +220,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.alpha_train must be in [0, 1], got {m.alpha_train}")
     if m.vocab_size < 260:
         raise ConfigError(f"model.vocab_size {m.vocab_size} is too small: a byte-level BPE needs at least 256 bytes plus specials (use >= 260)")
+    try:
+        m.check()  # the reference-op fields (window_pattern, init, gate channels...)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     d = cfg.data
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
