@@ -67,6 +67,9 @@ def _run_import(args):
         except ValueError:
             raise ConfigError(f"--stage-layers {args.stage_layers!r}: give comma-separated block counts, e.g. 16,6,5,5") from None
     res = nanochat.import_nanochat(args.dir, args.out, step=args.step, tokenizer=args.tokenizer, stage_layers=layers, preset=args.config)
+    if res["preset_differs"]:
+        print(f"note: --config {args.config} differs from the checkpoint in model.{', model.'.join(res['preset_differs'])}; the checkpoint's "
+              "architecture is kept (continue with --set model.KEY=VALUE to match it)")
     if res["weights_only"]:
         print(f"weights-only import: {args.dir} has no optimizer shards for step {res['step']}; "
               f"continue from it with --fresh-optimizer (recorded in the manifest)")

@@ -40,7 +40,7 @@ import torch
 
 from poelm import config as config_mod
 from poelm.core.errors import CheckpointError, ConfigError
-from poelm.core.model import ModelConfig, PoEGPT
+from poelm.core.model import REFERENCE_OPS, ModelConfig, PoEGPT
 from poelm.fsio import atomic_write_json, fsync_dir, sha256_file
 from poelm.train import checkpoint as ckpt_mod
 
@@ -183,19 +183,18 @@ def model_config(mc: dict, layers: tuple[int, ...]) -> ModelConfig:
     (qk scale 1.2, gate ``3 sigmoid`` over 12 channels, smear over 24, sliding windows, RoPE base
     100,000), its init and its backout parameter. A config without ``window_pattern`` predates
     sliding windows and means ``"L"`` (``checkpoint_manager._patch_missing_config_keys``)."""
-    return ModelConfig(
+    return ModelConfig.reference(
         vocab_size=mc["vocab_size"], depth=mc["n_layer"], n_embd=mc["n_embd"], n_head=mc["n_head"], n_kv_head=mc["n_kv_head"],
         intermediate=int(mc.get("intermediate_size", 0) or 0) or 4 * mc["n_embd"], max_seq_len=mc["sequence_len"],
-        stage_layers=layers, value_embeds=True, softcap=15.0, rope_base=100000.0, objective="poe", alpha_train=0.0,
-        qk_scale=1.2, ve_gate_scale=3.0, ve_gate_channels=12, smear=True, smear_channels=24,
-        window_pattern=str(mc.get("window_pattern", "L")), backout=True, init="nanochat")
+        stage_layers=layers, value_embeds=True, softcap=15.0, objective="poe", alpha_train=0.0,
+        window_pattern=str(mc.get("window_pattern", "L")))
 
 
 def reference_model_config(cfg: ModelConfig, base: dict | None = None) -> dict:
     """The reference's ``model_config`` of a poelm model (``base``: the source's, kept where poelm
     has no opinion); an error if the model does not use the reference's ops."""
-    want = dict(qk_scale=1.2, ve_gate_scale=3.0, ve_gate_channels=12, smear=True, smear_channels=24, rope_base=100000.0,
-                backout=True, softcap=15.0, value_embeds=True, objective="poe")
+    want = {k: v for k, v in REFERENCE_OPS.items() if k not in ("window_pattern", "init")}
+    want.update(short_window=0, softcap=15.0, value_embeds=True, objective="poe")
     for key, v in want.items():
         if getattr(cfg, key, None) != v:
             raise CheckpointError(f"the model has model.{key} = {getattr(cfg, key, None)!r}, the reference needs {v!r}: "
@@ -276,7 +275,9 @@ def _tokenizer(path, ref: RefFolder, vocab_size: int):
 
 def _poelm_config(mcfg: ModelConfig, ref: RefFolder, preset: str | None):
     d = config_mod.load_dict(preset) if preset else {}
-    d["model"] = mcfg.to_dict()
+    own = mcfg.to_dict()
+    differs = sorted(k for k, v in (d.get("model") or {}).items() if k in own and v != own[k] and not (k == "stage_layers" and list(v) == own[k]))
+    d["model"] = own
     d.setdefault("optim", {})["optimizer"] = "nanochat"
     if not preset:  # the run's own settings where its meta has them (base_train's CLI arguments)
         uc = ref.meta.get("user_config") or {}
@@ -291,7 +292,7 @@ def _poelm_config(mcfg: ModelConfig, ref: RefFolder, preset: str | None):
         if isinstance(ref.meta.get("total_batch_size"), int):
             tr["tokens_per_step"] = ref.meta["total_batch_size"]
     cfg = config_mod.from_dict(d)
-    return config_mod.validate(cfg)
+    return config_mod.validate(cfg), differs
 
 
 def _check_out(out: Path):
@@ -309,7 +310,7 @@ def import_nanochat(directory, out, step: int | None = None, tokenizer=None, sta
     mc = _model_config(ref)
     layers = stage_layout(mc, stage_layers)
     mcfg = model_config(mc, layers)
-    cfg = _poelm_config(mcfg, ref, preset)
+    cfg, differs = _poelm_config(mcfg, ref, preset)
     tok, tok_path = _tokenizer(tokenizer, ref, mc["vocab_size"])
     _check_out(out)
     sd, prefixed = read_model(ref.model)
@@ -365,7 +366,8 @@ def import_nanochat(directory, out, step: int | None = None, tokenizer=None, sta
     extra = {PADDING_FILE: padding} if padding else None
     path = ckpt_mod.save(out, ref.step, model, cfg, tok, meta, optim_state=optim_state, extra_tensors=extra, provenance=provenance)
     nbytes = sum(p.stat().st_size for p in files)
-    return {"path": str(path), "step": ref.step, "world_size": world, "weights_only": not world, "tensors": len(names), "source_bytes": nbytes}
+    return {"path": str(path), "step": ref.step, "world_size": world, "weights_only": not world, "tensors": len(names), "source_bytes": nbytes,
+            "preset_differs": differs}
 
 
 def _read_optim(path: Path) -> dict:
