@@ -56,6 +56,11 @@ class OptimConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-10
     grad_clip: float = 0.0  # 0 disables
+    # "poelm": poelm's groups and rules (poelm/train/optim.py); "nanochat": the reference
+    # implementation's (poelm/train/optim_nanochat.py: per-group betas/eps/weight decay, AdamW lrs
+    # x (n_embd/768)**-0.5, NorMuon + Polar Express, momentum and weight decay on its schedule;
+    # the adam_* and muon_momentum* keys above are then unused).
+    optimizer: str = "poelm"
 
 
 @dataclass
@@ -239,6 +244,8 @@ def validate(cfg: Config) -> Config:
     _positive("optim.muon_momentum_warmup", o.muon_momentum_warmup, allow_zero=True)
     if not (0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1):
         raise ConfigError("optim.adam_beta1 and optim.adam_beta2 must be in [0, 1)")
+    if o.optimizer not in ("poelm", "nanochat"):
+        raise ConfigError(f"optim.optimizer must be \"poelm\" or \"nanochat\", got {o.optimizer!r}")
     s = cfg.schedule
     if not isinstance(s.steps, int) or s.steps <= 0:
         raise ConfigError(f"schedule.steps must be a positive integer, got {s.steps!r}")

@@ -187,12 +187,10 @@ class Trainer:
         """One ``dist`` record: world size, accumulation and the optimizer-state elements each
         rank holds (ZeRO-2: about 1/W of ``optim_state_numel_unsharded`` per rank). A collective,
         called on every rank after the first step (the state is allocated lazily)."""
-        from poelm.train.optim import STATE_KEYS
-
         per_rank = torch.zeros(self.rt.world, dtype=torch.int64, device=self.rt.device)
         per_rank[self.rt.rank] = self.optimizer.owned_state_numel()
         _all_sum(per_rank, self.rt)
-        full = sum(s.param.numel() * len(STATE_KEYS[s.kind]) for s in self.optimizer.slots)
+        full = self.optimizer.unsharded_state_numel()
         self.log({"kind": "dist", "step": self.step + 1, "world_size": self.rt.world, "accum": self.accum,
                   "device_batch_size": self.cfg.train.device_batch_size, "tokens_per_step": self.tokens_per_step,
                   "optim_state_numel": per_rank.tolist(), "optim_state_numel_unsharded": full})
@@ -260,7 +258,7 @@ class Trainer:
         while self.step < end:
             t0 = time.time()
             m = lrm(self.step, self.phase)
-            self.optimizer.set_lrm(m)
+            self.optimizer.set_lrm(m, step=self.step, phase=self.phase)  # nanochat: momentum/wd schedules too
             loss_sum = torch.zeros(1, dtype=torch.float64, device=rt.device)
             ce_sum = torch.zeros(cfg.model.n_stages, dtype=torch.float64, device=rt.device)
             for _ in range(self.accum):

@@ -45,6 +45,7 @@ from poelm.core.head import chunk_rows
 from poelm.core.model import PoEGPT
 from poelm.train.dist import WHOLE, Slot, plan as shard_plan
 from poelm.train.optim import STATE_KEYS, group_of
+from poelm.train.optim_nanochat import state_numel_per_rank as nanochat_state_numel
 
 GiB = 2**30
 
@@ -164,7 +165,10 @@ def plan(cfg, world: int, gpu: str = "h100", mfu: float = 0.4) -> dict:
         model = PoEGPT(cfg.model)
     mc, t = cfg.model, cfg.train
     n_params = sum(p.numel() for p in model.parameters())
-    state = optimizer_state_numel(model, world, mc.objective)
+    if cfg.optim.optimizer == "nanochat":  # Muon keeps a factored second moment there (optim_nanochat.py)
+        state = nanochat_state_numel(model, world, mc.objective)
+    else:
+        state = optimizer_state_numel(model, world, mc.objective)
     bf16 = _bf16(cfg)
     act = activation_bytes(mc, t.device_batch_size, cfg.seq_len, bf16)
     tokens_per_step = t.tokens_per_step or t.device_batch_size * cfg.seq_len * world
