@@ -331,17 +331,10 @@ def import_nanochat(directory, out, step: int | None = None, tokenizer=None, sta
     if ref.optim:
         from poelm.train import optim_nanochat
 
-        shapes = [(n, list(sd[names[n]].shape)) for n in shell.state_dict()]
+        shapes = {n: tuple(sd[names[n]].shape) for n in shell.state_dict()}  # padded rows: the shards' layout
         ranks = [_read_optim(p) for p in ref.optim]
         tensors, ometa = optim_nanochat.gather_reference_state(ranks, shapes, world)
-        tensors = dict(tensors)
-        for key in list(tensors):
-            pname = key.rsplit("/", 1)[0]
-            if PADDED_RE.fullmatch(pname) and tensors[key].shape[0] == vpad:
-                if vpad > V:
-                    padding[f"optim/{key}"] = tensors[key][V:]
-                tensors[key] = tensors[key][:V]
-            ometa.setdefault("params", {}).get(pname, {})["shape"] = list(state[pname].shape) if pname in state else None
+        tensors = _crop_optim(tensors, ometa, V, vpad, padding)
         optim_state = (tensors, ometa)
     model = PoEGPT(mcfg)
     ckpt_mod.load_state_into(model, state, f"weights in {ref.model}")
@@ -368,6 +361,20 @@ def import_nanochat(directory, out, step: int | None = None, tokenizer=None, sta
     nbytes = sum(p.stat().st_size for p in files)
     return {"path": str(path), "step": ref.step, "world_size": world, "weights_only": not world, "tensors": len(names), "source_bytes": nbytes,
             "preset_differs": differs}
+
+
+def _crop_optim(tensors: dict, ometa: dict, V: int, vpad: int, padding: dict) -> dict:
+    """Drop the padding rows of the vocabulary tables' optimizer state (kept in ``padding``)."""
+    out = {}
+    for key, t in tensors.items():
+        pname = key.rsplit("/", 1)[0]
+        if PADDED_RE.fullmatch(pname):
+            if vpad > V:
+                padding[f"optim/{key}"] = t[V:]
+            t = t[:V]
+            ometa["params"][pname]["shape"] = [V, *ometa["params"][pname]["shape"][1:]]
+        out[key] = t
+    return out
 
 
 def _read_optim(path: Path) -> dict:
@@ -430,11 +437,12 @@ def export_nanochat(ckpt_dir, out) -> dict:
         for key, t in ck.optim_tensors.items():
             pname = key.rsplit("/", 1)[0]
             tensors[key] = _restore(t, f"optim/{key}", padding, vpad if PADDED_RE.fullmatch(pname) else 0, None)
-        shapes = [(n, list(model_sd[(COMPILED_PREFIX if nano.get("prefixed") else "") + to_ref_name(n)].shape)) for n in ck.model_state]
+        shapes = {n: tuple(t.shape) for n, t in ck.model_state.items()}
+        shapes.update({n: (vpad, *shapes[n][1:]) for n in shapes if PADDED_RE.fullmatch(n)})
         ometa = json.loads(json.dumps(ck.optim_meta))
-        for n, shp in shapes:
-            if n in ometa.get("params", {}):
-                ometa["params"][n]["shape"] = shp
+        for n, rec in ometa.get("params", {}).items():
+            if n in shapes:
+                rec["shape"] = list(shapes[n])
         optim_sd = optim_nanochat.scatter_reference_state(tensors, ometa, shapes, world_size=1)[0]
     meta = dict(base_meta)
     meta.update(step=step, model_config=mc)
