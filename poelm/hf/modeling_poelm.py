@@ -45,7 +45,9 @@ if __package__ == "poelm.hf":  # inside the poelm package: the same modules, one
     ModelConfig, PoEGPT, aggregate = _model.ModelConfig, _model.PoEGPT, _poe.aggregate
     _inputs = importlib.import_module("poelm.core.inputs")
     check_input_ids, positions_from_mask = _inputs.check_input_ids, _inputs.positions_from_mask
+    gather_previous = importlib.import_module("poelm.core.cache").gather_previous
 else:  # the exported folder: verbatim copies of poelm/core/model.py and poelm/core/poe.py
+    from .cache import gather_previous
     from .configuration_poelm import PoelmConfig
     from .inputs import check_input_ids, positions_from_mask
     from .model import ModelConfig, PoEGPT
@@ -84,10 +86,11 @@ class PoelmGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 class _CacheAdapter:
-    """A transformers ``Cache`` seen through poelm's ``KVCache.write`` interface."""
+    """A transformers ``Cache`` seen through poelm's ``KVCache`` interface (``write``,
+    ``smear_previous``)."""
 
-    def __init__(self, cache: Cache):
-        self.cache = cache
+    def __init__(self, cache: Cache, depth: int):
+        self.cache, self.depth = cache, depth
 
     def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
         have = self.cache.get_seq_length(layer)
@@ -97,6 +100,19 @@ class _CacheAdapter:
                 "a cache filled with fewer stages (forward(stages=...)) cannot serve a deeper forward"
             )
         return self.cache.update(k, v, layer)
+
+    def smear_previous(self, e: torch.Tensor, pos: int, valid=None):
+        """``KVCache.smear_previous`` over a transformers cache: the pre-smear embeddings
+        ``[B, T, d]`` are kept as one extra cache layer (index ``depth``, keys ``[B, 1, T, d]``),
+        so beam-search reordering and cropping move them together with the keys and values."""
+        layers = getattr(self.cache, "layers", None)  # transformers >= 5: built per config layer
+        if layers is not None and len(layers) <= self.depth and getattr(self.cache, "layer_class_to_replicate", None) is None:
+            from transformers.cache_utils import DynamicLayer
+
+            while len(layers) <= self.depth:
+                layers.append(DynamicLayer())
+        keys, _ = self.write(self.depth, pos, e.unsqueeze(1), e[:, :1, :1].unsqueeze(1).expand(-1, -1, e.size(1), -1))
+        return gather_previous(keys[:, 0], e.size(1), valid)
 
 
 def _select(stages, n_stages: int) -> list[int]:
@@ -217,7 +233,7 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
             raise ValueError(f"the input reaches position {top} (cached {pos} + {T} new) but this model's max_seq_len is "
                              f"{self.config.max_seq_len}: shorten the input or generate fewer tokens")
         sel = _select(stages, self.model.config.n_stages)
-        adapter = _CacheAdapter(cache) if cache is not None else None
+        adapter = _CacheAdapter(cache, self.model.config.depth) if cache is not None else None
         collect = [] if output_hidden_states else None
         hs = self.model.hiddens(input_ids, upto=sel[-1] + 1, cache=adapter, pos=pos, detach=False, positions=positions, valid=valid,
                                 collect=collect)
