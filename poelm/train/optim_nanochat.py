@@ -66,25 +66,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from poelm.core.errors import PoelmError
+from poelm.core.errors import CheckpointError, PoelmError
 from poelm.train.dist import SHARD, WHOLE, ShardedOptimizer, Slot, plan
+from poelm.train.nanochat_rules import adamw_update, muon_update, reference_momentum, reference_weight_decay
 
 STATE_FORMAT = "poelm-optim-nanochat/1"
-# Polar Express coefficients for 5 iterations (safety factor 2e-2, cushion 2), as listed in the
-# reference's optim.py (from arXiv:2505.16932).
-POLAR_EXPRESS = (
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-)
 # setup_optimizer's keyword defaults (used when no OptimConfig is given).
 SETUP_DEFAULTS = dict(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5)
-EPS = 1e-10
+EPS = 1e-10  # AdamW eps of every group
 MUON_MOMENTUM, MUON_NS_STEPS, MUON_BETA2 = 0.95, 5, 0.9  # setup_optimizer's Muon options
-# base_train.py's Muon momentum schedule: start -> peak over `warmup` steps, peak -> final over the LR warmdown.
-MOMENTUM_START, MOMENTUM_PEAK, MOMENTUM_FINAL, MOMENTUM_WARMUP = 0.85, 0.97, 0.90, 400
 # name, lr key (None = fixed), x s?, lr factor, betas, weight decay: setup_optimizer's AdamW groups in order.
 ADAMW_GROUPS = (
     ("unembedding", "unembedding_lr", True, 1.0, (0.8, 0.96), 0.01),
@@ -163,82 +153,6 @@ def muon_state_shapes(shape) -> dict[str, tuple]:
 
 def adamw_state_shapes(shape) -> dict[str, tuple]:
     return {"exp_avg": tuple(shape), "exp_avg_sq": tuple(shape)}
-
-
-# ----------------------------------------------------------------------------- update rules
-def _f32(x) -> torch.Tensor:
-    # The reference passes hyper-parameters as fp32 0-D tensors: scalar arithmetic happens in fp32.
-    return torch.tensor(x, dtype=torch.float32)
-
-
-def adamw_update(p, grad, exp_avg, exp_avg_sq, step: int, lr: float, betas, eps: float, weight_decay: float):
-    """One reference AdamW step in place (see the module docstring), ``step`` counted from 1."""
-    lr_t, b1, b2, wd = _f32(lr), _f32(betas[0]), _f32(betas[1]), _f32(weight_decay)
-    t = _f32(float(step))
-    p.mul_(float(1 - lr_t * wd))
-    exp_avg.lerp_(grad, float(1 - b1))
-    exp_avg_sq.lerp_(grad.square(), float(1 - b2))
-    bias1, bias2 = 1 - b1**t, 1 - b2**t
-    denom = (exp_avg_sq / float(bias2)).sqrt() + float(_f32(eps))
-    p.add_(exp_avg / denom, alpha=-float(lr_t / bias1))
-
-
-def polar_express(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Polar Express orthogonalization of a matrix (or a stack): ``G / (1.01 ||G||_F + 1e-6)``
-    then ``steps`` odd polynomial iterations with the coefficient triples ``POLAR_EXPRESS``.
-    bf16 on CUDA as the reference (its COMPUTE_DTYPE), the input's dtype elsewhere."""
-    X = G.bfloat16() if G.is_cuda else G
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
-    tall = G.size(-2) > G.size(-1)
-    for a, b, c in POLAR_EXPRESS[:steps]:
-        A = X.mT @ X if tall else X @ X.mT  # the smaller Gram matrix
-        B = b * A + c * (A @ A)
-        X = a * X + (X @ B if tall else B @ X)
-    return X
-
-
-def normuon_scale(X: torch.Tensor, second: torch.Tensor, beta2: float) -> torch.Tensor:
-    """NorMuon variance reduction: updates ``second`` (the factored second moment) in place and
-    returns ``X`` with each row (rows >= cols) or column scaled by ``rsqrt(max(second, 1e-10))``,
-    rescaled to keep ``||X||_F``."""
-    red = -1 if X.size(-2) >= X.size(-1) else -2
-    n = X.size(red)
-    v_mean = X.float().square().mean(dim=red, keepdim=True)
-    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
-    b2 = _f32(beta2).to(X.dtype)
-    second.lerp_(v_mean.to(second.dtype), float(1 - b2))
-    step = second.clamp_min(1e-10).rsqrt()
-    v_norm_new = ((v_mean * n) * step.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-    return X * (step * (v_norm / v_norm_new.clamp_min(1e-10))).to(X.dtype)
-
-
-def muon_update(p, grad, buf, second, lr: float, momentum: float, weight_decay: float, ns_steps: int, beta2: float):
-    """One reference Muon step on one matrix in place (see the module docstring)."""
-    mu = _f32(momentum).to(grad.dtype)
-    buf.lerp_(grad, float(1 - mu))
-    u = grad.lerp(buf, float(mu))
-    X = normuon_scale(polar_express(u, ns_steps), second, beta2)
-    lr_t = _f32(lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5).to(X.dtype)
-    wd_t = _f32(weight_decay).to(X.dtype)
-    mask = (X * p) >= 0
-    p.sub_(lr_t * X + lr_t * wd_t * p * mask)
-
-
-def reference_momentum(rel: int, steps: int, warmdown: int) -> float:
-    """base_train.py's Muon momentum at step ``rel`` of a ``steps``-step run with ``warmdown`` LR-warmdown steps."""
-    start = steps - warmdown
-    if rel < MOMENTUM_WARMUP:
-        frac = rel / MOMENTUM_WARMUP
-        return (1 - frac) * MOMENTUM_START + frac * MOMENTUM_PEAK
-    if rel >= start:
-        progress = (rel - start) / max(1, warmdown)
-        return MOMENTUM_PEAK * (1 - progress) + MOMENTUM_FINAL * progress
-    return MOMENTUM_PEAK
-
-
-def reference_weight_decay(rel: int, steps: int, weight_decay: float) -> float:
-    """base_train.py's Muon weight decay: cosine from ``weight_decay`` to 0 over the run."""
-    return weight_decay * 0.5 * (1 + math.cos(math.pi * rel / steps))
 
 
 # ----------------------------------------------------------------------------- the optimizer
@@ -327,7 +241,8 @@ class NanochatOptimizer(ShardedOptimizer):
         for name, g in self.groups.items():
             saved = meta.get("groups", {}).get(name)
             if g.kind == "muon" and saved:
-                g.momentum, g.weight_decay = float(saved["momentum"]), float(saved["weight_decay"])
+                g.momentum = float(saved.get("momentum", g.momentum))
+                g.weight_decay = float(saved.get("weight_decay", g.weight_decay))
 
 
 def state_numel_per_rank(model: torch.nn.Module, world: int, objective: str = "poe") -> list[int]:
@@ -350,3 +265,195 @@ def state_numel_per_rank(model: torch.nn.Module, world: int, objective: str = "p
             if s.layout != WHOLE or s.owner == r:
                 per_rank[r] += numel
     return per_rank
+
+
+# ----------------------------------------------------------------------------- reference checkpoints
+# The reference saves ``optimizer.state_dict()`` per rank (``optim_{step:06d}_rank{r}.pt``): torch's
+# layout ``{"state": {index: {...}}, "param_groups": [{options..., "params": [index, ...]}]}``, the
+# indices numbering the parameters group after group in setup_optimizer's order. Per rank r of W
+# (DistMuonAdamW; MuonAdamW is W = 1):
+# - AdamW parameter (state ``step`` int, ``exp_avg``, ``exp_avg_sq``): under 1024 elements, the
+#   full state on every rank; else rows ``[r n/W, (r+1) n/W)`` (n % W == 0 is required);
+# - Muon group of K matrices: state only on its first parameter's index, ``momentum_buffer``
+#   ``[ceil(K/W), R, C]`` and ``second_momentum_buffer`` ``[ceil(K/W), R, 1]`` (R >= C) or
+#   ``[ceil(K/W), 1, C]``, holding matrices ``[r ceil(K/W), ...)`` and zero padding past K; no step.
+ADAMW_KEYS = ("exp_avg", "exp_avg_sq")
+SMALL_NUMEL = 1024  # DistMuonAdamW all-reduces (and replicates the state of) AdamW params below this
+
+
+def _layout(param_names_shapes: dict) -> tuple[list[dict], dict[str, int]]:
+    groups = reference_param_groups(param_names_shapes)
+    index = {n: i for i, n in enumerate(n for g in groups for n in g["params"])}
+    return groups, index
+
+
+def _sizes(groups) -> str:
+    return ", ".join(f"{g['name']}:{g['kind']}x{len(g['params'])}" for g in groups)
+
+
+def _check_shards(rank_states, groups, index, world_size):
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise CheckpointError(f"world size must be a positive integer, got {world_size!r}")
+    if len(rank_states) != world_size:
+        raise CheckpointError(f"{len(rank_states)} optimizer shards for world size {world_size}: shards of ranks "
+                              f"{list(range(len(rank_states), world_size)) or 'beyond it'} are missing or extra; pass one per rank")
+    known = {index[g["params"][0]] for g in groups if g["kind"] == "muon" and g["params"]}
+    known |= {index[n] for g in groups if g["kind"] == "adamw" for n in g["params"]}
+    for r, sd in enumerate(rank_states):
+        if not (isinstance(sd, dict) and isinstance(sd.get("state"), dict) and isinstance(sd.get("param_groups"), list)):
+            raise CheckpointError(f"optimizer shard of rank {r} is not a torch optimizer state dict (keys 'state', 'param_groups')")
+        pgs = sd["param_groups"]
+        ok = len(pgs) == len(groups) and all(
+            isinstance(pg, dict) and pg.get("kind") == g["kind"] and list(pg.get("params", ())) == [index[n] for n in g["params"]]
+            for pg, g in zip(pgs, groups))
+        if not ok:
+            got = ", ".join(f"{pg.get('kind')}x{len(pg.get('params', ()))}" if isinstance(pg, dict) else "?" for pg in pgs)
+            raise CheckpointError(f"optimizer shard of rank {r} has an unknown group layout [{got}]; this model's reference "
+                                  f"optimizer has [{_sizes(groups)}] (different model or optimizer version?)")
+        extra = sorted(set(sd["state"]) - known, key=str)
+        if extra:
+            raise CheckpointError(f"optimizer shard of rank {r} holds state for parameter index {extra[0]!r}, which the reference "
+                                  f"layout [{_sizes(groups)}] gives no state")
+
+
+def _pieces(per: list, what: str, keys, shapes: dict) -> list[dict]:
+    """Per-rank state entries of one parameter / group, all present (or all absent: [])."""
+    have = [r for r, p in enumerate(per) if p is not None]
+    if not have:
+        return []
+    if len(have) != len(per):
+        missing = [r for r, p in enumerate(per) if p is None]
+        raise CheckpointError(f"optimizer state of {what} is missing on rank(s) {missing}: incomplete shard set (or shards of different steps)")
+    for r, p in enumerate(per):
+        for k in keys:
+            t = p.get(k) if isinstance(p, dict) else None
+            if not torch.is_tensor(t) or tuple(t.shape) != shapes[k]:
+                got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                raise CheckpointError(f"optimizer state {what}/{k} on rank {r} is {got}, expected shape {shapes[k]}")
+    return per
+
+
+def gather_reference_state(rank_states: list[dict], param_names_shapes: dict[str, tuple], world_size: int) -> tuple[dict, dict]:
+    """The reference's W per-rank optimizer state dicts -> ``(tensors, meta)`` as
+    ``NanochatOptimizer.full_state_dict`` writes them (world-size independent; pass them to
+    ``load_full_state_dict``). Values are copied, never computed (dtypes kept). ``meta["step"]``
+    is the AdamW step count (the largest, they agree in a real run); Muon matrices, which carry
+    no step in the reference, get it when their group has state. CheckpointError on missing
+    shards, a group layout other than this model's, or a state tensor of the wrong shape."""
+    groups, index = _layout(param_names_shapes)
+    _check_shards(rank_states, groups, index, world_size)
+    W, tensors, steps, muon_with_state = world_size, {}, {}, []
+    for g in groups:
+        if g["kind"] == "adamw":
+            for n in g["params"]:
+                shape = tuple(param_names_shapes[n])
+                small = math.prod(shape) < SMALL_NUMEL
+                if not small and shape[0] % W:
+                    raise CheckpointError(f"{n} has {shape[0]} rows, not divisible by world size {W}: not a reference shard layout")
+                want = shape if small else (shape[0] // W, *shape[1:])
+                per = _pieces([sd["state"].get(index[n]) for sd in rank_states], n, ADAMW_KEYS, dict.fromkeys(ADAMW_KEYS, want))
+                steps[n] = 0
+                if not per:
+                    continue
+                found = {p.get("step") for p in per}
+                if len(found) != 1 or not isinstance(next(iter(found)), int) or next(iter(found)) < 1:
+                    raise CheckpointError(f"optimizer state of {n} has step {sorted(found, key=str)} across ranks: expected one positive integer")
+                steps[n] = found.pop()
+                for k in ADAMW_KEYS:
+                    tensors[f"{n}/{k}"] = per[0][k].clone() if small else torch.cat([p[k] for p in per])
+            continue
+        params = g["params"]
+        for n in params:
+            steps[n] = 0
+        if not params:
+            continue
+        chunk = -(-len(params) // W)
+        shapes = {k: (chunk, *s) for k, s in muon_state_shapes(param_names_shapes[params[0]]).items()}
+        per = _pieces([sd["state"].get(index[params[0]]) for sd in rank_states], f"Muon group {g['name']}", tuple(shapes), shapes)
+        if not per:
+            continue
+        for k in shapes:
+            stacked = torch.cat([p[k] for p in per])
+            for j, n in enumerate(params):
+                tensors[f"{n}/{k}"] = stacked[j].clone()
+        muon_with_state += params
+    step = max(steps.values(), default=0)
+    if muon_with_state and step == 0:
+        raise CheckpointError("the optimizer shards hold Muon state but no AdamW state: the step count cannot be recovered")
+    for n in muon_with_state:
+        steps[n] = step
+    opts = {}
+    for g, pg in zip(groups, rank_states[0]["param_groups"]):
+        opts[g["name"]] = {k: list(v) if isinstance(v, tuple) else v for k, v in pg.items() if k != "params"}
+        opts[g["name"]]["params"] = list(g["params"])
+    first = rank_states[0]["param_groups"][0] if groups else {}
+    lrm = first["lr"] / first["initial_lr"] if first.get("initial_lr") else 1.0
+    meta = {"format": STATE_FORMAT, "step": step, "lrm": lrm, "grad_clip": 0.0, "groups": opts,
+            "params": {n: {"group": g["name"], "step": steps[n], "shape": list(param_names_shapes[n])} for g in groups for n in g["params"]}}
+    return tensors, meta
+
+
+def scatter_reference_state(tensors: dict, meta: dict, param_names_shapes: dict[str, tuple], world_size: int = 1) -> list[dict]:
+    """The inverse of ``gather_reference_state``: per-rank state dicts in the reference's layout
+    for ``world_size`` ranks (loadable by its optimizer's ``load_state_dict``; W = 1 is
+    MuonAdamW's). Group options come from ``meta["groups"]``. Values are copied (Muon chunks
+    zero-padded past K), so ``gather(scatter(x)) == x`` bitwise. CheckpointError when the state
+    does not fit this model, a Muon group has state for only some matrices, or a large AdamW
+    tensor's rows do not divide by ``world_size``."""
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"optimizer state has format {got!r}, expected {STATE_FORMAT!r} (a nanochat-optimizer state)")
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise CheckpointError(f"world size must be a positive integer, got {world_size!r}")
+    groups, index = _layout(param_names_shapes)
+    saved = meta.get("groups", {})
+    if [(n, saved[n].get("params")) for n in saved] != [(g["name"], g["params"]) for g in groups]:
+        raise CheckpointError(f"optimizer state groups [{', '.join(saved)}] do not match this model's reference groups [{_sizes(groups)}]")
+    steps = {n: int(meta.get("params", {}).get(n, {}).get("step", 0)) for n in param_names_shapes}
+    expected = {}
+    for g in groups:
+        for n in g["params"]:
+            if steps[n] > 0:
+                shapes = adamw_state_shapes(param_names_shapes[n]) if g["kind"] == "adamw" else muon_state_shapes(param_names_shapes[n])
+                expected.update({f"{n}/{k}": s for k, s in shapes.items()})
+    if set(tensors) != set(expected):
+        bad = sorted(set(tensors) ^ set(expected))[0]
+        raise CheckpointError(f"optimizer state tensor {bad!r} is {'unexpected' if bad in tensors else 'missing'} for this model")
+    for k, s in expected.items():
+        if tuple(tensors[k].shape) != s:
+            raise CheckpointError(f"optimizer state {k} has shape {tuple(tensors[k].shape)}, expected {s}")
+    W = world_size
+    out = [{"state": {}, "param_groups": []} for _ in range(W)]
+    for g in groups:
+        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in saved[g["name"]].items() if k != "params"}
+        for sd in out:
+            sd["param_groups"].append({**opts, "params": [index[n] for n in g["params"]]})
+        params = g["params"]
+        if g["kind"] == "adamw":
+            for n in params:
+                if not steps[n]:
+                    continue
+                shape = tuple(param_names_shapes[n])
+                small = math.prod(shape) < SMALL_NUMEL
+                if not small and shape[0] % W:
+                    raise CheckpointError(f"{n} has {shape[0]} rows, not divisible by world size {W}: the reference cannot shard it over {W} ranks")
+                rows = shape[0] // W
+                for r, sd in enumerate(out):
+                    sd["state"][index[n]] = {"step": steps[n], **{k: (tensors[f"{n}/{k}"] if small else tensors[f"{n}/{k}"][r * rows:(r + 1) * rows]).clone()
+                                                                  for k in ADAMW_KEYS}}
+            continue
+        stepped = [n for n in params if steps[n]]
+        if not stepped:
+            continue
+        if len(stepped) != len(params):
+            raise CheckpointError(f"Muon group {g['name']} has state for {len(stepped)} of its {len(params)} matrices: the reference keeps one state per group")
+        chunk = -(-len(params) // W)
+        per_rank = [{} for _ in range(W)]
+        for k in muon_state_shapes(param_names_shapes[params[0]]):
+            stacked = torch.stack([tensors[f"{n}/{k}"] for n in params])
+            padded = torch.cat([stacked, stacked.new_zeros((chunk * W - len(params), *stacked.shape[1:]))])
+            for r in range(W):
+                per_rank[r][k] = padded[r * chunk:(r + 1) * chunk].clone()
+        for sd, st in zip(out, per_rank):
+            sd["state"][index[params[0]]] = st
+    return out
