@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,11 +18,21 @@ from poelm.trajectory import nanochat
 LAYERS = (2, 2)  # poe_every 2 over 4 layers
 
 
-def cli(*args, cwd=None):
-    import os
+def cli(*args):
+    """``poelm ARGS`` in this process (a subprocess per call costs a torch import each)."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
 
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    return subprocess.run([sys.executable, "-m", "poelm", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    from poelm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse
+            rc = e.code
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +213,7 @@ def test_export_then_import_is_bitwise(ref, tmp_path):
 # ----------------------------------------------------------------------------- continue
 def test_continue_resumes_the_imported_optimizer_state(ref, tmp_path):
     r = cli("continue", "--from", ref["out"], "--steps", "2", "--out", tmp_path / "run", "--quiet",
-            "--set", "train.seq_len=64", "--set", "train.device_batch_size=2", "--set", "train.eval_tokens=512", "--set", "train.tokens_per_step=128",
-            "--allow-mismatch")
+            "--set", "train.seq_len=64", "--set", "train.device_batch_size=2", "--set", "train.eval_tokens=512", "--set", "train.tokens_per_step=128")
     assert r.returncode == 0, r.stderr
     seed = ckpt_mod.load(tmp_path / "run" / "step-01200")
     end = ckpt_mod.load(tmp_path / "run" / "step-01202")
@@ -225,7 +232,7 @@ def test_weights_only_import_needs_fresh_optimizer(ref, tmp_path):
     prov = json.loads((tmp_path / "imp" / "step-01200" / "manifest.json").read_text())["provenance"]
     assert prov["optimizer"].startswith("none: weights-only")
     args = ["continue", "--from", tmp_path / "imp", "--steps", "1", "--out", tmp_path / "run", "--quiet", "--set", "train.seq_len=64",
-            "--set", "train.device_batch_size=2", "--set", "train.eval_tokens=512", "--set", "train.tokens_per_step=128", "--allow-mismatch"]
+            "--set", "train.device_batch_size=2", "--set", "train.eval_tokens=512", "--set", "train.tokens_per_step=128"]
     r = cli(*args)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--fresh-optimizer" in r.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("step-*"))
