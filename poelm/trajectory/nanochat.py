@@ -336,8 +336,10 @@ def import_nanochat(directory, out, step: int | None = None, tokenizer=None, sta
         tensors, ometa = optim_nanochat.gather_reference_state(ranks, shapes, world)
         tensors = _crop_optim(tensors, ometa, V, vpad, padding)
         optim_state = (tensors, ometa)
-    model = PoEGPT(mcfg)
-    ckpt_mod.load_state_into(model, state, f"weights in {ref.model}")
+    # The checked shell takes the tensors as they are (assign): no random init of a second model,
+    # no copy (the rotary tables are non-persistent buffers: the saved state never holds them).
+    shell.load_state_dict(state, strict=True, assign=True)
+    model = shell
     phase = cfg.schedule.phase(start_step=0)
     tps = cfg.train.tokens_per_step or None
     files = [ref.model, ref.meta_path, *ref.optim]
