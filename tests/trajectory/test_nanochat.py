@@ -303,3 +303,18 @@ def test_bad_tokenizer_and_out(ref, tmp_path):
     (tmp_path / "busy" / "x").write_text("x")
     r = cli("import", "nanochat", tmp_path / "ref", tmp_path / "busy", "--tokenizer", ref["tok"])
     assert r.returncode == 2 and "not empty" in r.stderr and sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["x"]
+
+
+def test_the_cards_checkpoint_maps_to_the_presets_model():
+    """The card's 3B meta with --stage-layers 16,6,5,5 gives exactly the presets' [model], so
+    `continue --from <import> --config cognica-3b-b2` is a continual phase (same architecture)."""
+    from poelm import config as config_mod
+
+    mc = dict(sequence_len=2048, vocab_size=32768, n_layer=32, n_head=16, n_kv_head=8, n_embd=2048, window_pattern="SSSL",
+              dual_head=False, frozen_layers=0, per_stage_head=True, poe_every=8, intermediate_size=12800)
+    got = nanochat.model_config(mc, nanochat.stage_layout(mc, [16, 6, 5, 5])).to_dict()
+    for preset in ("cognica-3b", "cognica-3b-b2"):
+        cfg = config_mod.load(preset)
+        assert cfg.model.to_dict() == got and cfg.optim.optimizer == "nanochat"
+    back = nanochat.reference_model_config(config_mod.load("cognica-3b").model, mc)
+    assert {k: back[k] for k in mc} == mc and back["stage_layers"] == [16, 6, 5, 5]
