@@ -452,15 +452,12 @@ def export_nanochat(ckpt_dir, out) -> dict:
         optim_sd = optim_nanochat.scatter_reference_state(tensors, ometa, shapes, world_size=1)[0]
     meta = dict(base_meta)
     meta.update(step=step, model_config=mc)
-    if "val_bpb" not in meta or ck.meta.get("train_val_bpb") is not None and ck.meta.get("nanochat") is None:
-        meta["val_bpb"] = ck.meta.get("train_val_bpb")
+    if base_meta.get("step") != step:  # not the imported save itself: its validation and loader state no longer apply
+        meta.update(val_bpb=ck.meta.get("train_val_bpb"), dataloader_state_dict=None, loop_state=None)
     meta.setdefault("user_config", {})
     meta.setdefault("max_seq_len", ck.config.seq_len)
     meta.setdefault("device_batch_size", ck.config.train.device_batch_size)
     meta.setdefault("total_batch_size", ck.meta.get("tokens_per_step") or ck.config.train.tokens_per_step)
-    if nano.get("meta", {}).get("step") != step:  # a poelm run moved on: the reference's loader state no longer applies
-        meta["dataloader_state_dict"] = None
-        meta["loop_state"] = None
     out.mkdir(parents=True, exist_ok=True)
     written = [out / f"model_{step:06d}.pt", out / f"meta_{step:06d}.json"]
     _atomic_torch_save(model_sd, written[0])
