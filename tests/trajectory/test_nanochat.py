@@ -222,6 +222,13 @@ def test_continue_resumes_the_imported_optimizer_state(ref, tmp_path):
     assert all(torch.equal(seed.optim_tensors[k], src.optim_tensors[k]) for k in src.optim_tensors)
     assert end.optim_meta["params"]["wte.weight"]["step"] == 9
     assert not torch.equal(end.model_state["lm_head.weight"], src.model_state["lm_head.weight"])
+    # a poelm-trained step goes back to nanochat and returns bitwise (fp32 now: bf16 would round)
+    nanochat.export_nanochat(end.path, tmp_path / "nc")
+    meta = json.loads((tmp_path / "nc" / "meta_001202.json").read_text())
+    assert meta["step"] == 1202 and meta["dataloader_state_dict"] is None
+    back = ckpt_mod.load(nanochat.import_nanochat(tmp_path / "nc", tmp_path / "again", tokenizer=ref["tok"])["path"])
+    for x, y in ((end.model_state, back.model_state), (end.optim_tensors, back.optim_tensors)):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_weights_only_import_needs_fresh_optimizer(ref, tmp_path):
