@@ -63,10 +63,12 @@ class ModelConfig:
                              f"e.g. 'SSSL' or 'L', got {pat!r}")
         if self.init not in INITS:
             raise ValueError(f"model.init must be one of {', '.join(INITS)}, got {self.init!r}")
-        for key in ("ve_gate_channels", "smear_channels"):
+        # The gate reads min(ve_gate_channels, n_embd) channels (poelm's models narrower than 32
+        # always did); the smear gate's width is a parameter shape, so it must fit.
+        for key, top in (("ve_gate_channels", None), ("smear_channels", self.n_embd if self.smear else None)):
             v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= self.n_embd:
-                raise ValueError(f"model.{key} must be an integer in [1, n_embd={self.n_embd}], got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1 or (top is not None and v > top):
+                raise ValueError(f"model.{key} must be an integer >= 1{f' and <= n_embd={top}' if top else ''}, got {v!r}")
         if not isinstance(self.short_window, int) or isinstance(self.short_window, bool) or self.short_window < 0:
             raise ValueError(f"model.short_window must be an integer >= 0 (0 = ceil(max_seq_len / 4 / 128) * 128), got {self.short_window!r}")
         for key in ("qk_scale", "ve_gate_scale"):

@@ -1,14 +1,24 @@
-"""The PoE per-stage-head decoder: trunk, stages, heads, KV cache.
+"""The PoE per-stage-head decoder: embedding (+ smear), stages, heads, accounting.
 
 One source of truth for the model: training, measurement, inference and the exported Hugging
-Face remote code (which ships this file unchanged next to ``poe.py``) all run this module.
-It imports torch and ``poe`` only.
+Face remote code (which ships this file unchanged next to its siblings) all run this module.
+It imports torch and its core/ siblings only: ``arch`` (``ModelConfig``), ``layers`` (attention,
+MLP, block), ``cache`` (``KVCache``), ``inputs`` (masks), ``head`` and ``poe``; ``ModelConfig``
+and ``KVCache`` are re-exported here.
 
 Trunk (nanochat lineage, github.com/karpathy/nanochat ``gpt.py``): untied token embedding,
 RMSNorm without weights, rotary position embeddings, QK-norm, grouped-query attention
 (``n_kv_head``), relu^2 MLP with a configurable ``intermediate`` size, an ``x0`` residual mixed
 into every block with learned per-layer scalars, value embeddings on alternating layers
-(ResFormer-style, gated per KV head), logit soft-cap 15.
+(ResFormer-style, gated per KV head), logit soft-cap 15. The reference implementation's ops
+(``REFERENCE_OPS``: q/k scale 1.2, gate 3*sigmoid over 12 channels, the smear of the previous
+token's embedding, per-layer sliding windows "SSSL", RoPE base 100000, its init) are config
+fields whose defaults keep poelm's model as it was; with them this module computes the
+reference's per-stage log-probs (tests/core/test_reference_ops.py).
+
+Sliding windows and padding: a window counts a row's real positions (RoPE positions), so padded
+or holed rows see what they see alone; attention keeps the unmasked causal kernels whenever no
+window can bind (every layer L, or a row no longer than the window) and no row is padded.
 
 PoE per-stage heads (jaepil/nanochat ``_poe_layer_loss``, generalised to asymmetric stages):
 the ``depth`` blocks are cut into K stages of ``stage_layers`` blocks. Stage k ends with logits
@@ -388,20 +398,20 @@ class PoEGPT(nn.Module):
         out["total"] = sum(v for v in out.values() if isinstance(v, int))
         return out
 
-    def flops_per_token(self, context: int | None = None) -> dict:
+    def flops_per_token(self, context: float | None = None, seq_len: int | None = None) -> dict:
         """Forward FLOPs per token, per stage (its blocks plus its head) and in total.
 
-        Matmuls cost 2 FLOPs per weight; attention adds ``4 * n_head * head_dim * context`` per
-        layer (scores and weighted sum) with ``context`` defaulting to ``max_seq_len / 2``, the
-        mean causal context of a full row. A sliding-window layer (window W, ``window_sizes``)
-        sees at most W+1 keys: by default its context is the mean of ``min(i+1, W+1)`` over the
-        ``max_seq_len`` positions of a full row, and ``min(context, W+1)`` for a given
-        ``context``. Embedding and value-embedding lookups and the smear's 24-channel gate are
-        free. The full model runs every stage, so its cost is the sum (SPEC routing's c0 is stage
-        0's share). Training costs 3x forward (the usual 6N rule)."""
+        Matmuls cost 2 FLOPs per weight; attention adds ``4 * n_head * head_dim * c`` per layer
+        (scores and weighted sum), ``c`` the keys a query sees. By default ``c`` is the mean over
+        a full row of ``seq_len`` positions (default ``max_seq_len``): ``seq_len / 2`` for a
+        full-context layer, and for a sliding-window layer (window W, ``window_sizes``) that
+        binds, the mean of ``min(i+1, W+1)`` (``window_mean_context``). A given ``context`` (keys
+        before a decoded position) is taken as is, capped at W+1 on window layers. Embedding and
+        value-embedding lookups and the smear's gate are free. The full model runs every stage,
+        so its cost is the sum (SPEC routing's c0 is stage 0's share). Training costs 3x forward
+        (the usual 6N rule)."""
         cfg = self.config
-        T = cfg.max_seq_len
-        ctx = T / 2 if context is None else context
+        T = seq_len or cfg.max_seq_len
         head = 2 * cfg.n_embd * cfg.vocab_size
         per_stage = []
         for k in range(cfg.n_stages):
@@ -411,7 +421,10 @@ class PoEGPT(nn.Module):
                 blk = self.blocks[i]
                 mat = sum(p.numel() for name, p in blk.named_parameters() if "ve_gate" not in name)
                 W = self.windows[i]
-                c = ctx if W is None else (min(ctx, W + 1) if context is not None else window_mean_context(T, W))
+                if context is not None:
+                    c = context if W is None else min(context, W + 1)
+                else:
+                    c = T / 2 if W is None or W >= T - 1 else window_mean_context(T, W)
                 f += 2 * mat + 4 * cfg.n_head * cfg.head_dim * c
             per_stage.append(f + head)
         return {"per_stage": per_stage, "total": sum(per_stage), "train_total": 3 * sum(per_stage)}

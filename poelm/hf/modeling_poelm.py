@@ -16,7 +16,9 @@ imports them relatively (transformers' dynamic-module loader copies every file n
   row what it gets alone. Without padding no mask is built (the fast path).
 - The KV cache is the transformers ``DynamicCache`` that ``generate()`` creates; a small adapter
   presents it to ``PoEGPT`` as the ``write(layer, pos, k, v)`` interface of poelm's own
-  ``KVCache``, refusing a write that would leave a gap (a stage that was skipped).
+  ``KVCache``, refusing a write that would leave a gap (a stage that was skipped). With
+  ``smear`` (the reference's ops) the pre-smear token embeddings ride in one extra cache layer
+  (index ``depth``), so a new token finds its predecessor's, beam reordering and cropping included.
 - ``generate(..., poe_mode=...)`` reaches every PoE decoding mode (see ``generate``);
   ``generate_wand`` / ``generate_speculative`` / ``generate_route`` are shorthands for it with
   the branch's own calibrated bounds / threshold from config.json.
@@ -205,8 +207,8 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
         ``output_hidden_states=True``: ``hidden_states`` is the transformers tuple of ``1 + L``
         tensors ``[B, T, n_embd]`` (L = the layers that ran: all ``depth`` for the full model,
         fewer with ``stages=``): entry 0 is the stream entering the first block
-        (``x0 = norm(wte(ids))``), entry i the residual stream after block i. Stage k ends after
-        block ``sum(stage_layers[:k+1])``, so its hidden state, the input of its head
+        (``x0 = norm(wte(ids))``, plus the smear when ``smear`` is on), entry i the residual
+        stream after block i. Stage k ends after block ``sum(stage_layers[:k+1])``, so its hidden state, the input of its head
         (``lm_head(norm(h)) + stage_head[k](norm(h))``), is ``hidden_states[sum(stage_layers[:k+1])]``;
         ``stage_hidden_states[k]`` is that per-stage view. ``output_attentions=True`` raises:
         attention runs in ``F.scaled_dot_product_attention``, which does not return weights."""

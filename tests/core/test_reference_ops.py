@@ -230,21 +230,21 @@ def test_cached_decoding_token_by_token_equals_uncached(ops):
     assert (again - full[:, :, 10:]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_batch_rows_equal_rows_alone_with_reference_ops(side):
-    m = build(REF_SMALL)
-    g = torch.Generator().manual_seed(7)
-    lengths = [30, 12, 21]
-    rows = [torch.randint(0, 300, (n,), generator=g) for n in lengths]
-    W = max(lengths)
-    idx = torch.zeros(3, W, dtype=torch.long)
-    mask = torch.zeros(3, W, dtype=torch.long)
-    for b, r in enumerate(rows):
-        sl = slice(W - len(r), W) if side == "left" else slice(0, len(r))
-        idx[b, sl], mask[b, sl] = r, 1
-    with torch.no_grad():
-        batch = m(idx, attention_mask=mask)
-        for b, r in enumerate(rows):
-            alone = m(r[None])[0]
-            sl = slice(W - len(r), W) if side == "left" else slice(0, len(r))
-            assert (batch[b, sl] - alone).abs().max() < 1e-5
+def test_config_validate_reports_bad_reference_ops_as_one_line():
+    from poelm import config
+    from poelm.core.errors import ConfigError
+
+    for setting, words in (('model.window_pattern="SXL"', "window_pattern"), ('model.init="xavier"', "model.init"),
+                           ("model.ve_gate_channels=0", "ve_gate_channels")):
+        with pytest.raises(ConfigError, match=words) as e:
+            config.load(None, [setting])
+        assert "\n" not in str(e.value)
+    cfg = config.load(None, ['model.window_pattern="SSSL"', "model.smear=true", "model.qk_scale=1.2"])
+    assert cfg.model.window_sizes()[:4] == [128, 128, 128, 256] and cfg.model.smear
+
+
+def test_narrow_models_keep_their_clamped_gate():
+    m = PoEGPT(ModelConfig(vocab_size=300, depth=2, n_embd=16, n_head=2, n_kv_head=1, intermediate=32, stage_layers=(1, 1)))
+    assert m.blocks[1].attn.ve_gate.weight.shape == (1, 16)  # min(32, n_embd), as before the options existed
+    with pytest.raises(ValueError, match="smear_channels"):
+        ModelConfig(n_embd=16, n_head=2, smear=True).check()
