@@ -1,4 +1,6 @@
-"""ZeRO-2 sharding for ``PoEOptimizer``: who owns which parameter, and the collectives.
+"""ZeRO-2 sharding for poelm's optimizers: who owns which parameter, the collectives, and the
+engine (``ShardedOptimizer``) that ``PoEOptimizer`` (optim.py) and ``NanochatOptimizer``
+(optim_nanochat.py) share; they differ only in groups, update rules and state shapes.
 
 ZeRO stage 2 (Rajbhandari et al., arXiv:1910.02054): gradients are reduced so that each rank
 receives the *average* gradient only of what it owns, each rank keeps optimizer state and

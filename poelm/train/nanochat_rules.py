@@ -44,11 +44,16 @@ def adamw_update(p, grad, exp_avg, exp_avg_sq, step: int, lr: float, betas, eps:
     p.add_(exp_avg / denom, alpha=-float(lr_t / bias1))
 
 
-def polar_express(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The reference's COMPUTE_DTYPE for Polar Express: bf16 on CUDA, the tensor's own elsewhere."""
+    return torch.bfloat16 if t.is_cuda else t.dtype
+
+
+def polar_express(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Polar Express orthogonalization of a matrix (or a stack): ``G / (1.01 ||G||_F + 1e-6)``
-    then ``steps`` odd polynomial iterations with the coefficient triples ``POLAR_EXPRESS``.
-    bf16 on CUDA as the reference (its COMPUTE_DTYPE), the input's dtype elsewhere."""
-    X = G.bfloat16() if G.is_cuda else G
+    then ``steps`` odd polynomial iterations with the coefficient triples ``POLAR_EXPRESS``, in
+    ``dtype`` (default ``compute_dtype(G)``)."""
+    X = G.to(dtype or compute_dtype(G))
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
     tall = G.size(-2) > G.size(-1)
     for a, b, c in POLAR_EXPRESS[:steps]:
@@ -73,12 +78,14 @@ def normuon_scale(X: torch.Tensor, second: torch.Tensor, beta2: float) -> torch.
     return X * (step * (v_norm / v_norm_new.clamp_min(1e-10))).to(X.dtype)
 
 
-def muon_update(p, grad, buf, second, lr: float, momentum: float, weight_decay: float, ns_steps: int, beta2: float):
-    """One reference Muon step on one matrix in place (optim_nanochat.py's docstring)."""
+def muon_update(p, grad, buf, second, lr: float, momentum: float, weight_decay: float, ns_steps: int, beta2: float,
+                dtype: torch.dtype | None = None):
+    """One reference Muon step on one matrix in place (optim_nanochat.py's docstring); ``dtype``
+    is the compute dtype of the orthogonalized update (default ``compute_dtype(grad)``)."""
     mu = _f32(momentum).to(grad.dtype)
     buf.lerp_(grad, float(1 - mu))
     u = grad.lerp(buf, float(mu))
-    X = normuon_scale(polar_express(u, ns_steps), second, beta2)
+    X = normuon_scale(polar_express(u, ns_steps, dtype), second, beta2)
     lr_t = _f32(lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5).to(X.dtype)
     wd_t = _f32(weight_decay).to(X.dtype)
     mask = (X * p) >= 0

@@ -32,6 +32,9 @@ Design choices where SPEC is silent:
   pieces and all-reduced, so it is the same number for any world size); ``step()`` returns that
   pre-clip norm as a 0-d tensor, so the training loop must not clip by itself.
 
+``optim.optimizer = "nanochat"`` selects the reference implementation's groups and rules instead
+(``optim_nanochat.py``); ``build_optimizer`` is the one entry point for both.
+
 Distributed (``world_size > 1``): ZeRO-2 as laid out in ``poelm/train/dist.py`` (Muon matrices owned
 whole by one rank, large AdamW tensors sharded by rows, small ones all-reduced); checkpoints go
 through ``full_state_dict``/``load_full_state_dict``, which are independent of the world size.

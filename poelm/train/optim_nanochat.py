@@ -22,10 +22,14 @@ smear              AdamW  smear_gate, smear_lambda, backout_l.    0.2           
 matrix_{R}x{C}     Muon   every blocks.* parameter of shape RxC   matrix_lr                momentum, beta2  (*)
 =================  =====  ======================================  =======================  ===============  =====
 
-AdamW eps is 1e-10 everywhere. Muon groups are one per shape, sorted by shape; inside a group the
+(*) ``weight_decay`` from the config, on the schedule below. AdamW eps is 1e-10 everywhere;
+Muon options are momentum 0.95 (replaced every step by the schedule below), ns_steps 5, beta2 0.9.
+Muon groups are one per shape, sorted by shape; inside a group the
 parameters keep the reference's module order (per layer: c_q, c_k, c_v, c_proj, ve_gate, c_fc,
 mlp.c_proj), which is its state layout. ``ve_gate`` is under Muon, as in the code. Where the
-facts page and the code differ the code wins; they agree on all of the above.
+facts page (shared/reference/nanochat-poe.md) and the code differ the code wins: they agree on
+the groups and rules; the page leaves out what the code adds, i.e. the schedules below (it lists
+setup_optimizer's momentum 0.95, which base_train replaces every step) and the bf16 casts on CUDA.
 
 Schedules (base_train.py of that era; poelm anchors them at the phase start like ``lrm``):
 Muon momentum ``0.85 -> 0.97`` linearly over the first 400 steps, 0.97, then ``0.97 -> 0.90``
@@ -55,7 +59,8 @@ R >= C else ``[1, C]``); meta ``{"format", "step", "lrm", "grad_clip", "groups":
 reference's param-group options (kind, lr, initial_lr, betas | momentum, ns_steps, beta2, eps,
 weight_decay), "params": [names]}}, "params": {name: {"group", "step", "shape"}}}``.
 ``gather_reference_state`` / ``scatter_reference_state`` convert between this and the reference's
-per-rank ``optim_*_rank{r}.pt`` state dicts without touching a value.
+per-rank ``optim_*_rank{r}.pt`` state dicts without touching a value (over the reference's
+padded vocabulary; ``resize_vocab_rows`` cuts / restores the padding rows).
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ from dataclasses import dataclass, field
 import torch
 
 from poelm.core.errors import CheckpointError, PoelmError
-from poelm.train.dist import SHARD, WHOLE, ShardedOptimizer, Slot, plan
+from poelm.train.dist import ShardedOptimizer, Slot
 from poelm.train.nanochat_rules import adamw_update, muon_update, reference_momentum, reference_weight_decay
 
 STATE_FORMAT = "poelm-optim-nanochat/1"
@@ -146,6 +151,16 @@ def reference_param_groups(param_names_shapes: dict[str, tuple], optim_cfg=None)
     return groups
 
 
+def group_of_names(param_names_shapes: dict[str, tuple]) -> dict[str, tuple[str, str]]:
+    """``{name: (group, "adamw" | "muon")}`` under the reference's groups."""
+    return {n: (g["name"], g["kind"]) for g in reference_param_groups(param_names_shapes) for n in g["params"]}
+
+
+def state_shapes_of(kind: str, shape) -> dict[str, tuple]:
+    """Full shape of each optimizer-state tensor of a parameter of ``shape`` under rule ``kind``."""
+    return muon_state_shapes(shape) if kind == "muon" else adamw_state_shapes(shape)
+
+
 def muon_state_shapes(shape) -> dict[str, tuple]:
     r, c = shape
     return {"momentum_buffer": (r, c), "second_momentum_buffer": (r, 1) if r >= c else (1, c)}
@@ -204,7 +219,7 @@ class NanochatOptimizer(ShardedOptimizer):
         return self._where[name]
 
     def state_shapes(self, s: Slot) -> dict[str, tuple]:
-        return muon_state_shapes(s.param.shape) if s.kind == "muon" else adamw_state_shapes(s.param.shape)
+        return state_shapes_of(s.kind, s.param.shape)
 
     def _muon_step(self, s: Slot, g: torch.Tensor, grp, st: dict):
         muon_update(s.param.data, g.to(s.param.dtype), st["momentum_buffer"], st["second_momentum_buffer"], grp.lr,
@@ -243,28 +258,6 @@ class NanochatOptimizer(ShardedOptimizer):
             if g.kind == "muon" and saved:
                 g.momentum = float(saved.get("momentum", g.momentum))
                 g.weight_decay = float(saved.get("weight_decay", g.weight_decay))
-
-
-def state_numel_per_rank(model: torch.nn.Module, world: int, objective: str = "poe") -> list[int]:
-    """Optimizer-state elements each rank allocates under ``NanochatOptimizer`` (AdamW: two
-    moments, row-sharded when large; Muon: momentum plus the factored second moment, on the
-    matrix's owner), on poelm's ``dist.plan`` layout. ``objective = "bp"``: the stage heads
-    before the last get no gradient, hence no state."""
-    names = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    where = {n: (g["name"], g["kind"]) for g in reference_param_groups(names) for n in g["params"]}
-    slots = plan([Slot(i, n, p, *where[n]) for i, (n, p) in enumerate(model.named_parameters())], world)
-    K = model.config.n_stages
-    idle = {f"stage_heads.{k}.weight" for k in range(K - 1)} if objective == "bp" else set()
-    per_rank = [0] * world
-    for s in slots:
-        if s.name in idle:
-            continue
-        shapes = muon_state_shapes(s.param.shape) if s.kind == "muon" else adamw_state_shapes(s.param.shape)
-        numel = sum(math.prod(s.local_shape(world)) if s.layout == SHARD else math.prod(sh) for sh in shapes.values())
-        for r in range(world):
-            if s.layout != WHOLE or s.owner == r:
-                per_rank[r] += numel
-    return per_rank
 
 
 # ----------------------------------------------------------------------------- reference checkpoints
@@ -457,3 +450,27 @@ def scatter_reference_state(tensors: dict, meta: dict, param_names_shapes: dict[
         for sd, st in zip(out, per_rank):
             sd["state"][index[params[0]]] = st
     return out
+
+
+VOCAB_ROWS = re.compile(r"(?:wte|lm_head|stage_heads\.\d+|value_embeds\.\d+)\.weight")  # one row per vocabulary id
+
+
+def resize_vocab_rows(tensors: dict, meta: dict, rows: int) -> tuple[dict, dict]:
+    """The state with every vocabulary-indexed parameter's state (wte, lm_head, stage heads, value
+    embeddings) cut or zero-padded to ``rows`` rows, and ``meta``'s shapes to match: the
+    reference pads its vocabulary to a multiple of 64 (``gather`` / ``scatter`` take the padded
+    shapes); poelm keeps ``vocab_size`` rows. The padding rows never get a gradient, so their
+    state is zero; cutting rows that are not is a CheckpointError (nothing is silently lost)."""
+    out, params = dict(tensors), {n: dict(r) for n, r in meta.get("params", {}).items()}
+    for name, rec in params.items():
+        if not VOCAB_ROWS.fullmatch(name):
+            continue
+        rec["shape"] = [rows, *rec["shape"][1:]]
+        for k in ADAMW_KEYS:
+            t = tensors.get(f"{name}/{k}")
+            if t is None:
+                continue
+            if t.shape[0] > rows and bool(t[rows:].any()):
+                raise CheckpointError(f"optimizer state {name}/{k} has non-zero rows past {rows}: not vocabulary padding")
+            out[f"{name}/{k}"] = t[:rows].clone() if t.shape[0] >= rows else torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
+    return out, {**meta, "params": params}

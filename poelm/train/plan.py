@@ -44,9 +44,9 @@ from poelm import config as config_mod
 from poelm.core.errors import ConfigError
 from poelm.core.head import chunk_rows
 from poelm.core.model import PoEGPT
-from poelm.train.dist import WHOLE, Slot, plan as shard_plan
+from poelm.train.dist import SHARD, WHOLE, Slot, plan as shard_plan
 from poelm.train.optim import STATE_KEYS, group_of
-from poelm.train.optim_nanochat import state_numel_per_rank as nanochat_state_numel
+from poelm.train.optim_nanochat import group_of_names, state_shapes_of
 
 GiB = 2**30
 
@@ -124,11 +124,19 @@ def activation_bytes(mcfg, rows: int, seq_len: int, bf16: bool = False) -> dict:
             "backward": backward, "total": total}
 
 
-def optimizer_state_numel(model: torch.nn.Module, world: int, objective: str = "poe") -> list[int]:
-    """Optimizer-state elements each rank allocates: ``PoEOptimizer``'s ``_state`` shapes on the
-    ``dist.plan`` layout (``owned_state_numel`` of a real optimizer after its first step). Under
-    ``objective = "bp"`` the stage heads before the last get no gradient, hence no state."""
-    slots = [Slot(i, n, p, *group_of(n)) for i, (n, p) in enumerate(model.named_parameters())]
+def optimizer_state_numel(model: torch.nn.Module, world: int, objective: str = "poe", optimizer: str = "poelm") -> list[int]:
+    """Optimizer-state elements each rank allocates: the ``_state`` shapes of ``optimizer``'s
+    class (``"poelm"``: one Muon momentum / two AdamW moments of the parameter's shape;
+    ``"nanochat"``: Muon adds a factored second moment) on the ``dist.plan`` layout
+    (``owned_state_numel`` of a real optimizer after its first step). Under ``objective = "bp"``
+    the stage heads before the last get no gradient, hence no state."""
+    if optimizer == "nanochat":
+        where = group_of_names({n: tuple(p.shape) for n, p in model.named_parameters()})
+        slots = [Slot(i, n, p, *where[n]) for i, (n, p) in enumerate(model.named_parameters())]
+        shapes = lambda s: state_shapes_of(s.kind, s.param.shape)  # noqa: E731
+    else:
+        slots = [Slot(i, n, p, *group_of(n)) for i, (n, p) in enumerate(model.named_parameters())]
+        shapes = lambda s: {k: s.param.shape for k in STATE_KEYS[s.kind]}  # noqa: E731
     shard_plan(slots, world)
     K = model.config.n_stages
     idle = {f"stage_heads.{k}.weight" for k in range(K - 1)} if objective == "bp" else set()
@@ -136,7 +144,7 @@ def optimizer_state_numel(model: torch.nn.Module, world: int, objective: str = "
     for s in slots:
         if s.name in idle:
             continue
-        numel = math.prod(s.local_shape(world)) * len(STATE_KEYS[s.kind])
+        numel = sum(math.prod(s.local_shape(world) if s.layout == SHARD else shape) for shape in shapes(s).values())
         for r in range(world):
             if s.layout != WHOLE or s.owner == r:
                 per_rank[r] += numel
@@ -166,10 +174,7 @@ def plan(cfg, world: int, gpu: str = "h100", mfu: float = 0.4) -> dict:
         model = PoEGPT(cfg.model)
     mc, t = cfg.model, cfg.train
     n_params = sum(p.numel() for p in model.parameters())
-    if cfg.optim.optimizer == "nanochat":  # Muon keeps a factored second moment there (optim_nanochat.py)
-        state = nanochat_state_numel(model, world, mc.objective)
-    else:
-        state = optimizer_state_numel(model, world, mc.objective)
+    state = optimizer_state_numel(model, world, mc.objective, cfg.optim.optimizer)
     bf16 = _bf16(cfg)
     act = activation_bytes(mc, t.device_batch_size, cfg.seq_len, bf16)
     tokens_per_step = t.tokens_per_step or t.device_batch_size * cfg.seq_len * world

@@ -5,7 +5,6 @@ world size 1 (gloo), and the reference checkpoint layout (gather / scatter) with
 import io
 import json
 import math
-import socket
 from datetime import timedelta
 
 import pytest
@@ -19,8 +18,9 @@ from poelm.core.errors import CheckpointError, PoelmError
 from poelm.core.model import ModelConfig, PoEGPT
 from poelm.schedule import Phase
 from poelm.train.optim import build_optimizer
-from poelm.train.optim_nanochat import (gather_reference_state, reference_param_groups, scatter_reference_state,
-                                        state_numel_per_rank)
+from poelm.train.optim_nanochat import gather_reference_state, reference_param_groups, scatter_reference_state
+from poelm.train.plan import optimizer_state_numel
+from test_optim_dist import free_port, warm_model  # the same warm tiny model as poelm's ZeRO-2 test (same folder)
 
 # A fake model with the reference's parameter set under poelm names (smear / backout included).
 E = 16  # n_embd: s = (16 / 768) ** -0.5 = sqrt(48)
@@ -221,20 +221,6 @@ def run_steps(model, opt, steps, start=0, phase=Phase(steps=8, warmup=2, warmdow
         opt.zero_grad()
 
 
-TINY = dict(vocab_size=300, depth=4, n_embd=32, n_head=2, n_kv_head=1, intermediate=64, max_seq_len=32, stage_layers=(2, 1, 1))
-
-
-def warm_model(**over):
-    m = PoEGPT(ModelConfig(**{**TINY, **over}))
-    m.init_weights(0)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if any(k in n for k in ("c_proj", "stage_heads", "ve_gate")):
-                p.normal_(0.0, 0.02, generator=g)
-    return m
-
-
 def test_exact_resume_and_state_accounting(tmp_path):
     cfg = OptimConfig(optimizer="nanochat", weight_decay=0.2, grad_clip=1.0)
     a = warm_model()
@@ -255,19 +241,13 @@ def test_exact_resume_and_state_accounting(tmp_path):
     run_steps(c, oc, 2, start=3)
     for (n, p), (_, q) in zip(a.named_parameters(), c.named_parameters()):
         assert torch.equal(p, q), n
-    assert [oa.owned_state_numel()] == state_numel_per_rank(a, 1)
+    assert [oa.owned_state_numel()] == optimizer_state_numel(a, 1, optimizer="nanochat")
     assert oa.unsharded_state_numel() == oa.owned_state_numel()
     with pytest.raises(CheckpointError, match="format"):
         build_optimizer(warm_model(), OptimConfig()).load_full_state_dict(t, meta)  # poelm's optimizer refuses it
 
 
 # ----------------------------------------------------------------------------- two ranks
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker(rank, world, port, d):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
@@ -315,7 +295,7 @@ def test_two_ranks_equal_one(tmp_path):
     for k in t1:
         torch.testing.assert_close(t2[k], t1[k], atol=2e-5, rtol=1e-3)
     assert sum(i["owned"] for i in info) < 1.6 * o1.owned_state_numel()  # sharded, not replicated
-    assert [i["owned"] for i in info] == state_numel_per_rank(one, 2)
+    assert [i["owned"] for i in info] == optimizer_state_numel(one, 2, optimizer="nanochat")
 
 
 # ----------------------------------------------------------------------------- reference checkpoints
@@ -419,3 +399,75 @@ def test_bad_shard_sets_raise():
         scatter_reference_state(part_t, partial, RSHAPES, 1)
     with pytest.raises(CheckpointError, match="missing"):
         scatter_reference_state({k: v for k, v in tensors.items() if k != "wte.weight/exp_avg"}, meta, RSHAPES, 1)
+
+
+# ----------------------------------------------------------------------------- the training loop
+def test_training_loop_resumes_nanochat_optimizer_bitwise(tmp_path):
+    import shutil
+
+    from poelm import config
+    from poelm.train import checkpoint
+    from poelm.train import loop as train
+    from poelm.train.plan import plan
+
+    tiny = ["model.vocab_size=320", "model.depth=2", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=1",
+            "model.intermediate=64", "model.max_seq_len=32", "model.stage_layers=[1,1]", "train.seq_len=32",
+            "train.device_batch_size=2", "train.eval_every=0", "train.log_every=1", "data.tokenizer_train_chars=100000",
+            "schedule.steps=4", "schedule.warmup=1", "schedule.warmdown_ratio=0.5", "train.save_every=2",
+            "optim.optimizer=nanochat", "optim.weight_decay=0.1"]
+    cfg = config.load("embedded", tiny)
+    straight, half = tmp_path / "straight", tmp_path / "half"
+    train.train(cfg, straight, progress=False)
+    half.mkdir()
+    shutil.copytree(straight / "step-00002", half / "step-00002")
+    shutil.copy(straight / "tokenizer.json", half / "tokenizer.json")
+    train.train(checkpoint.load(half / "step-00002").config, half, resume=half / "step-00002", progress=False)
+    for name in ("model.safetensors", "optim.safetensors"):
+        a, b = (load_file(str(d / "step-00004" / name)) for d in (straight, half))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    meta = json.loads((straight / "step-00004" / "optim.json").read_text())
+    assert meta["format"] == "poelm-optim-nanochat/1" and meta["step"] == 4
+    # momentum at the last update (rel 3): base_train checks its 400-step warmup first
+    assert meta["groups"]["matrix_32x32"]["momentum"] == pytest.approx(0.85 * (1 - 3 / 400) + 0.97 * 3 / 400)
+    assert meta["groups"]["matrix_32x32"]["weight_decay"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    model = PoEGPT(cfg.model)
+    cfg.train.tokens_per_step = 0  # one micro-batch per rank, whatever the world size
+    p = plan(cfg, 2)
+    assert p["memory"]["optimizer_state"] == 4 * max(optimizer_state_numel(model, 2, optimizer="nanochat"))
+    with pytest.raises(Exception, match="optim.optimizer"):
+        config.load("embedded", tiny + ["optim.optimizer=adam"])
+
+
+def test_vocab_padding_rows_cut_and_restored():
+    from poelm.train.optim_nanochat import resize_vocab_rows
+
+    tensors, meta = trained_state()  # 72 rows stand for the reference's padded vocabulary
+    sd = scatter_reference_state(tensors, meta, SHAPES, 2)  # wte etc.: the model's 72 rows
+    padded = {n: (128, *s[1:]) if s[0] == 72 else s for n, s in SHAPES.items()}
+    t128, m128 = resize_vocab_rows(tensors, meta, 128)
+    assert torch.equal(t128["wte.weight/exp_avg"][72:], torch.zeros(56, 16))
+    assert m128["params"]["lm_head.weight"]["shape"] == [128, 16] and m128["params"]["resid_lambdas"] == meta["params"]["resid_lambdas"]
+    ranks = scatter_reference_state(t128, m128, padded, 2)
+    assert ranks[1]["state"][3]["exp_avg"].shape == (64, 16) and sd[1]["state"][3]["exp_avg"].shape == (36, 16)
+    back, bmeta = resize_vocab_rows(*gather_reference_state(ranks, padded, 2), 72)
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors) and bmeta["params"] == meta["params"]
+    with pytest.raises(CheckpointError, match="non-zero rows past 50"):
+        resize_vocab_rows(tensors, meta, 50)
+
+
+def test_bf16_compute_path_as_on_cuda():
+    # On CUDA the reference orthogonalizes in bf16 and casts lr, wd and beta2 to bf16 (0.9 -> 0.8984375).
+    from poelm.train.nanochat_rules import muon_update, normuon_scale, polar_express
+
+    g = torch.Generator().manual_seed(0)
+    p, grad = torch.randn(24, 8, generator=g), torch.randn(24, 8, generator=g)
+    X = polar_express(grad, dtype=torch.bfloat16)
+    sv = torch.linalg.svdvals(X.float())
+    assert X.dtype == torch.bfloat16 and sv.min() > 0.8 and sv.max() < 1.2  # orthogonalized, at bf16 accuracy
+    q = p.clone()
+    muon_update(q, grad, torch.zeros(24, 8), torch.zeros(24, 1), 0.02, 0.95, 0.0, 5, 0.9, dtype=torch.bfloat16)
+    assert q.dtype == torch.float32 and 0 < (q - p).abs().max() < 0.2  # fp32 master weights, a bounded step
+    for dt, w in ((torch.bfloat16, 0.1015625), (torch.float32, float(1 - torch.tensor(0.9)))):  # 1 - bf16(0.9) = 0.1015625
+        sec = torch.zeros(4, 1)
+        normuon_scale(torch.full((4, 3), 0.5, dtype=dt), sec, 0.9)
+        assert torch.equal(sec, torch.full((4, 1), 0.25 * w, dtype=torch.float32))
