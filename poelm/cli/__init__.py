@@ -26,6 +26,7 @@ from poelm.cli.phases import (_add_continue, _add_cooldown, _add_demo, _add_plan
                               _run_demo, _run_plan, _run_train)
 from poelm.cli.trajectory import (_add_branches, _add_checkout, _add_export, _add_publish, _add_report, _add_verify,
                                   _run_branches, _run_checkout, _run_export, _run_publish, _run_report, _run_verify)
+from poelm.cli.trajectory import _add_import, _run_import
 from poelm.core.errors import PoelmError
 from poelm.cli.data import _add_batch, _add_tokenize, _run_batch, _run_tokenize
 
@@ -52,6 +53,7 @@ VERBS = [
     ("selftest", _add_selftest, _run_selftest),
     ("tokenize", _add_tokenize, _run_tokenize),
     ("batch", _add_batch, _run_batch),
+    ("import", _add_import, _run_import),
 ]
 
 

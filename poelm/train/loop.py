@@ -456,17 +456,22 @@ def check_same_run(base, new, allow: bool, tokenizer_src, tokenizer_new=None):
 
 
 def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=None, publisher=None, progress=True,
-                   allow_mismatch=False, overrides=None, source_label=None, after_save=None) -> dict:
+                   allow_mismatch=False, overrides=None, source_label=None, after_save=None, fresh_optimizer=False) -> dict:
     """Start a continual phase from an annealed checkpoint (SPEC "continual phase").
 
     Restores model, optimizer state and data position; the new phase is anchored at the resume
     step; its first save is the resume checkpoint itself (the "seed" row, rel_step 0).
     ``after_save``: called as ``after_save(trainer, ckpt_path)`` after every later save, e.g.
-    ``poelm.train.cooldown.Prober`` (cooldown probes between saves)."""
+    ``poelm.train.cooldown.Prober`` (cooldown probes between saves). ``fresh_optimizer``: start
+    AdamW/Muon from zero state (the only way on from a weights-only source, e.g. an imported
+    checkpoint without optimizer shards); recorded in every save's meta."""
     src_path = Path(source)  # a local checkpoint or export folder (``poelm.targets`` resolves TARGETs)
     src = ckpt_mod.load(src_path)
-    if src.optim_tensors is None:
-        raise CheckpointError(f"{src_path} carries no optimizer state (an exported branch?); continue from the run's checkpoint directory")
+    if src.optim_tensors is None and not fresh_optimizer:
+        raise CheckpointError(f"{src_path} carries no optimizer state (a weights-only import or an exported branch?); continue from the run's "
+                              "checkpoint directory, or pass --fresh-optimizer to start AdamW/Muon from zero state")
+    if fresh_optimizer:
+        src.optim_tensors = src.optim_meta = None
     cfg = continual_phase_config(src.config, phase_cfg, steps, tokens_budget, src.meta.get("tokens_per_step"))
     if overrides:
         d = config_mod.apply_overrides(cfg.to_dict(), overrides)
@@ -477,6 +482,8 @@ def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=No
         phase = cfg.schedule.phase(start_step=src.step)
         trainer = _make_trainer(cfg, Path(out_dir), rt, None, publisher, progress, phase=phase, init_ckpt=src)
         trainer.extra_meta = {"continued_from": str(source_label or src_path)}
+        if fresh_optimizer:
+            trainer.extra_meta["fresh_optimizer"] = True
         trainer.tokens_in_phase = 0
         try:
             trainer.save()  # the seed: identical weights, the new phase's rel_step 0
