@@ -400,7 +400,9 @@ def scatter_reference_state(tensors: dict, meta: dict, param_names_shapes: dict[
         raise CheckpointError(f"world size must be a positive integer, got {world_size!r}")
     groups, index = _layout(param_names_shapes)
     saved = meta.get("groups", {})
-    if [(n, saved[n].get("params")) for n in saved] != [(g["name"], g["params"]) for g in groups]:
+    # Compared by name, not order: a saved optim.json has its keys sorted; the reference order
+    # (that of ``groups``) is what the per-rank param_groups below are written in.
+    if {n: saved[n].get("params") for n in saved} != {g["name"]: g["params"] for g in groups}:
         raise CheckpointError(f"optimizer state groups [{', '.join(saved)}] do not match this model's reference groups [{_sizes(groups)}]")
     steps = {n: int(meta.get("params", {}).get(n, {}).get("step", 0)) for n in param_names_shapes}
     expected = {}

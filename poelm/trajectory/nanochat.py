@@ -445,10 +445,6 @@ def export_nanochat(ckpt_dir, out) -> dict:
         for n, rec in ometa.get("params", {}).items():
             if n in shapes:
                 rec["shape"] = list(shapes[n])
-        # optim.json is written with sorted keys: put the groups back in setup_optimizer's order
-        order = [g["name"] for g in optim_nanochat.reference_param_groups(shapes)]
-        groups = ometa.get("groups", {})
-        ometa["groups"] = {n: groups[n] for n in order if n in groups} | {n: g for n, g in groups.items() if n not in order}
         optim_sd = optim_nanochat.scatter_reference_state(tensors, ometa, shapes, world_size=1)[0]
     meta = dict(base_meta)
     meta.update(step=step, model_config=mc)
