@@ -17,6 +17,7 @@ from pathlib import Path
 from poelm.core.errors import ConfigError
 from poelm.core.model import ModelConfig
 from poelm.schedule import Phase
+from poelm.track import check_names  # tracker names only: whether one is installed is checked when a run starts
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -86,6 +87,7 @@ class TrainConfig:
     log_every: int = 10
     keep_last: int = 0  # checkpoints kept in the run dir; 0 keeps all
     compile: bool = False  # torch.compile every block (train/loop.py); numbers to fp32 rounding
+    trackers: list = field(default_factory=list)  # live dashboards: wandb, tensorboard, trackio (poelm/track.py)
 
 
 @dataclass
@@ -255,6 +257,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.compile must be true or false, got {t.compile!r}")
     if t.dtype not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}")
+    t.trackers = check_names(t.trackers)
     row = t.device_batch_size * cfg.seq_len
     if t.tokens_per_step and t.tokens_per_step % row:
         raise ConfigError(f"train.tokens_per_step {t.tokens_per_step} is not a multiple of device_batch_size x seq_len = {row}")

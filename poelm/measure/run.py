@@ -471,5 +471,6 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
         elif not out:
             atomic_write_bytes(path / RECORD_NAME, body)
         rec["repo"] = repo  # after the record was serialised: the branch's file never holds a local path
+        rec["tracking"] = meta.get("tracking") or meta.get("poelm_tracking")  # its dashboard run (poelm.track), not in the file
         rec["record_path"] = str(out) if out else (f"{tgt.label}:{RECORD_NAME}" if repo else str(path / RECORD_NAME))
     return rec
