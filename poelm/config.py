@@ -17,7 +17,6 @@ from pathlib import Path
 from poelm.core.errors import ConfigError
 from poelm.core.model import ModelConfig
 from poelm.schedule import Phase
-from poelm.track import check_names  # tracker names only: whether one is installed is checked when a run starts
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -257,7 +256,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.compile must be true or false, got {t.compile!r}")
     if t.dtype not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}")
-    t.trackers = check_names(t.trackers)
+    if not isinstance(t.trackers, (list, tuple)) or not all(isinstance(n, str) for n in t.trackers):
+        raise ConfigError(f"train.trackers must be a list of tracker names, e.g. [\"tensorboard\"], got {t.trackers!r}")
+    t.trackers = list(dict.fromkeys(t.trackers))  # names and packages: poelm.track.check, when a run starts
     row = t.device_batch_size * cfg.seq_len
     if t.tokens_per_step and t.tokens_per_step % row:
         raise ConfigError(f"train.tokens_per_step {t.tokens_per_step} is not a multiple of device_batch_size x seq_len = {row}")

@@ -26,7 +26,6 @@ so both land where they belong. TensorBoard and trackio take any step.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import math
@@ -43,8 +42,10 @@ STEP_KEY = "step"
 # ----------------------------------------------------------------------------- backends
 class _Wandb:
     def __init__(self, info: dict, config: dict | None, resume: bool):
-        import wandb
-
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(_missing("wandb")) from None
         self.run = wandb.init(project=info["project"], name=info["name"], id=info["id"], group=info.get("group"),
                               tags=list(info.get("tags") or []), config=config, dir=info["dir"], resume="allow",
                               reinit="create_new")
@@ -85,8 +86,10 @@ class _TensorBoard:
 
 class _Trackio:
     def __init__(self, info: dict, config: dict | None, resume: bool):
-        import trackio
-
+        try:
+            import trackio
+        except ImportError:
+            raise ConfigError(_missing("trackio")) from None
         self.run = trackio.init(project=info["project"], name=info["name"], group=info.get("group"), config=config,
                                 resume="allow", embed=False)
 
@@ -128,8 +131,13 @@ def check(names) -> list[str]:
     for n in out:
         module, extra, _ = BACKENDS[n]
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"tracker {n} needs the {module} package: pip install \"poelm[{extra}]\" (or \"poelm[track]\" for all three)")
+            raise ConfigError(_missing(n))
     return out
+
+
+def _missing(name: str) -> str:
+    module, extra, _ = BACKENDS[name]
+    return f"tracker {name} needs the {module} package: pip install \"poelm[{extra}]\" (or \"poelm[track]\" for all three)"
 
 
 # ----------------------------------------------------------------------------- records -> scalars

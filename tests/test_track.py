@@ -79,8 +79,11 @@ def test_scalars_flattens_a_record_by_kind_index_and_key():
 def test_tracker_names_are_validated_and_a_missing_package_names_its_extra(monkeypatch, tmp_path, capsys):
     with pytest.raises(ConfigError, match="unknown tracker 'mlflow'"):
         track.check(["mlflow"])
-    with pytest.raises(ConfigError, match="unknown tracker"):
-        tiny('train.trackers=["nope"]')
+    with pytest.raises(ConfigError, match="train.trackers must be a list"):
+        tiny('train.trackers="tensorboard"')
+    with pytest.raises(ConfigError, match="unknown tracker 'nope'"):  # before any compute: nothing written
+        loop.train(tiny('train.trackers=["nope"]'), tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
     assert tiny('train.trackers=["tensorboard", "tensorboard"]').train.trackers == ["tensorboard"]
     monkeypatch.setattr(track.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r'pip install "poelm\[wandb\]"'):
