@@ -286,3 +286,29 @@ def test_kill_9_during_a_logged_run_then_resume(tmp_path):
     got = _tb_scalars(out / "tensorboard")
     assert len(glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))) == 2
     assert {s for (k, s) in got if k == "train/loss"} >= set(range(newest + 1, 61))
+
+
+def test_cooldown_probe_is_its_own_tagged_run_and_measure_logs_into_the_branch_run(monkeypatch, tmp_path):
+    from poelm.measure import run as measure
+    from poelm.measure.dashboard import log_measurement
+    from poelm.train import cooldown
+    from poelm.trajectory import publish
+
+    Recorder.runs = []
+    monkeypatch.setitem(track.BACKENDS, "rec", ("json", "rec", Recorder))
+    run, repo = tmp_path / "run", tmp_path / "repo"
+    loop.train(tiny('train.trackers=["rec"]', "train.eval_every=0"), run, progress=False, tracking={"project": "p", "run_name": "base"})
+    base = Recorder.runs[0].info
+    cooldown.cooldown(run / "step-00002", tmp_path / "probe", steps=2, progress=False)
+    probe = Recorder.runs[1]
+    assert probe.info["tags"] == ["cooldown-from-step-00002"] and probe.info["group"] == "base"
+    assert probe.info["name"] == "base-cooldown-00002" and probe.info["project"] == "p" and probe.finished
+    assert {s for _, s in probe.logged} == {3, 4}  # the probe's own steps (2 -> 4)
+    publish.publish(run / "step-00004", repo)
+    rec = measure.measure_target(f"{repo}@step-00004", split_tokens=1024, calib_tokens=512, probe_set=None, progress=False, samples=20)
+    assert rec["tracking"] == {k: v for k, v in base.items() if k != "dir"}  # carried by the branch's config.json
+    logged = log_measurement(rec, ["rec"], {"dir": str(tmp_path / "dash")})
+    m = Recorder.runs[2]
+    assert m.info["id"] == base["id"] and m.info["name"] == "base" and m.finished  # the run that saved the branch
+    assert m.logged == [(logged, 4)] and logged["measure/bpb/full"] == rec["bpb"]["full"]["value"]
+    assert logged["measure/bpb/single/1"] == rec["bpb"]["single"][1]["value"] and "measure/wand/bound/0" in logged
