@@ -85,22 +85,34 @@ class _TensorBoard:
 
 
 class _Trackio:
+    """trackio keeps one current run per process and ``trackio.init`` finishes the previous one:
+    a cooldown probe opened between a phase's saves (``cooldown.Prober``) takes the slot, so the
+    phase's run is reopened (``resume="allow"``, same name) at its next record."""
+
     def __init__(self, info: dict, config: dict | None, resume: bool):
         try:
             import trackio
         except ImportError:
             raise ConfigError(_missing("trackio")) from None
+        self.trackio, self.info = trackio, info
         self.run = trackio.init(project=info["project"], name=info["name"], group=info.get("group"), config=config,
                                 resume="allow", embed=False)
 
+    def _current(self):
+        return self.trackio.context_vars.current_run.get()
+
     def log(self, metrics: dict, step: int):
+        if self._current() is not self.run:
+            i = self.info
+            self.run = self.trackio.init(project=i["project"], name=i["name"], group=i.get("group"), resume="allow", embed=False)
         self.run.log(metrics, step=step)
 
     def config(self, config: dict):
         pass  # trackio takes the config at init only
 
     def finish(self):
-        self.run.finish()
+        if self._current() is self.run:  # else a later init already finished it
+            self.trackio.finish()
 
 
 # name -> (module whose presence means "installed", pip extra, backend)
