@@ -9,6 +9,7 @@ offline: W&B in ``WANDB_MODE=offline``, trackio's local SQLite store under ``TRA
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import signal
@@ -312,3 +313,6 @@ def test_cooldown_probe_is_its_own_tagged_run_and_measure_logs_into_the_branch_r
     assert m.info["id"] == base["id"] and m.info["name"] == "base" and m.finished  # the run that saved the branch
     assert m.logged == [(logged, 4)] and logged["measure/bpb/full"] == rec["bpb"]["full"]["value"]
     assert logged["measure/bpb/single/1"] == rec["bpb"]["single"][1]["value"] and "measure/wand/bound/0" in logged
+    if importlib.util.find_spec("tensorboard") is not None:  # poelm[track]: the same metrics read back from the event files
+        log_measurement(rec, ["tensorboard"], {"dir": str(tmp_path / "dash")})
+        _same(_tb_scalars(tmp_path / "dash" / "tensorboard"), {(k, 4): v for k, v in logged.items()})
