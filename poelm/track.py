@@ -240,13 +240,14 @@ class Run:
 
 
 def start(names, out_dir, config: dict | None = None, *, opts: dict | None = None, prior: dict | None = None,
-          resume: bool = False, cooldown_from: int | None = None) -> Run | None:
+          resume: bool = False, cooldown: tuple[int, int] | None = None) -> Run | None:
     """The ``Run`` of a training phase, or None without trackers.
 
     ``opts``: ``project`` and ``run_name`` from the command line. ``prior``: the ``tracking``
     entry of the checkpoint the phase starts from. ``resume``: reopen ``prior``'s run. Otherwise a
     new run: grouped with ``prior``'s group or name (a continual phase with its base phase), and
-    for a cooldown probe (``cooldown_from`` = its source step) named after it and tagged."""
+    for a cooldown probe (``cooldown`` = (source step, N)) tagged with its source step and named
+    ``<prior name>-cooldown-XXXXX-N`` (the probe's branch name after its run's)."""
     names = check_names(names)
     if not names:
         return None
@@ -254,9 +255,10 @@ def start(names, out_dir, config: dict | None = None, *, opts: dict | None = Non
     group, tags, name = None, [], opts.get("run_name")
     if prior and not resume:
         group = prior.get("group") or prior.get("name")
-        if cooldown_from is not None:
-            tags = [f"cooldown-from-step-{int(cooldown_from):05d}"]
-            name = name or f"{prior.get('name')}-cooldown-{int(cooldown_from):05d}"
+    if cooldown is not None and not resume:
+        tags = [f"cooldown-from-step-{int(cooldown[0]):05d}"]
+        if prior and not name:
+            name = f"{prior.get('name')}-cooldown-{int(cooldown[0]):05d}-{int(cooldown[1])}"
     info = run_info(out_dir, project=opts.get("project"), run_name=name, prior=prior, resume=resume, group=group, tags=tags)
     return Run(names, info, config, resume=resume and bool(prior))
 

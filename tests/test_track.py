@@ -303,7 +303,7 @@ def test_cooldown_probe_is_its_own_tagged_run_and_measure_logs_into_the_branch_r
     cooldown.cooldown(run / "step-00002", tmp_path / "probe", steps=2, progress=False)
     probe = Recorder.runs[1]
     assert probe.info["tags"] == ["cooldown-from-step-00002"] and probe.info["group"] == "base"
-    assert probe.info["name"] == "base-cooldown-00002" and probe.info["project"] == "p" and probe.finished
+    assert probe.info["name"] == "base-cooldown-00002-2" and probe.info["project"] == "p" and probe.finished
     assert {s for _, s in probe.logged} == {3, 4}  # the probe's own steps (2 -> 4)
     publish.publish(run / "step-00004", repo)
     rec = measure.measure_target(f"{repo}@step-00004", split_tokens=1024, calib_tokens=512, probe_set=None, progress=False, samples=20)

@@ -385,7 +385,7 @@ def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publishe
     if rt.master and cfg.train.trackers:  # rank 0 alone logs (poelm.track: resume, group, cooldown tag)
         trainer.tracker = track.start(cfg.train.trackers, out_dir, cfg.to_dict(), opts=tracking,
                                       prior=src.meta.get("tracking") if src is not None else None, resume=resume is not None,
-                                      cooldown_from=phase.start_step if isinstance(phase, Cooldown) else None)
+                                      cooldown=(phase.start_step, phase.steps) if isinstance(phase, Cooldown) else None)
     return trainer
 
 
