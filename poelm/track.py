@@ -26,7 +26,9 @@ so both land where they belong. TensorBoard and trackio take any step.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import secrets
@@ -95,8 +97,9 @@ class _Trackio:
         except ImportError:
             raise ConfigError(_missing("trackio")) from None
         self.trackio, self.info = trackio, info
-        self.run = trackio.init(project=info["project"], name=info["name"], group=info.get("group"), config=config,
-                                resume="allow", embed=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # its banner (dashboard hints) each time a run opens
+            self.run = trackio.init(project=info["project"], name=info["name"], group=info.get("group"), config=config,
+                                    resume="allow", embed=False)
 
     def _current(self):
         return self.trackio.context_vars.current_run.get()
@@ -104,7 +107,8 @@ class _Trackio:
     def log(self, metrics: dict, step: int):
         if self._current() is not self.run:
             i = self.info
-            self.run = self.trackio.init(project=i["project"], name=i["name"], group=i.get("group"), resume="allow", embed=False)
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.run = self.trackio.init(project=i["project"], name=i["name"], group=i.get("group"), resume="allow", embed=False)
         self.run.log(metrics, step=step)
 
     def config(self, config: dict):
@@ -112,7 +116,8 @@ class _Trackio:
 
     def finish(self):
         if self._current() is self.run:  # else a later init already finished it
-            self.trackio.finish()
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.trackio.finish()
 
 
 # name -> (module whose presence means "installed", pip extra, backend)
