@@ -316,3 +316,20 @@ def test_cooldown_probe_is_its_own_tagged_run_and_measure_logs_into_the_branch_r
     if importlib.util.find_spec("tensorboard") is not None:  # poelm[track]: the same metrics read back from the event files
         log_measurement(rec, ["tensorboard"], {"dir": str(tmp_path / "dash")})
         _same(_tb_scalars(tmp_path / "dash" / "tensorboard"), {(k, 4): v for k, v in logged.items()})
+
+
+def test_mfu_scale_is_flops_per_token_over_ranks_times_the_gpu_peak(monkeypatch):
+    import torch
+
+    from poelm.core.model import PoEGPT
+    from poelm.train.plan import GPUS, mfu_scale
+
+    cfg = tiny()
+    with torch.device("meta"):
+        model = PoEGPT(cfg.model)
+    flops = model.flops_per_token(cfg.seq_len)["train_total"]
+    assert mfu_scale(model, cfg.seq_len, "cpu", 1) is None  # no meaningful peak on a CPU
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    assert mfu_scale(model, cfg.seq_len, "cuda:0", 2) == flops / (2 * GPUS["h100"].bf16_flops)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    assert mfu_scale(model, cfg.seq_len, "cuda:0", 1) is None  # an unknown GPU: no mfu in the record
