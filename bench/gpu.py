@@ -15,7 +15,8 @@ it completes (a failed section records its error and the script goes on):
   reduce_scatter / all_gather / broadcast once), running poelm's own ``Trainer.run`` (the loop's
   ``backward_local``, the Muon+AdamW ZeRO-2 optimizer, logging) on random tokens; the end-of-phase
   save is skipped (a bench times steps, not checkpoint I/O). Per variant (K=4, K=1 on the same
-  trunk, each with and without ``train.compile``): tokens/s (median of the logged steps after
+  trunk, each with and without ``train.compile``, and K=4 with the reference's sliding windows
+  ``window_pattern = "SSSL"``, eager): tokens/s (median of the logged steps after
   the warm-up ones), MFU = ``flops_per_token()["train_total"] x tokens/s / 989e12`` (H100/H200
   dense bf16), peak allocated GPU memory next to ``poelm plan``'s prediction (poelm/train/plan.py).
 - ``decode``: a ~1.2B-parameter PoE model built as bench/decode.py builds its agreeing-stages
@@ -98,9 +99,9 @@ class RandomRows:
         return {}
 
 
-def train_config(trunk: dict, stages, device: str, dtype: str, batch: int, seq: int, steps: int, compile_: bool):
+def train_config(trunk: dict, stages, device: str, dtype: str, batch: int, seq: int, steps: int, compile_: bool, ops: dict | None = None):
     cfg = config_mod.from_dict({})
-    cfg.model = ModelConfig(**{**trunk, "max_seq_len": seq}, stage_layers=stages)
+    cfg.model = ModelConfig(**{**trunk, "max_seq_len": seq, **(ops or {})}, stage_layers=stages)
     t = cfg.train
     t.device, t.dtype, t.seq_len, t.device_batch_size = device, dtype, seq, batch
     t.tokens_per_step, t.eval_every, t.log_every, t.save_every, t.compile = batch * seq, 0, 1, 0, compile_
@@ -186,10 +187,10 @@ def train_child(spec_path: str) -> int:
 
 def train_variant(spec: dict, v: dict, dev) -> dict:
     cfg = train_config(spec["trunk"], v["stages"], spec["device"], spec["dtype"], spec["batch"], spec["seq"],
-                       spec["warmup"] + spec["steps"], v["compile"])
+                       spec["warmup"] + spec["steps"], v["compile"], v.get("ops"))
     with torch.device("meta"):
         meta_model = PoEGPT(cfg.model)
-    flops = meta_model.flops_per_token(context=cfg.seq_len / 2)["train_total"]
+    flops = meta_model.flops_per_token(seq_len=cfg.seq_len)["train_total"]  # S layers: their window's mean context
     row = {"params": meta_model.param_count()["total"], "flops_per_token": flops, "tokens_per_step": spec["batch"] * spec["seq"]}
     try:  # poelm plan's prediction of the peak (poelm/train/plan.py)
         from poelm.train import plan as plan_mod
@@ -220,7 +221,11 @@ def train_variant(spec: dict, v: dict, dev) -> dict:
 def section_train(a, deadline: float) -> dict:
     trunk, stages = (TINY_TRUNK, TINY_STAGES) if a.tiny else (TRUNK, STAGES)
     one = [sum(stages)]
-    variants = [dict(name="PoE K=4", stages=stages, compile=False), dict(name="K=1", stages=one, compile=False)]
+    # The reference's sliding windows (SSSL: S = 512 keys at seq 2048; a quarter of the tiny row)
+    # run SDPA with a window mask instead of the unmasked causal kernel: their cost is measured.
+    windows = {"window_pattern": "SSSL", "short_window": trunk["max_seq_len"] // 4 if a.tiny else 0}
+    variants = [dict(name="PoE K=4", stages=stages, compile=False), dict(name="K=1", stages=one, compile=False),
+                dict(name="PoE K=4 SSSL", stages=stages, compile=False, ops=windows)]
     if a.compile and a.device == "cuda":  # inductor on a CPU needs a C++ toolchain and minutes
         variants += [dict(name="PoE K=4 compiled", stages=stages, compile=True, min_s=90),
                      dict(name="K=1 compiled", stages=one, compile=True, min_s=90)]

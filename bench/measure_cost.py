@@ -107,17 +107,23 @@ def main():
     print(f"  all runs (wall s): eval {[round(x[0], 2) for x in te]}  measure {[round(x[0], 2) for x in tm]}")
     if args.probe:
         from poelm.measure.probe import get_engine, load_prompt_set, run_probe
+        from poelm.measure.genset import cut_prompts, untimed_figures
         from poelm.measure.timing import timed_generation
 
         label, prompts = load_prompt_set("card")
         engine = get_engine(model)
+        bounds = [1.0] * (cfg.model.n_stages - 1)
         t0 = time.perf_counter()
         run_probe(model, tok, prompts, label, 60, engine)
         t1 = time.perf_counter()
-        timed_generation(model, tok, prompts, engine, m=4, bounds=[1.0] * (cfg.model.n_stages - 1), tau=0.5)
+        gen, _ = cut_prompts(tokens[:args.tokens + 1], 0)  # the generation set (genset defaults), BOS = 0 here
+        untimed_figures(model, engine, gen, 32, m=4, bounds=bounds, tau=0.5)
+        t15 = time.perf_counter()
+        timed_generation(model, gen, engine, m=4, bounds=bounds, tau=0.5)
         t2 = time.perf_counter()
-        print(f"generation part (fixed size, not per token of the slice): probe {t1 - t0:.2f}s, timed decoding "
-              f"(full, stage 0, speculative, wand, route; measure.timing defaults) {t2 - t1:.2f}s; "
+        print(f"generation part (fixed size, not per token of the slice): probe {t1 - t0:.2f}s, generation set (acceptance, "
+              f"agreement, exit depths) {t15 - t1:.2f}s, timed decoding "
+              f"(full, stage 0, speculative, wand, route; measure.timing defaults) {t2 - t15:.2f}s; "
               f"whole measurement / eval = {(mm + t2 - t0) / e:.3f}x at this slice size")
 
 

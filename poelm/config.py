@@ -39,6 +39,9 @@ class DataConfig:
     val_fraction: float = 0.05  # of documents, chosen deterministically by hashing (see data.py)
     tokenizer_train_chars: int = 20_000_000  # characters of the train split used to fit the BPE
     mixture_seed: int = 0
+    # prepare the next batch in a background thread while the step runs (data/mixture.py); a
+    # path or source path may name a shard folder written by `poelm tokenize` (data/shards.py)
+    prefetch: bool = True
 
 
 @dataclass
@@ -56,6 +59,11 @@ class OptimConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-10
     grad_clip: float = 0.0  # 0 disables
+    # "poelm": poelm's groups and rules (poelm/train/optim.py); "nanochat": the reference
+    # implementation's (poelm/train/optim_nanochat.py: per-group betas/eps/weight decay, AdamW lrs
+    # x (n_embd/768)**-0.5, NorMuon + Polar Express, momentum and weight decay on its schedule;
+    # the adam_* and muon_momentum* keys above are then unused).
+    optimizer: str = "poelm"
 
 
 @dataclass
@@ -221,6 +229,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.alpha_train must be in [0, 1], got {m.alpha_train}")
     if m.vocab_size < 260:
         raise ConfigError(f"model.vocab_size {m.vocab_size} is too small: a byte-level BPE needs at least 256 bytes plus specials (use >= 260)")
+    try:
+        m.check()  # the reference-op fields (window_pattern, init, gate channels...)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     d = cfg.data
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
@@ -228,6 +240,8 @@ def validate(cfg: Config) -> Config:
         if not s.path:
             raise ConfigError(f"data.sources[{i}] ({s.name or 'unnamed'}) has no path")
         _positive(f"data.sources[{i}].weight", s.weight)
+    if not isinstance(d.prefetch, bool):
+        raise ConfigError(f"data.prefetch must be true or false, got {d.prefetch!r}")
     o = cfg.optim
     for key in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "muon_momentum"):
         _positive(f"optim.{key}", getattr(o, key), allow_zero=True)
@@ -236,6 +250,8 @@ def validate(cfg: Config) -> Config:
     _positive("optim.muon_momentum_warmup", o.muon_momentum_warmup, allow_zero=True)
     if not (0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1):
         raise ConfigError("optim.adam_beta1 and optim.adam_beta2 must be in [0, 1)")
+    if o.optimizer not in ("poelm", "nanochat"):
+        raise ConfigError(f"optim.optimizer must be \"poelm\" or \"nanochat\", got {o.optimizer!r}")
     s = cfg.schedule
     if not isinstance(s.steps, int) or s.steps <= 0:
         raise ConfigError(f"schedule.steps must be a positive integer, got {s.steps!r}")

@@ -13,6 +13,7 @@ TARGET                           means
 ``REPO@main``                    the step branch ``main`` points to (results written there)
 ``REPO@step-XXXXX``              that step branch
 ``REPO@cooldown-XXXXX-N``        a cooldown probe: N steps of LR decay from step XXXXX
+``REPO@avg-XXXXX-N``             a weight average of N saves ending at step XXXXX
 ``hf://org/name[@rev]``          the same on the Hugging Face Hub (``rev`` default ``main``)
 ===============================  =======================================================
 
@@ -38,7 +39,7 @@ from poelm.train import checkpoint
 from poelm.trajectory import publish
 
 HUB = publish.HUB_PREFIX
-REVISION = re.compile(r"main|step-\d{5,}|cooldown-\d{5,}-[1-9]\d*")
+REVISION = re.compile(r"main|step-\d{5,}|cooldown-\d{5,}-[1-9]\d*|avg-\d{5,}-[1-9]\d*")
 
 
 class TargetError(PoelmError):
@@ -78,7 +79,7 @@ def split(text: str) -> tuple[str, str | None]:
     if not where:
         raise TargetError(f"{text!r}: nothing before '@'; give REPO@{rev}")
     if not REVISION.fullmatch(rev):
-        raise TargetError(f"invalid revision {rev!r} in {text!r}: expected main, step-XXXXX (5+ digits) or cooldown-XXXXX-N")
+        raise TargetError(f"invalid revision {rev!r} in {text!r}: expected main, step-XXXXX (5+ digits), cooldown-XXXXX-N or avg-XXXXX-N")
     return where, rev
 
 
@@ -87,9 +88,10 @@ def _is_repo(path: Path) -> bool:
 
 
 def _nearest(branches: list[str], rev: str, n: int = 3) -> str:
-    if publish.cooldown_of(rev):
-        probes = sorted((b for b in branches if publish.cooldown_of(b)), key=publish.cooldown_of)
-        return f"it has cooldown branches {', '.join(probes)}" if probes else "it has no cooldown branches"
+    for of, kind in ((publish.cooldown_of, "cooldown"), (publish.average_of, "average")):
+        if of(rev):
+            probes = sorted((b for b in branches if of(b)), key=of)
+            return f"it has {kind} branches {', '.join(probes)}" if probes else f"it has no {kind} branches"
     steps = [b for b in branches if publish.STEP_BRANCH.fullmatch(b)]
     if not steps:
         return "it has no step branches"

@@ -8,7 +8,7 @@ imports this package.
 Each verb has its own ``_add_<verb>`` (arguments) and ``_run_<verb>`` (call) pair, grouped by the
 pipeline stage they drive: ``phases.py`` (train, continue, cooldown, plan, demo), ``decode.py``
 (generate), ``trajectory.py`` (export, publish, branches, checkout, verify, report),
-``measure.py`` (measure, eval) and ``ops.py`` (doctor, selftest).
+``measure.py`` (measure, eval), ``ops.py`` (doctor, selftest) and ``data.py`` (tokenize, batch).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import sys
 
 from poelm.cli.decode import TextStream, format_stats, mode_kwargs  # noqa: F401  (public helpers)
+from poelm.cli.compare import _add_average, _add_compare, _run_average, _run_compare
 from poelm.cli.decode import _add_generate, _run_generate
 from poelm.cli.measure import _add_eval, _add_measure, _run_eval, _run_measure
 from poelm.cli.ops import _add_doctor, _add_selftest, _run_doctor, _run_selftest
@@ -25,7 +26,9 @@ from poelm.cli.phases import (_add_continue, _add_cooldown, _add_demo, _add_plan
                               _run_demo, _run_plan, _run_train)
 from poelm.cli.trajectory import (_add_branches, _add_checkout, _add_export, _add_publish, _add_report, _add_verify,
                                   _run_branches, _run_checkout, _run_export, _run_publish, _run_report, _run_verify)
+from poelm.cli.trajectory import _add_import, _run_import
 from poelm.core.errors import PoelmError
+from poelm.cli.data import _add_batch, _add_tokenize, _run_batch, _run_tokenize
 
 
 # ----------------------------------------------------------------------------- registry
@@ -41,11 +44,16 @@ VERBS = [
     ("branches", _add_branches, _run_branches),
     ("checkout", _add_checkout, _run_checkout),
     ("verify", _add_verify, _run_verify),
+    ("average", _add_average, _run_average),
+    ("compare", _add_compare, _run_compare),
     ("measure", _add_measure, _run_measure),
     ("eval", _add_eval, _run_eval),
     ("plan", _add_plan, _run_plan),
     ("doctor", _add_doctor, _run_doctor),
     ("selftest", _add_selftest, _run_selftest),
+    ("tokenize", _add_tokenize, _run_tokenize),
+    ("batch", _add_batch, _run_batch),
+    ("import", _add_import, _run_import),
 ]
 
 

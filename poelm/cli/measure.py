@@ -13,8 +13,12 @@ def _add_measure(sub):
     p.add_argument("targets", nargs="+", metavar="TARGET", help="checkpoint dir, run dir (newest save), exported folder, REPO, REPO@main, REPO@step-XXXXX or hf://org/name[@rev]")
     p.add_argument("--split-tokens", type=int, default=1_048_576, help="measurement slice: first N validation tokens (default 1,048,576)")
     p.add_argument("--calib-tokens", type=int, default=131_072, help="calibration slice right after it, for WAND bounds and routing tau (default 131,072; 0 skips)")
-    p.add_argument("--data", help="measure on this txt/jsonl/parquet corpus instead of the checkpoint's validation split (calibration is then not written back)")
-    p.add_argument("--out", help="record file (one TARGET) or directory (several); default: poelm_measure.json in the checkpoint / the branch")
+    p.add_argument("--data", help="measure on this txt/jsonl/parquet corpus instead of the checkpoint's validation split; the record goes "
+                                  "to --out only (never into the branch / checkpoint unless --write-branch); calibration is not written back")
+    p.add_argument("--out", help="record file (one TARGET) or directory (several); writes ONLY there (the branch / checkpoint is left "
+                                 "as it was); default: poelm_measure.json in the checkpoint / a commit on the branch")
+    p.add_argument("--write-branch", action="store_true", help="with --data: replace the branch's / checkpoint's record with this one "
+                                                               "(marked data_override in the record and the report)")
     p.add_argument("--against", metavar="REF", help="reference checkpoint: paired deltas with 95%% bootstrap intervals on the same slice")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available); bf16 autocast on CUDA")
     p.add_argument("--batch-size", type=int, default=8, help="rows of seq_len per forward (default 8)")
@@ -27,10 +31,19 @@ def _add_measure(sub):
     p.add_argument("--m", type=int, default=4, help="speculative draft length (default 4)")
     p.add_argument("--probe", default="auto", help="prompt set: card, embedded, a JSONL file, or none (default: embedded for embedded-corpus models, else card)")
     p.add_argument("--max-new-tokens", type=int, default=60, help="greedy tokens per probe prompt (default 60)")
+    p.add_argument("--gen-prompts", type=int, default=32, help="generation set: contexts cut from the measurement slice for acceptance, "
+                                                               "agreement in generation and exit depths, with 95%% intervals over prompts (default 32)")
+    p.add_argument("--gen-tokens", type=int, default=32, help="generation set: greedy new tokens per context (default 32)")
+    p.add_argument("--gen-seed", type=int, default=0, help="generation set: seed of the context offsets (default 0)")
+    p.add_argument("--timing-prompts", type=int, default=8, help="timed decoding: the first N prompts of the generation set (default 8)")
+    p.add_argument("--timing-tokens", type=int, default=16, help="timed decoding: new tokens per prompt (default 16)")
+    p.add_argument("--timing-rounds", type=int, default=3, help="timed decoding: interleaved rounds; speedup intervals resample rounds "
+                                                                "and prompts (default 3)")
     p.add_argument("--block-tokens", type=int, default=1024, help="bootstrap block size in tokens (default 1024)")
     p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--no-write", action="store_true", help="do not write the WAND bounds / routing tau back to the checkpoint")
+    p.add_argument("--no-write", action="store_true", help="write nothing into the trajectory / checkpoint (no record, no WAND bounds or "
+                                                           "routing tau, no model cards); only --out FILE if given")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_tracker_flags(p, measure=True)
     return p
@@ -49,23 +62,25 @@ def _run_measure(args):
         if out and many:
             out = str(Path(out) / (Path(t.replace("@", "_")).name + ".json"))
         rec = measure.measure_target(
-            t, data=args.data, out=out, against=args.against, device=args.device, write_calibration=False if args.no_write else None,
+            t, data=args.data, out=out, against=args.against, device=args.device, write=not args.no_write, write_branch=args.write_branch,
             probe_set=None if args.probe == "none" else args.probe, split_tokens=args.split_tokens, calib_tokens=args.calib_tokens,
             batch_size=args.batch_size, seq_len=args.seq_len, cap=args.cap, routing_metric=args.routing_metric,
             confidence=args.confidence, m=args.m, max_new_tokens=args.max_new_tokens, block_tokens=args.block_tokens,
-            samples=args.samples, seed=args.seed, progress=not args.quiet)
+            samples=args.samples, seed=args.seed, progress=not args.quiet, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
+            gen_seed=args.gen_seed, timing_prompts=args.timing_prompts, timing_tokens=args.timing_tokens, timing_repeats=args.timing_rounds)
         if rec is None:  # torchrun: a rank other than 0 (rank 0 prints and writes)
             continue
-        from poelm.report.tables import format_summary
+        from poelm.report.summary import format_summary
 
         print(format_summary(rec))
-        print(f"  record: {rec['record_path']}" + (f"; calibration: {', '.join(rec['calibration_written'])}" if rec["calibration_written"] else ""))
+        print(f"  record: {rec['record_path'] or 'not written (--no-write)'}"
+              + (f"; calibration: {', '.join(rec['calibration_written'])}" if rec["calibration_written"] else ""))
         if names:  # the card's metrics at the branch's step, in the run that saved it
             from poelm.measure.dashboard import log_measurement
 
             logged = log_measurement(rec, names, opts)
             print(f"  dashboards ({', '.join(names)}): {len(logged)} metrics at step {rec.get('step')}")
-        if rec.get("branch") and rec.get("repo") and not args.out:
+        if rec.get("branch") and rec.get("repo") and rec["record_written"]:
             from poelm.report import tables as report
 
             updated = report.update_cards(rec["repo"], [rec["branch"]])

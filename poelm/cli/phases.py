@@ -37,6 +37,8 @@ def _add_continue(sub):
     p.add_argument("--publish", help="publish every save (the seed first) as step branches of this repo")
     p.add_argument("--publish-dtype", choices=["bf16", "fp16", "fp32"], help="weights of the published branches (default: bf16 for a bf16-autocast run, else fp32)")
     p.add_argument("--allow-mismatch", action="store_true", help="allow a different architecture/tokenizer/data mix (not a continual phase then)")
+    p.add_argument("--fresh-optimizer", action="store_true", help="start AdamW/Muon from zero state (needed for a source without optimizer "
+                   "state, e.g. a weights-only import; recorded in the saves' meta)")
     p.add_argument("--cooldown-every", type=int, metavar="K", help="a cooldown probe at every K-th save after the seed (run between saves; see `poelm cooldown`)")
     p.add_argument("--cooldown-steps", type=int, metavar="N", help="steps of each probe (with --cooldown-every)")
     p.add_argument("--cooldown-shape", default="linear", help="probe decay shape: linear or 1-sqrt (default linear)")
@@ -175,7 +177,7 @@ def _run_continue(args):
         summary = continue_phase(src.path, args.out, phase_cfg, steps=args.steps, tokens_budget=tokens,
                                  publisher=_publisher(args.publish, args.publish_dtype), progress=not args.quiet,
                                  allow_mismatch=args.allow_mismatch, overrides=ov, source_label=src.label, after_save=prober,
-                                 tracking=opts)
+                                 fresh_optimizer=args.fresh_optimizer, tracking=opts)
     _print_summary(summary)
     if prober is not None and prober.probes:
         spent = sum(p["elapsed_s"] for p in prober.probes)

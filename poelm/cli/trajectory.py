@@ -15,6 +15,8 @@ def _add_export(sub):
     p.add_argument("out", metavar="OUT", help="output folder (new, empty, or an earlier export)")
     p.add_argument("--bounds", type=_float_list, help="K-1 comma-separated WAND bounds (default: the checkpoint's calibration)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights dtype (default: bf16 for a bf16-autocast run, else the stored dtype)")
+    p.add_argument("--format", choices=["hf", "nanochat"], default="hf", help="hf: a Hugging Face folder (default); nanochat: the reference's "
+                   "model_XXXXXX.pt + meta_XXXXXX.json + optim_XXXXXX_rank0.pt, for nanochat's own scripts")
     return p
 
 
@@ -24,9 +26,56 @@ def _run_export(args):
     from poelm import targets
     from poelm.trajectory import export
 
+    if args.format == "nanochat":
+        from poelm.core.errors import ConfigError
+        from poelm.trajectory import nanochat
+
+        if args.bounds is not None or args.dtype is not None:
+            raise ConfigError("--bounds and --dtype are for --format hf; a nanochat export keeps each tensor's own dtype")
+        src = targets.resolve(args.ckpt, want="checkpoint")
+        res = nanochat.export_nanochat(src.path, args.out)
+        print(f"exported step {res['step']} to {res['dir']}: {', '.join(res['files'])}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="poelm-export-") as work:
         src = targets.resolve(args.ckpt, work)
         print(f"exported {export.export(src.path, args.out, bounds=args.bounds, dtype=args.dtype)}")
+    return 0
+
+
+def _add_import(sub):
+    p = sub.add_parser("import", help="import a checkpoint of the reference implementation (nanochat) as a poelm run")
+    p.add_argument("format", choices=["nanochat"], help="nanochat: a folder of model_XXXXXX.pt, meta_XXXXXX.json, optim_XXXXXX_rank*.pt")
+    p.add_argument("dir", metavar="DIR", help="the checkpoint folder (e.g. base_checkpoints/d32)")
+    p.add_argument("out", metavar="OUT", help="new run directory; the import is OUT/step-XXXXX")
+    p.add_argument("--step", type=int, help="which saved step (default: the newest)")
+    p.add_argument("--tokenizer", metavar="PATH", help="the run's tokenizer as a Hugging Face tokenizer.json (default: DIR/tokenizer.json or "
+                   "../tokenizer/tokenizer.json); nanochat's tokenizer.pkl is never unpickled")
+    p.add_argument("--stage-layers", metavar="N,N,...", help="blocks per stage, e.g. 16,6,5,5 (default: the checkpoint's poe_every)")
+    p.add_argument("--config", metavar="PRESET", help="take [data], [optim], [schedule], [train] from this config (e.g. cognica-3b); "
+                   "default: the run's own settings from its meta")
+    return p
+
+
+def _run_import(args):
+    from poelm.core.errors import ConfigError
+    from poelm.trajectory import nanochat
+
+    layers = None
+    if args.stage_layers is not None:
+        try:
+            layers = [int(x) for x in args.stage_layers.split(",")]
+        except ValueError:
+            raise ConfigError(f"--stage-layers {args.stage_layers!r}: give comma-separated block counts, e.g. 16,6,5,5") from None
+    res = nanochat.import_nanochat(args.dir, args.out, step=args.step, tokenizer=args.tokenizer, stage_layers=layers, preset=args.config)
+    if res["preset_differs"]:
+        print(f"note: --config {args.config} differs from the checkpoint in model.{', model.'.join(res['preset_differs'])}; the checkpoint's "
+              "architecture is kept (continue with --set model.KEY=VALUE to match it)")
+    if res["weights_only"]:
+        print(f"weights-only import: {args.dir} has no optimizer shards for step {res['step']}; "
+              f"continue from it with --fresh-optimizer (recorded in the manifest)")
+    else:
+        print(f"optimizer state gathered from {res['world_size']} rank shard(s)")
+    print(f"imported step {res['step']} ({res['tensors']} tensors, {res['source_bytes'] / 1e6:.1f} MB) to {res['path']}")
     return 0
 
 
@@ -122,9 +171,10 @@ def _run_report(args):
         source = targets.repository(source)[0]  # REPO@rev: the report is of the whole trajectory
     records = report.load_records([source, *args.more] if args.more else source)
     paths = report.write_report(records, args.out)
+    from poelm.report import averages as averages_report
     from poelm.report import cooldown as cooldown_report
 
-    for line in report.verdict(records) + cooldown_report.verdict_lines(records):
+    for line in report.verdict(records) + cooldown_report.verdict_lines(records) + averages_report.verdict_lines(records):
         print(line)
     for name, path in paths.items():
         print(f"wrote {path}")

@@ -22,16 +22,44 @@ def positions_from_mask(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def attention_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
+def attention_mask(valid: torch.Tensor, T: int, window: int | None = None) -> torch.Tensor:
     """The SDPA boolean mask ``[B, 1, T, Tk]`` for T queries in the last T of Tk slots: causal,
     and only keys whose slot is valid in that row. Every query also sees its own slot, so a
     padding query's row is never empty: SDPA would return NaN there, and ``0 * NaN`` in the next
-    layer would poison the real rows that mask it out."""
+    layer would poison the real rows that mask it out.
+
+    ``window`` W (a sliding-window layer, ``ModelConfig.window_sizes``): a query at position i
+    also needs ``i - j <= W`` for key position j, positions counted over the row's real tokens
+    (``positions_from_mask``), so a padded or holed row sees the keys it would see alone."""
     Tk = valid.size(1)
     kpos = torch.arange(Tk, device=valid.device)
     qpos = kpos[Tk - T :, None]
     allowed = (kpos[None, :] <= qpos) & valid[:, None, :]
+    if window is not None:
+        real = positions_from_mask(valid)  # [B, Tk]
+        allowed &= (real[:, Tk - T :, None] - real[:, None, :]) <= window
     return (allowed | (kpos[None, :] == qpos)).unsqueeze(1)
+
+
+def window_mask(T: int, Tk: int, window: int, device=None) -> torch.Tensor:
+    """The SDPA boolean mask ``[T, Tk]`` of an unpadded sliding-window layer: the T queries sit
+    at positions ``Tk-T .. Tk-1`` and query i sees key j when ``0 <= i - j <= window`` (the
+    reference's flash-attention ``window_size=(window, 0)``: window + 1 keys with itself)."""
+    kpos = torch.arange(Tk, device=device)
+    d = kpos[Tk - T :, None] - kpos[None, :]
+    return (d >= 0) & (d <= window)
+
+
+def previous_slots(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every slot, the row's last valid slot strictly before it: ``(prev [B, Tk] clamped at
+    0, has_prev [B, Tk] bool)``. The smear (``PoEGPT.embed``) mixes in the embedding of the
+    previous real token, so a left-padded row's first token and a hole-skipping row (rejected
+    speculative drafts) see what the row alone would see."""
+    Tk = valid.size(1)
+    slots = torch.arange(Tk, device=valid.device).expand_as(valid)
+    last = torch.where(valid, slots, torch.full_like(slots, -1)).cummax(dim=1).values  # at or before t
+    prev = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)
+    return prev.clamp_min(0), prev >= 0
 
 
 def check_input_ids(idx, vocab_size: int, what: str = "input_ids") -> None:

@@ -1,14 +1,24 @@
-"""The PoE per-stage-head decoder: trunk, stages, heads, KV cache.
+"""The PoE per-stage-head decoder: embedding (+ smear), stages, heads, accounting.
 
 One source of truth for the model: training, measurement, inference and the exported Hugging
-Face remote code (which ships this file unchanged next to ``poe.py``) all run this module.
-It imports torch and ``poe`` only.
+Face remote code (which ships this file unchanged next to its siblings) all run this module.
+It imports torch and its core/ siblings only: ``arch`` (``ModelConfig``), ``layers`` (attention,
+MLP, block), ``cache`` (``KVCache``), ``inputs`` (masks), ``head`` and ``poe``; ``ModelConfig``
+and ``KVCache`` are re-exported here.
 
 Trunk (nanochat lineage, github.com/karpathy/nanochat ``gpt.py``): untied token embedding,
 RMSNorm without weights, rotary position embeddings, QK-norm, grouped-query attention
 (``n_kv_head``), relu^2 MLP with a configurable ``intermediate`` size, an ``x0`` residual mixed
 into every block with learned per-layer scalars, value embeddings on alternating layers
-(ResFormer-style, gated per KV head), logit soft-cap 15.
+(ResFormer-style, gated per KV head), logit soft-cap 15. The reference implementation's ops
+(``REFERENCE_OPS``: q/k scale 1.2, gate 3*sigmoid over 12 channels, the smear of the previous
+token's embedding, per-layer sliding windows "SSSL", RoPE base 100000, its init) are config
+fields whose defaults keep poelm's model as it was; with them this module computes the
+reference's per-stage log-probs (tests/core/test_reference_ops.py).
+
+Sliding windows and padding: a window counts a row's real positions (RoPE positions), so padded
+or holed rows see what they see alone; attention keeps the unmasked causal kernels whenever no
+window can bind (every layer L, or a row no longer than the window) and no row is padded.
 
 PoE per-stage heads (jaepil/nanochat ``_poe_layer_loss``, generalised to asymmetric stages):
 the ``depth`` blocks are cut into K stages of ``stage_layers`` blocks. Stage k ends with logits
@@ -23,7 +33,6 @@ distributions (``poe.aggregate``).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -31,193 +40,14 @@ import torch.nn.functional as F
 
 # ``from .poe import ...`` (not ``from . import poe``): transformers' remote-code loader copies
 # exactly the files named by relative ``from .x import`` lines, so the export ships poe.py too.
+from .arch import REFERENCE_OPS, ModelConfig
+from .cache import KVCache
 from .head import fused_stage_ce
-from .inputs import attention_mask, positions_from_mask
+from .inputs import attention_mask, positions_from_mask, previous_slots, window_mask
+from .layers import Block, apply_rotary, norm
 from .poe import aggregate, softcap
 
-
-@dataclass
-class ModelConfig:
-    """Architecture. Field names match the card: ``depth``, ``n_embd``, ``stage_layers``..."""
-
-    vocab_size: int = 4096
-    depth: int = 6
-    n_embd: int = 128
-    n_head: int = 4
-    n_kv_head: int = 2
-    intermediate: int = 512
-    max_seq_len: int = 256
-    stage_layers: tuple = (3, 1, 1, 1)
-    value_embeds: bool = True
-    softcap: float = 15.0
-    rope_base: float = 10000.0
-    objective: str = "poe"  # "poe" (local, detached stages) or "bp" (end-to-end control)
-    alpha_train: float = 0.0
-
-    def __post_init__(self):
-        self.stage_layers = tuple(int(x) for x in self.stage_layers)
-
-    @property
-    def n_stages(self) -> int:
-        return len(self.stage_layers)
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_kv_head * self.head_dim
-
-    def stage_of_layer(self) -> list[int]:
-        out = []
-        for k, n in enumerate(self.stage_layers):
-            out += [k] * n
-        return out
-
-    def stage_bounds(self, k: int) -> tuple[int, int]:
-        start = sum(self.stage_layers[:k])
-        return start, start + self.stage_layers[k]
-
-    def has_value_embed(self, layer: int) -> bool:
-        # nanochat: alternating layers, the last layer always included.
-        return self.value_embeds and layer % 2 == (self.depth - 1) % 2
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["stage_layers"] = list(self.stage_layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm without learnable weight (nanochat)."""
-    return F.rms_norm(x, (x.size(-1),))
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding on ``[B, T, H, D]`` by rotating the two halves of the head dimension."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-
-class KVCache:
-    """Per-layer key/value cache with a per-layer filled length.
-
-    Lengths are tracked per layer because adaptive depth (WAND, routing) leaves the layers of
-    skipped stages behind; ``write`` refuses to leave a gap, so a deeper position can never attend
-    to a state that was not computed (the engine must catch the layer up first). ``truncate``
-    rolls every layer back (speculative decoding)."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.depth, batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = [0] * cfg.depth
-        self.max_len = max_len
-
-    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
-        T = k.size(2)
-        if pos > self.lengths[layer]:
-            raise RuntimeError(f"KV cache gap at layer {layer}: writing at {pos}, filled {self.lengths[layer]}")
-        if pos + T > self.max_len:
-            raise RuntimeError(f"KV cache full: {pos + T} > {self.max_len}")
-        self.k[layer, :, :, pos : pos + T] = k
-        self.v[layer, :, :, pos : pos + T] = v
-        self.lengths[layer] = pos + T
-        return self.k[layer, :, :, : pos + T], self.v[layer, :, :, : pos + T]
-
-    def truncate(self, length: int):
-        self.lengths = [min(n, length) for n in self.lengths]
-
-    def gather_slots(self, src: torch.Tensor):
-        """Repack every layer's slots per row: new slot j of row b holds old slot ``src[b, j]``
-        (``src [B, n]``); every layer is left filled to n. States are moved, never recomputed:
-        keys carry their RoPE rotation already, so only the per-row validity of slots (kept by
-        the caller) says what a slot means."""
-        n = src.size(1)
-        idx = src[None, :, None, :, None].expand(self.k.size(0), -1, self.k.size(2), -1, self.k.size(4))
-        self.k[:, :, :, :n] = self.k.gather(3, idx)
-        self.v[:, :, :, :n] = self.v.gather(3, idx)
-        self.lengths = [n] * len(self.lengths)
-
-    def stage_length(self, cfg: ModelConfig, k: int) -> int:
-        """Positions filled in every layer of stage k."""
-        a, b = cfg.stage_bounds(k)
-        return min(self.lengths[a:b])
-
-
-class Attention(nn.Module):
-    VE_GATE_CHANNELS = 32
-
-    def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__()
-        self.layer = layer
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        d = cfg.n_embd
-        self.c_q = nn.Linear(d, cfg.n_head * cfg.head_dim, bias=False)
-        self.c_k = nn.Linear(d, cfg.kv_dim, bias=False)
-        self.c_v = nn.Linear(d, cfg.kv_dim, bias=False)
-        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, d, bias=False)
-        self.ve_gate_channels = min(self.VE_GATE_CHANNELS, d)
-        self.ve_gate = nn.Linear(self.ve_gate_channels, cfg.n_kv_head, bias=False) if cfg.has_value_embed(layer) else None
-
-    def forward(self, x, ve, cos, sin, cache: KVCache | None, pos: int, mask: torch.Tensor | None = None):
-        """``cos``/``sin``: ``[1 or B, T, 1, D/2]``; ``mask``: None (causal over the filled slots)
-        or ``attention_mask(valid, T)`` for padded rows."""
-        B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if ve is not None:
-            # Value residual (ResFormer, arXiv:2410.17897) as in nanochat: an input-dependent gate
-            # in (0, 2) per KV head mixes a per-token value embedding into v.
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate_channels]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q), norm(k)  # QK-norm
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.write(self.layer, pos, k, v)
-        Tk = k.size(2)
-        if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        elif Tk == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # a chunk of T new queries after Tk - T cached positions
-            qpos = torch.arange(Tk - T, Tk, device=x.device)
-            mask = torch.arange(Tk, device=x.device)[None, :] <= qpos[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.c_proj(y)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, cfg.intermediate, bias=False)
-        self.c_proj = nn.Linear(cfg.intermediate, cfg.n_embd, bias=False)
-
-    def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())  # relu^2 (Primer, arXiv:2109.08668)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__()
-        self.attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x, ve, cos, sin, cache, pos, mask=None):
-        x = x + self.attn(norm(x), ve, cos, sin, cache, pos, mask)
-        return x + self.mlp(norm(x))
+__all__ = ["ModelConfig", "PoEGPT", "KVCache", "REFERENCE_OPS", "norm", "apply_rotary"]
 
 
 class PoEGPT(nn.Module):
@@ -227,6 +57,7 @@ class PoEGPT(nn.Module):
         super().__init__()
         if sum(cfg.stage_layers) != cfg.depth:
             raise ValueError(f"stage_layers {cfg.stage_layers} must sum to depth {cfg.depth}")
+        cfg.check()
         self.config = cfg
         V, d = cfg.vocab_size, cfg.n_embd
         self.wte = nn.Embedding(V, d)
@@ -239,6 +70,16 @@ class PoEGPT(nn.Module):
         # x0 residual (nanochat / modded-nanogpt): x <- resid_lambda * x + x0_lambda * x0 per layer.
         self.resid_lambdas = nn.Parameter(torch.ones(cfg.depth))
         self.x0_lambdas = nn.Parameter(torch.zeros(cfg.depth))
+        if cfg.smear:  # the reference's smear (see ``embed``)
+            self.smear_gate = nn.Linear(cfg.smear_channels, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if cfg.backout:
+            # The reference subtracts backout_lambda * (layer n_layer//2's residual) before its plain
+            # last-layer head only; no stage logit uses it, so poelm keeps it as a parameter that
+            # travels through import, training (no gradient) and export unchanged.
+            self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
+        # Per layer: the sliding window W, or None where it can never bind (W >= max_seq_len - 1).
+        self.windows = [w if w < cfg.max_seq_len - 1 else None for w in cfg.window_sizes()]
         cos, sin = self._rotary(cfg.max_seq_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -278,14 +119,81 @@ class PoEGPT(nn.Module):
                 b.attn.ve_gate.weight.zero_()
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
+        if self.config.init == "nanochat":
+            self._init_nanochat(g)
+        else:
+            if self.config.smear:
+                self.smear_lambda.zero_()  # the smear starts off, as in the reference
+                self.smear_gate.weight.uniform_(0.0, 0.02, generator=g)
+            if self.config.backout:
+                self.backout_lambda.fill_(0.2)
         cos, sin = self._rotary(self.config.max_seq_len, device=self.wte.weight.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
+    @torch.no_grad()
+    def _init_nanochat(self, g):
+        """The reference's ``init_weights`` (facts page "Init"), drawn after poelm's own pass so
+        every tensor is overwritten: wte N(0, 0.8); lm_head N(0, 0.001); stage heads 0;
+        ``s = sqrt(3 / n_embd)``: c_q, c_k, c_v and value embeddings U(-s, s), c_fc U(-0.4 s, 0.4 s),
+        both c_proj 0; ``resid_lambdas[i] = 1.15 - 0.10 i / (n-1)``, ``x0_lambdas[i] = 0.20 - 0.15 i / (n-1)``
+        (n = depth, ``max(n-1, 1)`` as in the reference); smear_lambda 0, smear_gate U(0, 0.02),
+        backout_lambda 0.2, ve_gate U(0, 0.02). (The reference keeps wte and value embeddings in
+        bf16 on GPUs; poelm keeps fp32 master weights and leaves precision to the trainer.)"""
+        cfg = self.config
+        s = math.sqrt(3.0) * cfg.n_embd ** -0.5
+        self.wte.weight.normal_(0.0, 0.8, generator=g)
+        self.lm_head.weight.normal_(0.0, 0.001, generator=g)
+        for h in self.stage_heads:
+            h.weight.zero_()
+        for b in self.blocks:
+            for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v):
+                lin.weight.uniform_(-s, s, generator=g)
+            b.attn.c_proj.weight.zero_()
+            b.mlp.c_fc.weight.uniform_(-0.4 * s, 0.4 * s, generator=g)
+            b.mlp.c_proj.weight.zero_()
+        n = max(cfg.depth - 1, 1)
+        for i in range(cfg.depth):
+            self.resid_lambdas[i] = 1.15 - 0.10 * i / n
+            self.x0_lambdas[i] = 0.20 - 0.15 * i / n
+        if cfg.smear:
+            self.smear_lambda.zero_()
+            self.smear_gate.weight.uniform_(0.0, 0.02, generator=g)
+        if cfg.backout:
+            self.backout_lambda.fill_(0.2)
+        for ve in self.value_embeds.values():
+            ve.weight.uniform_(-s, s, generator=g)
+        for b in self.blocks:
+            if b.attn.ve_gate is not None:
+                b.attn.ve_gate.weight.uniform_(0.0, 0.02, generator=g)
+
     # ----------------------------------------------------------------------------- pieces
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """x0 = norm(wte(idx)); the stream entering stage 0 and the x0 residual of every block."""
-        return norm(self.wte(idx))
+    def embed(self, idx: torch.Tensor, cache=None, pos: int = 0, valid=None) -> torch.Tensor:
+        """x0: the stream entering stage 0 and the x0 residual of every block.
+
+        ``norm(wte(idx))``, then with ``smear`` (the reference's cheap bigram feature) every token
+        that has a previous token gets ``x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * e[t-1]``,
+        ``e[t-1]`` the previous token's normed embedding *before* smearing; the first token of a
+        sequence is unchanged. "Previous" is the row's previous real token: under padding or
+        speculative holes (``valid [B, pos+T]``) the last valid slot before t, so a left-padded
+        row's first token gets no smear and every row gets what it gets alone. With a ``cache``
+        the pre-smear embeddings of slots ``pos..pos+T-1`` are stored in it and the previous
+        token's may come from an earlier call (``KVCache.smear_previous``): exact for cached
+        decoding, chunked prefill, speculative rollback and slot repacking alike."""
+        x = norm(self.wte(idx))
+        if not self.config.smear:
+            return x
+        c = self.config.smear_channels
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :c]))
+        if cache is not None:
+            prev, has = cache.smear_previous(x, pos, valid)
+        elif valid is not None:
+            slot, has = previous_slots(valid)
+            slot, has = slot[:, -idx.size(1):], has[:, -idx.size(1):]
+            prev = x.gather(1, slot.unsqueeze(-1).expand_as(x))
+        else:  # one plain sequence: position 0 unchanged, t >= 1 mixes in t-1
+            return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
+        return x + (gate * has.unsqueeze(-1).to(gate.dtype)) * prev
 
     def run_stage(self, k: int, x, x0, idx, cache: KVCache | None = None, pos: int = 0, positions=None, valid=None, collect=None):
         """Run the blocks of stage k on hidden ``x`` in cache slots ``pos..pos+T-1``.
@@ -303,15 +211,33 @@ class PoEGPT(nn.Module):
             if int(positions.max()) >= self.cos.size(1):
                 raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.cos.size(1)}")
             cos, sin = self.cos[0, positions].to(x.dtype), self.sin[0, positions].to(x.dtype)  # [B, T, 1, D/2]
-        mask = attention_mask(valid, T) if valid is not None else None
+        masks = {}  # per distinct window: (mask, window) for Attention, built once per call
+        Tk = pos + T if cache is not None else T
         a, b = self.config.stage_bounds(k)
         for i in range(a, b):
+            W = self.windows[i]
+            if W not in masks:
+                masks[W] = self._layer_mask(W, T, Tk, valid, x.device)
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            x = self.blocks[i](x, ve, cos, sin, cache, pos, mask)
+            x = self.blocks[i](x, ve, cos, sin, cache, pos, *masks[W])
             if collect is not None:
                 collect.append(x)
         return x
+
+    @staticmethod
+    def _layer_mask(W, T: int, Tk: int, valid, device):
+        """``(mask, window)`` for one layer's attention over T queries in the last T of Tk slots.
+        Padded rows: ``attention_mask`` (with the window over real positions). Unpadded: None
+        when the window cannot bind (L layers, or every key within W): the plain causal kernels;
+        one query: the slice of its last W+1 keys; otherwise the causal window mask."""
+        if valid is not None:
+            return attention_mask(valid, T, W), None
+        if W is None or Tk - 1 <= W:
+            return None, None
+        if T == 1:
+            return None, W
+        return window_mask(T, Tk, W, device), None
 
     def train(self, mode: bool = True):
         # Optimizers (and ZeRO-2 collectives) write weights through .data / in-place
@@ -355,7 +281,7 @@ class PoEGPT(nn.Module):
         upto = cfg.n_stages if upto is None else upto
         if detach is None:
             detach = cfg.objective == "poe"
-        x0 = self.embed(idx)
+        x0 = self.embed(idx, cache, pos, valid)
         x, out = x0, []
         if collect is not None:
             collect.append(x0)
@@ -465,21 +391,27 @@ class PoEGPT(nn.Module):
             "blocks_per_stage": stages,
             "lm_head": n(self.lm_head),
             "stage_heads": n(self.stage_heads),
-            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+            # per-layer lambdas, and the reference's smear gate / smear / backout scalars if present
+            "scalars": sum(p.numel() for name, p in self.named_parameters()
+                           if name in ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")),
         }
         out["total"] = sum(v for v in out.values() if isinstance(v, int))
         return out
 
-    def flops_per_token(self, context: int | None = None) -> dict:
+    def flops_per_token(self, context: float | None = None, seq_len: int | None = None) -> dict:
         """Forward FLOPs per token, per stage (its blocks plus its head) and in total.
 
-        Matmuls cost 2 FLOPs per weight; attention adds ``4 * n_head * head_dim * context`` per
-        layer (scores and weighted sum) with ``context`` defaulting to ``max_seq_len / 2``, the
-        mean causal context of a full row. Embedding and value-embedding lookups are free. The
-        full model runs every stage, so its cost is the sum (SPEC routing's c0 is stage 0's share).
-        Training costs 3x forward (the usual 6N rule)."""
+        Matmuls cost 2 FLOPs per weight; attention adds ``4 * n_head * head_dim * c`` per layer
+        (scores and weighted sum), ``c`` the keys a query sees. By default ``c`` is the mean over
+        a full row of ``seq_len`` positions (default ``max_seq_len``): ``seq_len / 2`` for a
+        full-context layer, and for a sliding-window layer (window W, ``window_sizes``) that
+        binds, the mean of ``min(i+1, W+1)`` (``window_mean_context``). A given ``context`` (keys
+        before a decoded position) is taken as is, capped at W+1 on window layers. Embedding and
+        value-embedding lookups and the smear's gate are free. The full model runs every stage,
+        so its cost is the sum (SPEC routing's c0 is stage 0's share). Training costs 3x forward
+        (the usual 6N rule)."""
         cfg = self.config
-        ctx = cfg.max_seq_len / 2 if context is None else context
+        T = seq_len or cfg.max_seq_len
         head = 2 * cfg.n_embd * cfg.vocab_size
         per_stage = []
         for k in range(cfg.n_stages):
@@ -488,6 +420,18 @@ class PoEGPT(nn.Module):
             for i in range(a, b):
                 blk = self.blocks[i]
                 mat = sum(p.numel() for name, p in blk.named_parameters() if "ve_gate" not in name)
-                f += 2 * mat + 4 * cfg.n_head * cfg.head_dim * ctx
+                W = self.windows[i]
+                if context is not None:
+                    c = context if W is None else min(context, W + 1)
+                else:
+                    c = T / 2 if W is None or W >= T - 1 else window_mean_context(T, W)
+                f += 2 * mat + 4 * cfg.n_head * cfg.head_dim * c
             per_stage.append(f + head)
         return {"per_stage": per_stage, "total": sum(per_stage), "train_total": 3 * sum(per_stage)}
+
+
+def window_mean_context(T: int, W: int) -> float:
+    """Mean keys per query over a full row of T positions under window W:
+    ``(1/T) sum_{i<T} min(i+1, W+1)``, in closed form."""
+    n = min(T, W + 1)  # positions 0..n-1 see i+1 keys, the rest W+1
+    return (n * (n + 1) / 2 + (T - n) * (W + 1)) / T

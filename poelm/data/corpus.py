@@ -19,6 +19,11 @@ sorted path order. Formats, by suffix:
 Empty and whitespace-only documents are skipped. Files of other suffixes inside a directory are
 ignored; naming one directly is an error.
 
+A path (or a source's path) may also name a shard folder written by ``poelm tokenize``
+(``shards.py``): the same documents as ids, read memory-mapped. Every function here gives the
+same answer for a shard folder as for the text it was made from (its name, fingerprint, splits,
+validation slices, tokenizer texts), so a run moves between the two freely.
+
 Split
 -----
 A document is in the validation split iff ``blake2b_64(utf8(text)) < val_fraction * 2**64``
@@ -50,6 +55,7 @@ from pathlib import Path
 import torch
 
 from poelm.core.errors import DataError
+from poelm.data import shards
 
 EMBEDDED = Path(__file__).resolve().parent / "embedded" / "embedded.jsonl.gz"
 SUFFIXES = (".jsonl.gz", ".txt.gz", ".jsonl", ".txt", ".parquet")
@@ -208,9 +214,14 @@ def doc_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
+def val_threshold(val_fraction: float) -> int:
+    """Documents whose ``doc_hash`` is below this are in the validation split."""
+    return int(val_fraction * 2**64)
+
+
 def is_val(text: str, val_fraction: float) -> bool:
     """Validation-split membership; depends on the text only (module docstring)."""
-    return doc_hash(text) < int(val_fraction * 2**64)
+    return doc_hash(text) < val_threshold(val_fraction)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -230,7 +241,9 @@ def resolve_sources(data_cfg) -> list[Source]:
     raw = list(getattr(data_cfg, "sources", None) or [])
     if not raw:
         path = str(data_cfg.path)
-        return [Source("embedded" if path == "embedded" else "data", path, 1.0)]
+        if shards.is_shard_dir(path):  # shards keep the name the text source had (shuffle keys use it)
+            return [Source(shards.ShardSet(path).name, path, 1.0)]
+        return [Source(default_name(path), path, 1.0)]
     items = []
     for i, s in enumerate(raw):
         get = s.get if isinstance(s, dict) else (lambda k, d=None, s=s: getattr(s, k, d))
@@ -248,8 +261,31 @@ def resolve_sources(data_cfg) -> list[Source]:
     return [Source(n, p, w / total) for n, p, w in items]
 
 
+def default_name(path: str) -> str:
+    """The name of a lone ``data.path`` source (its shuffle keys use it)."""
+    return "embedded" if str(path) == "embedded" else "data"
+
+
+def _what(src: Source) -> str:
+    return f"data source '{src.name}' path" if src.name not in ("data", "embedded") else "data path"
+
+
+def source_shards(src: Source) -> "shards.ShardSet | None":
+    """The shard folder a source's path names (``poelm tokenize``), or None for text."""
+    return shards.ShardSet(src.path, _what(src)) if shards.is_shard_dir(src.path) else None
+
+
 def source_files(src: Source) -> list[Path]:
-    return corpus_files(src.path, what=f"data source '{src.name}' path" if src.name not in ("data", "embedded") else "data path")
+    """The files a source reads: its text files, or its shards' token files."""
+    sh = source_shards(src)
+    return sh.files if sh is not None else corpus_files(src.path, what=_what(src))
+
+
+def file_listing(files: list[Path]) -> list[list]:
+    """``[relative path, size]`` of each file, relative to their common directory (so a moved
+    corpus keeps its fingerprint)."""
+    root = os.path.commonpath([str(f.parent) for f in files])
+    return [[os.path.relpath(f, root), f.stat().st_size] for f in files]
 
 
 def _quotas(total: int, sources: list[Source]) -> list[int]:
@@ -264,6 +300,14 @@ def _quotas(total: int, sources: list[Source]) -> list[int]:
 
 
 def _split_docs(src: Source, val_fraction: float, val: bool) -> Iterator[str]:
+    sh = source_shards(src)
+    if sh is not None:  # decoded back: byte-level BPE decodes an encoded text to itself
+        from poelm.data.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(sh.path)
+        for ids in sh.split_docs(val_threshold(val_fraction), val):
+            yield tok.decode(ids[1:].tolist())
+        return
     for f in source_files(src):
         for u in range(unit_count(f)):
             for text in read_unit(f, u):
@@ -279,11 +323,16 @@ def data_fingerprint(data_cfg) -> str:
     shuffle seed is not part of it (the loader state records its own seed)."""
     desc = {"split": ["blake2b-64", float(data_cfg.val_fraction)], "txt_doc_chars": TXT_DOC_CHARS, "sources": []}
     for s in resolve_sources(data_cfg):
-        files = source_files(s)
-        root = os.path.commonpath([str(f.parent) for f in files])
-        listing = [[os.path.relpath(f, root), f.stat().st_size] for f in files]
+        sh = source_shards(s)
+        listing = sh.index["listing"] if sh is not None else file_listing(source_files(s))
         desc["sources"].append({"name": s.name, "weight": round(s.weight, 12), "files": listing})
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def check_shard_tokenizer(sh: "shards.ShardSet", tokenizer) -> None:
+    if sh.tokenizer_fingerprint != tokenizer.fingerprint:
+        raise DataError(f"shards in {sh.path} hold the ids of another tokenizer ({sh.tokenizer_fingerprint[:12]}) than this run's "
+                        f"({tokenizer.fingerprint[:12]}): tokenise again with `poelm tokenize ... --tokenizer RUN_DIR`, or train with the text data")
 
 
 # ----------------------------------------------------------------------------- validation slices
@@ -323,6 +372,15 @@ def stream_need(sizes: list[int]) -> int:
 def _val_stream(src: Source, data_cfg, tokenizer, want: int) -> list[int]:
     """The first ``want`` tokens (fewer if the split is shorter) of a source's validation stream
     ``[BOS] + encode(doc)`` over its validation documents in file order."""
+    sh = source_shards(src)
+    if sh is not None:
+        check_shard_tokenizer(sh, tokenizer)
+        got = []
+        for ids in sh.split_docs(val_threshold(data_cfg.val_fraction), val=True):
+            got.extend(ids.tolist())
+            if len(got) >= want:
+                break
+        return got[:want]
     got, batch = [], []
 
     def flush():

@@ -16,7 +16,9 @@ imports them relatively (transformers' dynamic-module loader copies every file n
   row what it gets alone. Without padding no mask is built (the fast path).
 - The KV cache is the transformers ``DynamicCache`` that ``generate()`` creates; a small adapter
   presents it to ``PoEGPT`` as the ``write(layer, pos, k, v)`` interface of poelm's own
-  ``KVCache``, refusing a write that would leave a gap (a stage that was skipped).
+  ``KVCache``, refusing a write that would leave a gap (a stage that was skipped). With
+  ``smear`` (the reference's ops) the pre-smear token embeddings ride in one extra cache layer
+  (index ``depth``), so a new token finds its predecessor's, beam reordering and cropping included.
 - ``generate(..., poe_mode=...)`` reaches every PoE decoding mode (see ``generate``);
   ``generate_wand`` / ``generate_speculative`` / ``generate_route`` are shorthands for it with
   the branch's own calibrated bounds / threshold from config.json.
@@ -45,7 +47,9 @@ if __package__ == "poelm.hf":  # inside the poelm package: the same modules, one
     ModelConfig, PoEGPT, aggregate = _model.ModelConfig, _model.PoEGPT, _poe.aggregate
     _inputs = importlib.import_module("poelm.core.inputs")
     check_input_ids, positions_from_mask = _inputs.check_input_ids, _inputs.positions_from_mask
+    gather_previous = importlib.import_module("poelm.core.cache").gather_previous
 else:  # the exported folder: verbatim copies of poelm/core/model.py and poelm/core/poe.py
+    from .cache import gather_previous
     from .configuration_poelm import PoelmConfig
     from .inputs import check_input_ids, positions_from_mask
     from .model import ModelConfig, PoEGPT
@@ -84,10 +88,11 @@ class PoelmGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 class _CacheAdapter:
-    """A transformers ``Cache`` seen through poelm's ``KVCache.write`` interface."""
+    """A transformers ``Cache`` seen through poelm's ``KVCache`` interface (``write``,
+    ``smear_previous``)."""
 
-    def __init__(self, cache: Cache):
-        self.cache = cache
+    def __init__(self, cache: Cache, depth: int):
+        self.cache, self.depth = cache, depth
 
     def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
         have = self.cache.get_seq_length(layer)
@@ -97,6 +102,19 @@ class _CacheAdapter:
                 "a cache filled with fewer stages (forward(stages=...)) cannot serve a deeper forward"
             )
         return self.cache.update(k, v, layer)
+
+    def smear_previous(self, e: torch.Tensor, pos: int, valid=None):
+        """``KVCache.smear_previous`` over a transformers cache: the pre-smear embeddings
+        ``[B, T, d]`` are kept as one extra cache layer (index ``depth``, keys ``[B, 1, T, d]``),
+        so beam-search reordering and cropping move them together with the keys and values."""
+        layers = getattr(self.cache, "layers", None)  # transformers >= 5: built per config layer
+        if layers is not None and len(layers) <= self.depth and getattr(self.cache, "layer_class_to_replicate", None) is None:
+            from transformers.cache_utils import DynamicLayer
+
+            while len(layers) <= self.depth:
+                layers.append(DynamicLayer())
+        keys, _ = self.write(self.depth, pos, e.unsqueeze(1), e[:, :1, :1].unsqueeze(1).expand(-1, -1, e.size(1), -1))
+        return gather_previous(keys[:, 0], e.size(1), valid)
 
 
 def _select(stages, n_stages: int) -> list[int]:
@@ -189,8 +207,8 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
         ``output_hidden_states=True``: ``hidden_states`` is the transformers tuple of ``1 + L``
         tensors ``[B, T, n_embd]`` (L = the layers that ran: all ``depth`` for the full model,
         fewer with ``stages=``): entry 0 is the stream entering the first block
-        (``x0 = norm(wte(ids))``), entry i the residual stream after block i. Stage k ends after
-        block ``sum(stage_layers[:k+1])``, so its hidden state, the input of its head
+        (``x0 = norm(wte(ids))``, plus the smear when ``smear`` is on), entry i the residual
+        stream after block i. Stage k ends after block ``sum(stage_layers[:k+1])``, so its hidden state, the input of its head
         (``lm_head(norm(h)) + stage_head[k](norm(h))``), is ``hidden_states[sum(stage_layers[:k+1])]``;
         ``stage_hidden_states[k]`` is that per-stage view. ``output_attentions=True`` raises:
         attention runs in ``F.scaled_dot_product_attention``, which does not return weights."""
@@ -217,7 +235,7 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
             raise ValueError(f"the input reaches position {top} (cached {pos} + {T} new) but this model's max_seq_len is "
                              f"{self.config.max_seq_len}: shorten the input or generate fewer tokens")
         sel = _select(stages, self.model.config.n_stages)
-        adapter = _CacheAdapter(cache) if cache is not None else None
+        adapter = _CacheAdapter(cache, self.model.config.depth) if cache is not None else None
         collect = [] if output_hidden_states else None
         hs = self.model.hiddens(input_ids, upto=sel[-1] + 1, cache=adapter, pos=pos, detach=False, positions=positions, valid=valid,
                                 collect=collect)

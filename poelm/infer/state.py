@@ -112,7 +112,9 @@ class DecodeState:
             return
         idx = self.tok[:, start:end]
         if s == 0:
-            x0 = self.model.embed(idx)
+            # The smear reads the previous real token's pre-smear embedding from the cache (exact
+            # across holes, rollback and repacking: ``KVCache.smear_previous``).
+            x0 = self.model.embed(idx, self.cache, start, self.valid[:, :end] if self.ragged else None)
             self.x0[:, start:end] = x0
             x = x0
         else:

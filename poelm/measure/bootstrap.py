@@ -19,6 +19,7 @@ bounded (chunk x n_blocks counts), and the same seed gives the same intervals.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -42,13 +43,28 @@ def resample_counts(n_blocks: int, samples: int, seed: int, chunk: int = 0):
         done += r
 
 
+def expanded_tail(n: int, level: float = DEFAULT_LEVEL) -> float:
+    """The tail probability to read the bootstrap quantiles at for an "expanded percentile"
+    interval (Hesterberg 2015, "What teachers should know about the bootstrap", sec. 5.2): the
+    plain percentile interval is too narrow for small samples (its spread is the plug-in one,
+    biased by sqrt((n-1)/n), and it uses z where t belongs). Reading the quantiles at
+    ``Phi(-sqrt(n / (n - 1)) * t_{(1 + level) / 2, n - 1})`` instead of ``(1 - level) / 2`` fixes both:
+    n = 8 prompts read 0.57% / 99.43% for a 95% interval, n = 32 read 1.9% / 98.1%."""
+    from scipy import stats
+
+    if n < 2:
+        return (1.0 - level) / 2.0
+    return float(stats.norm.cdf(-math.sqrt(n / (n - 1)) * stats.t.ppf((1.0 + level) / 2.0, n - 1)))
+
+
 def bootstrap(stat: Callable[[np.ndarray], np.ndarray], blocks: np.ndarray, samples: int = DEFAULT_SAMPLES,
-              seed: int = 0, level: float = DEFAULT_LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              seed: int = 0, level: float = DEFAULT_LEVEL, expand: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Point estimates and percentile intervals of ``stat`` over a block bootstrap.
 
     ``blocks``: ``[n_blocks, C]`` per-block sums (several models' columns side by side for paired
     statistics). ``stat(sums)`` maps column sums ``[r, C]`` to statistics ``[r, F]``. Returns
-    ``(point [F], lo [F], hi [F])``; the point estimate uses every block once."""
+    ``(point [F], lo [F], hi [F])``; the point estimate uses every block once. ``expand``: the
+    expanded percentile interval (``expanded_tail``), for few blocks (prompts)."""
     blocks = np.asarray(blocks, dtype=np.float64)
     n = blocks.shape[0]
     point = np.asarray(stat(blocks.sum(axis=0, keepdims=True)))[0]
@@ -57,7 +73,7 @@ def bootstrap(stat: Callable[[np.ndarray], np.ndarray], blocks: np.ndarray, samp
         return point, nan, nan
     draws = [np.asarray(stat(w @ blocks)) for w in resample_counts(n, samples, seed)]
     allv = np.concatenate(draws, axis=0)
-    a = (1.0 - level) / 2.0
+    a = expanded_tail(n, level) if expand else (1.0 - level) / 2.0
     lo, hi = np.nanquantile(allv, [a, 1.0 - a], axis=0)
     return point, lo, hi
 
@@ -149,3 +165,30 @@ def delta_intervals(a: BlockSums, b: BlockSums, K: int, alphas, samples: int, se
     gp, gl, gh = bootstrap(gap, arr, samples, seed, level)  # gap_this - gap_ref
     out["crossover_gap"] = _noise(interval(gp[0], gl[0], gh[0]))
     return out
+
+
+# ----------------------------------------------------------------------------- timed figures
+def crossed_bootstrap(tables, stat: Callable[[np.ndarray], np.ndarray], samples: int = DEFAULT_SAMPLES, seed: int = 0,
+                      level: float = DEFAULT_LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Point estimates and percentile intervals of ``stat`` when every observation is a (round,
+    prompt) cell: wall times of the timing protocol (``timing.py``). A resample redraws the rounds
+    AND the prompts with replacement, independently (the two-way "crossed" bootstrap, so both the
+    machine's drift between rounds and the choice of prompts enter the interval), and ``stat``
+    maps the weighted sums ``S[:, i] = sum_rp w_r w_p tables[i][r, p]`` (``[S, n_tables]``) to
+    statistics ``[S, F]``. The interval is the expanded percentile one (``expanded_tail``) for the
+    number of prompts: with a handful of timed prompts the plain percentile interval undercovers
+    (issue 22: a second draw of 8 prompts fell outside it). Deterministic in ``seed``."""
+    T = np.stack([np.asarray(t, dtype=np.float64) for t in tables])  # [n_tables, R, P]
+    _, R, P = T.shape
+    point = np.asarray(stat(T.sum(axis=(1, 2))[None, :]))[0]
+    if samples <= 0 or R * P < 2:
+        nan = np.full_like(point, np.nan, dtype=np.float64)
+        return point, nan, nan
+    rng = np.random.default_rng(seed)
+    wr = rng.multinomial(R, np.full(R, 1.0 / R), size=samples).astype(np.float64)  # [S, R]
+    wp = rng.multinomial(P, np.full(P, 1.0 / P), size=samples).astype(np.float64)  # [S, P]
+    sums = np.einsum("sr,irp,sp->si", wr, T, wp)
+    allv = np.asarray(stat(sums))
+    a = expanded_tail(P, level)
+    lo, hi = np.nanquantile(allv, [a, 1.0 - a], axis=0)
+    return point, lo, hi

@@ -60,11 +60,12 @@ import torch
 from poelm import __version__, targets
 from poelm.measure.bootstrap import DEFAULT_LEVEL, DEFAULT_SAMPLES, delta_intervals, figure_intervals
 from poelm.measure.calibrate import MANIFESTS, Calibrator, routing_entry, routing_summary, write_bounds
-from poelm.core.errors import DataError, PoelmError
+from poelm.core.errors import PoelmError
 from poelm.fsio import atomic_write_bytes
 from poelm.trajectory import publish
 from poelm.measure.metrics import ALPHAS, BlockSums, RoutingHistogram, position_stats, routing_threshold, world_size
-from poelm.measure import timing
+from poelm.measure import genset, timing
+from poelm.measure.slices import corpus_tokens, cut_slices, validation_slices  # noqa: F401  (measure.cut_slices, tests)
 
 DEFAULT_SPLIT_TOKENS = 1_048_576  # the card's --split-tokens
 DEFAULT_CALIB_TOKENS = 131_072  # the card's WAND calibration slice
@@ -76,54 +77,6 @@ DEFAULT_BATCH_SIZE = 8
 CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 27}
 RECORD_NAME = "poelm_measure.json"
 ROUTING_METRICS = RoutingHistogram.METRICS
-
-
-# ----------------------------------------------------------------------------- slices
-def cut_slices(tokens: torch.Tensor, split_tokens: int, calib_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(measurement slice of split+1 tokens, calibration slice of calib+1 tokens or None) from the
-    front of one stream; a stream too short for both is fitted by ``data.slice_sizes`` (the
-    measurement slice never depends on ``calib_tokens``)."""
-    from poelm.data.corpus import slice_sizes
-
-    a, b = slice_sizes(int(tokens.numel()), [split_tokens + 1, calib_tokens + 1 if calib_tokens > 0 else 0])
-    if a < 2:
-        raise DataError(f"only {tokens.numel()} tokens to measure on: need at least 2")
-    return tokens[:a], (tokens[a:a + b] if b >= 2 else None)
-
-
-def corpus_tokens(path: str, tokenizer, n: int) -> torch.Tensor:
-    """The first ``n`` tokens of ``[BOS] + encode(doc)`` over the documents of a txt / jsonl /
-    parquet corpus (``data.read_documents``, file order): ``--data`` measures on it (read
-    ``data.stream_need`` tokens, so that the cut does not depend on the calibration size)."""
-    from poelm.data.corpus import read_documents
-
-    out, have = [], 0
-    for text in read_documents(path):
-        ids = tokenizer.encode_doc(text)
-        out.append(torch.tensor(ids, dtype=torch.long))
-        have += len(ids)
-        if have >= n:
-            break
-    if not out:
-        raise DataError(f"no documents in {path}")
-    return torch.cat(out)[:n]
-
-
-def validation_slices(meta: dict, tokenizer, split_tokens: int, calib_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The measurement and calibration slices of the checkpoint's own validation split
-    (``data.val_slices``; fitted into a single source's split when it is shorter)."""
-    from poelm import config as config_mod
-    from poelm.data.corpus import val_slices
-
-    cfg = meta.get("config")
-    if not isinstance(cfg, dict):
-        raise PoelmError("this checkpoint carries no poelm config (its data settings are unknown): measure it with --data PATH")
-    data_cfg = config_mod.from_dict(cfg).data
-    sizes = [split_tokens + 1] + ([calib_tokens + 1] if calib_tokens > 0 else [])
-    got = val_slices(data_cfg, tokenizer, sizes, allow_fewer=True)
-    if got[0].numel() < 2:
-        raise DataError(f"only {got[0].numel()} validation tokens to measure on: need at least 2")
-    return got[0], (got[1] if len(got) > 1 and got[1].numel() >= 2 else None)
 
 
 # ----------------------------------------------------------------------------- one pass
@@ -246,14 +199,18 @@ def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_T
             batch_size=DEFAULT_BATCH_SIZE, seq_len=None, cap=0.02, routing_metric="agreement", confidence="maxprob",
             m=4, probe_set="card", max_new_tokens=60, against=None, block_tokens=DEFAULT_BLOCK_TOKENS,
             samples=DEFAULT_SAMPLES, level=DEFAULT_LEVEL, seed=0, dtype="auto", progress=True, target=None, data=None,
-            timing_repeats=timing.DEFAULT_REPEATS, timing_prompts=timing.DEFAULT_PROMPTS, timing_tokens=timing.DEFAULT_TOKENS) -> dict:
+            timing_repeats=timing.DEFAULT_REPEATS, timing_prompts=timing.DEFAULT_PROMPTS, timing_tokens=timing.DEFAULT_TOKENS,
+            gen_prompts=genset.DEFAULT_PROMPTS, gen_tokens=genset.DEFAULT_TOKENS, gen_seed=genset.DEFAULT_SEED,
+            gen_context=genset.DEFAULT_CONTEXT) -> dict:
     """Measure one model; returns the record (``docs/record.md``). See the module docstring.
 
     ``tokens``: the token stream the slices are cut from (default: the checkpoint's validation
     split, from ``meta["config"]``); ``data``: its label in the record. ``against``: a reference
     model (or ``(model, tokenizer, meta[, label])``) evaluated on the same slices for paired
-    deltas. ``probe_set``: ``card``, ``embedded``, a JSONL path, or None to skip the probe and the
-    timed decoding; ``timing_*``: the timing protocol over the first probe prompts (``timing``).
+    deltas. ``probe_set``: ``card``, ``embedded``, a JSONL path, or None to skip the probe and every
+    generation figure; ``gen_*``: the generation prompt set cut from the measurement slice
+    (``genset``: ``gen_prompts`` contexts of ``gen_context`` tokens, ``gen_tokens`` new tokens each,
+    offsets drawn with ``gen_seed``); ``timing_*``: the timing protocol over its first prompts (``timing``).
     ``routing_metric``: ``agreement`` (default), ``target`` (alias ``target_regression``) or ``nll``
     (``calibrate``'s docstring says why)."""
     t0 = time.time()
@@ -263,11 +220,16 @@ def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_T
     routing_metric = RoutingHistogram.canonical(routing_metric)
     if confidence not in ("maxprob", "margin"):
         raise PoelmError(f"unknown confidence {confidence!r}: use maxprob or margin")
-    for name, v in (("split_tokens", split_tokens), ("block_tokens", block_tokens), ("batch_size", batch_size)):
+    for name, v in (("split_tokens", split_tokens), ("block_tokens", block_tokens), ("batch_size", batch_size),
+                    ("gen_prompts", gen_prompts), ("gen_tokens", gen_tokens), ("gen_context", gen_context),
+                    ("timing_prompts", timing_prompts), ("timing_tokens", timing_tokens)):
         if int(v) <= 0:
             raise PoelmError(f"{name} must be positive, got {v}")
     if int(calib_tokens) < 0:
         raise PoelmError(f"calib_tokens must be >= 0, got {calib_tokens}")
+    if int(gen_tokens) + 3 > model.config.max_seq_len:
+        raise PoelmError(f"gen_tokens {gen_tokens} leaves no room for a context under max_seq_len {model.config.max_seq_len}: "
+                         f"use at most {model.config.max_seq_len - 3}")
     model.eval()
     cfg = model.config
     K = cfg.n_stages
@@ -302,7 +264,9 @@ def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_T
     rk = dict(t0=t0, K=K, cfg=cfg, T=T, dev=dev, dtype_label=dtype_label, n_meas=n_meas, n_cal=n_cal, split_tokens=split_tokens,
               calib_tokens=calib_tokens, block_tokens=block_tokens, samples=samples, seed=seed, level=level, cap=cap,
               routing_metric=routing_metric, confidence=confidence, probe_set=probe_set, max_new_tokens=max_new_tokens, m=m,
-              target=target, data=data, world=world, timing_kw=dict(repeats=timing_repeats, n_prompts=timing_prompts, n_tokens=timing_tokens))
+              target=target, data=data, world=world, timing_kw=dict(repeats=timing_repeats, n_prompts=timing_prompts, n_tokens=timing_tokens),
+              gen=dict(prompts=int(gen_prompts), tokens=int(gen_tokens), seed=int(gen_seed),
+                       context=min(int(gen_context), cfg.max_seq_len - int(gen_tokens) - 1)), meas=meas)
     ref_ev = evaluate(ref[0], meas, calib, **kw) if ref is not None else None
     if bar is not None:
         bar.close()
@@ -333,7 +297,7 @@ def _on_rank0(build, rank: int, world: int, dev) -> dict:
 
 def _record(model, tokenizer, meta, ev, ref_ev, ref, *, t0, K, cfg, T, dev, dtype_label, n_meas, n_cal, split_tokens,
             calib_tokens, block_tokens, samples, seed, level, cap, routing_metric, confidence, probe_set, max_new_tokens,
-            m, target, data, world, timing_kw) -> dict:
+            m, target, data, world, timing_kw, gen, meas) -> dict:
     """The record from the merged accumulators (bootstrap, routing, WAND exits), plus the probe
     and the speculative statistics (generation: one process)."""
     figs = figure_intervals(ev["blocks"], K, ALPHAS, samples, seed, level)
@@ -355,7 +319,7 @@ def _record(model, tokenizer, meta, ev, ref_ev, ref, *, t0, K, cfg, T, dev, dtyp
         "alpha_sweep": {"alphas": list(ALPHAS), "bpb": [figs[f"alpha_sweep.bpb.{i}"]["value"] for i in range(len(ALPHAS))],
                         "ci": [figs[f"alpha_sweep.bpb.{i}"]["ci"] for i in range(len(ALPHAS))]},
         "crossover_gap": figs["crossover_gap"]["value"], "crossover_gap_ci": figs["crossover_gap"]["ci"],
-        "wand": None, "routing": None, "spec": None, "probe": None, "timing": None, "against": None,
+        "wand": None, "routing": None, "spec": None, "probe": None, "timing": None, "generation": None, "against": None,
         "bootstrap": {"block_tokens": int(block_tokens), "blocks": ev["blocks"].n_blocks, "samples": int(samples),
                       "seed": int(seed), "level": level, "interval": "percentile"},
     }
@@ -373,7 +337,12 @@ def _record(model, tokenizer, meta, ev, ref_ev, ref, *, t0, K, cfg, T, dev, dtyp
         r["fraction_ci"] = figs["routing.fraction"]["ci"]
         rec["routing"] = r
     if probe_set is not None:
-        rec.update(timing.probe_and_timing(rec, model, tokenizer, probe_set, max_new_tokens, m, confidence, **timing_kw))
+        prompts, starts = genset.cut_prompts(meas, tokenizer.bos_id, gen["prompts"], gen["context"], gen["seed"])
+        rec["generation"] = {"source": "measurement slice", "prompts": len(prompts), "prompts_requested": gen["prompts"],
+                             "context_tokens": gen["context"], "new_tokens_per_prompt": gen["tokens"], "seed": gen["seed"],
+                             "starts": starts, "interval": f"{level:.0%} expanded percentile bootstrap over prompts"}
+        rec.update(timing.probe_and_timing(rec, model, tokenizer, probe_set, max_new_tokens, m, confidence, gen_prompts=prompts,
+                                           gen_tokens=gen["tokens"], samples=samples, seed=seed, level=level, **timing_kw))
     if ref_ev is not None:
         rec["against"] = {"target": ref[2], "deltas": delta_intervals(ev["blocks"], ref_ev["blocks"], K, ALPHAS, samples, seed, level,
                                                                       routing=ref_ev["calibrator"] is not None)}
@@ -404,17 +373,25 @@ def _clean(obj):
 
 def measure_target(target: str, *, data: str | None = None, out: str | None = None, against: str | None = None,
                    device: str | None = "auto", write_calibration: bool | None = None, probe_set: str | None = "auto",
-                   split_tokens: int = DEFAULT_SPLIT_TOKENS, calib_tokens: int = DEFAULT_CALIB_TOKENS, **kw) -> dict:
+                   split_tokens: int = DEFAULT_SPLIT_TOKENS, calib_tokens: int = DEFAULT_CALIB_TOKENS, write: bool = True,
+                   write_branch: bool = False, **kw) -> dict:
     """Load ``target`` (``checkpoint.load_model``), measure it, store the calibration and the record.
 
-    ``data``: measure on this txt/jsonl/parquet corpus instead of the validation split.
-    ``write_calibration`` (default: only when measuring the checkpoint's own validation split, so
-    a measurement on another corpus never overwrites the published calibration) stores the WAND
-    bounds and routing threshold with the checkpoint (``calibrate.write_bounds``). The record goes
-    to ``out``, else ``<checkpoint dir>/poelm_measure.json``; for ``REPO@branch`` both the
-    calibrated config.json and the record are committed to the branch
-    (``publish.update_branch_files``). ``probe_set="auto"``: ``embedded`` for a model trained on
-    the embedded corpus, else ``card``. Other keywords go to ``measure``.
+    Where the record goes (a measurement never overwrites what it was told to leave alone):
+
+    - default: into the target, i.e. ``<checkpoint dir>/poelm_measure.json``, or for ``REPO@branch``
+      a commit on the branch (``publish.update_branch_files``; ``main`` follows when it holds it);
+    - ``out``: to that file ONLY; the checkpoint / branch / repository are not touched;
+    - ``write=False`` (``--no-write``): nothing into the target (only ``out``, if given);
+    - ``data`` (another txt/jsonl/parquet corpus instead of the validation split): never into the
+      target unless ``write_branch`` (``--write-branch``) asks for it; the record then says so
+      (``data_override: true``) and the report marks it. Without ``out`` or ``write_branch`` a
+      ``data`` measurement is refused before any work (its record would go nowhere).
+
+    ``write_calibration`` (default: when the record goes into the target and was measured on its
+    own validation split) stores the WAND bounds and routing threshold with the checkpoint
+    (``calibrate.write_bounds``). ``probe_set="auto"``: ``embedded`` for a model trained on the
+    embedded corpus, else ``card``. Other keywords go to ``measure``.
 
     Under torchrun the ranks share the work (module docstring) and rank 0 alone writes; the other
     ranks return None."""
@@ -422,9 +399,15 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
     from poelm.train.checkpoint import load_model
     from poelm.train.runtime import join_group, pick_device
 
-    dev = join_group(pick_device(device))
+    if write_branch and not write:
+        raise PoelmError("--write-branch and --no-write contradict each other: pass one")
+    into = write and (write_branch or (out is None and data is None))  # the record goes into the target
+    if data is not None and write and not into and out is None:
+        raise PoelmError(f"--data {data}: a measurement on another corpus is not written into {target} unless asked; "
+                         f"pass --out FILE for the record, or --write-branch to replace the target's record (marked as such)")
     if write_calibration is None:
-        write_calibration = data is None
+        write_calibration = into and data is None
+    dev = join_group(pick_device(device))
     with tempfile.TemporaryDirectory(prefix="poelm-measure-") as work:
         # both TARGETs resolve (and fail) before anything is loaded or computed
         tgt = targets.resolve(target, Path(work) / "target")
@@ -453,8 +436,10 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
         if repo:  # the branch gets the data files; publish refreshes its manifest itself
             written = [name for name in written if name not in MANIFESTS]
         rec["calibration_written"] = written
+        if into and data is not None:  # asked for (--write-branch): the report marks this record
+            rec["data_override"] = True
         prior = path / RECORD_NAME  # the branch's / checkpoint's earlier record, if any
-        if not out and prior.is_file():
+        if into and prior.is_file():
             try:  # `poelm eval` scores are not measured here: a re-measurement keeps them
                 kept = json.loads(prior.read_text()).get("benchmarks")
             except (ValueError, OSError):
@@ -464,13 +449,19 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
         body = _json_bytes(rec)
         if out:
             atomic_write_bytes(out, body)
-        if repo:
+        if repo and (into or written):
             files = {name: (path / name).read_bytes() for name in written}
-            files[RECORD_NAME] = body
+            if into:
+                files[RECORD_NAME] = body
             publish.update_branch_files(repo, branch, files)
-        elif not out:
+        elif into:
             atomic_write_bytes(path / RECORD_NAME, body)
-        rec["repo"] = repo  # after the record was serialised: the branch's file never holds a local path
+        # after the record was serialised: the branch's file never holds a local path
+        rec["repo"] = repo
+        rec["record_written"] = bool(into)
         rec["tracking"] = meta.get("tracking") or meta.get("poelm_tracking")  # its dashboard run (poelm.track), not in the file
-        rec["record_path"] = str(out) if out else (f"{tgt.label}:{RECORD_NAME}" if repo else str(path / RECORD_NAME))
+        paths = [str(out)] if out else []
+        if into:
+            paths.append(f"{tgt.label}:{RECORD_NAME}" if repo else str(path / RECORD_NAME))
+        rec["record_path"] = ", ".join(paths) or None
     return rec

@@ -1,38 +1,40 @@
-"""Timed decoding on the probe prompts: self-speculative, WAND and route against full K.
+"""Timed decoding on the generation prompt set: self-speculative, WAND and route against full K.
 
 SPEC "Timings and intervals": a speedup is a ratio of wall times measured in one process after
 warm-up, modes interleaved, repeated. The protocol (the same as ``bench/decode.py``'s):
 
 1. warm-up: every mode decodes a few tokens of the first prompt once (allocator, kernels);
 2. ``repeats`` rounds; in each, every mode decodes the same prompts (the first ``prompts`` of the
-   probe set, BOS first) for the same number of new tokens, greedy, one prompt at a time, through
-   the same engine; the order of the modes is rotated every round, so a slow spell of a shared
-   machine does not always hit the same mode;
-3. per round r, ``speedup_r(mode) = T_r(full) / T_r(mode)`` (T = summed wall time over the prompts
-   of that round); the record gives the median over rounds and the min-max interval
-   (``{"value", "ci"}``), so a change between branches can be called real only when it clears it.
+   generation set cut from the measurement slice, ``genset.py``; BOS first) for the same number of
+   new tokens, greedy, one prompt at a time, through the same engine; the modes run back to back
+   on each prompt, their order rotated from prompt to prompt, so a slow spell of a shared machine
+   hits the modes of a cell alike and never always the same mode;
+3. every (round, prompt) wall time is kept; ``speedup(mode) = sum T(full) / sum T(mode)`` over
+   all cells, with a 95% interval from a crossed bootstrap that redraws rounds AND prompts
+   (``bootstrap.crossed_bootstrap``): issue 22 found a [min, max] over rounds of the same 4
+   prompts too narrow (a re-measurement fell outside it), because the prompts drawn matter as much
+   as the machine. ``repeats`` in the record keeps the per-round ratios for inspection.
+
+Acceptance, mean accepted, agreement in generation and exit depths need no clock: they come from
+the whole generation set (``genset.untimed_figures``, more prompts than the timed rounds) with
+intervals over prompts.
 
 Modes: ``full`` (the baseline), ``stage0`` (stage 0's blocks + head: its per-token cost),
 ``speculative`` (m-token stage-0 draft, full-K verify), ``wand`` (the checkpoint's fresh p99
-bounds) and ``route`` (the calibrated tau, thresholding the calibrated confidence kind). Greedy
-outputs are deterministic, so the first timed round's tokens and engine statistics are kept.
+bounds) and ``route`` (the calibrated tau, thresholding the calibrated confidence kind).
 
 What each figure counts:
 
 - measured speedups include everything the engine does, in particular the exact KV catch-up of
   ``wand``/``route``: a position that exits after stage 0 is still run through stages 1..K-1 later
   (batched), so only the heads of the skipped stages and the per-step work are saved;
-- ``agreement`` of wand/route = position-wise equal tokens vs full greedy over the generated
-  tokens (as in ``bench/decode.py``), ``identical`` = prompts whose continuations are identical;
-  ``mean_depth`` and ``depth_hist`` = stages whose heads decided each token (the exit depth);
-- ``implied_speedup`` of speculative decoding: from the measured acceptance and the measured stage
-  costs, ``N / (P + (proposed + rounds) c + rounds (1 - c))`` with N new tokens over P prompts, the
-  engine's ``proposed`` draft tokens and ``rounds``, and ``c = t(stage0) / t(full)`` per token of
-  the same round: the first token of a prompt costs a full step, a round feeds d+1 positions to
-  stage 0 one at a time and verifies them with stages 1..K-1 in one chunk, costed as one full step
-  minus one stage-0 step (per-call costs dominate short chunks; a chunk of d+1 positions may cost
-  somewhat more); acceptance is exact, the wall-clock noise enters only through the ratio c of one
-  round.
+- ``implied_speedup`` of speculative decoding: from the exact acceptance on the timed prompts
+  (teacher-forced ``spec_rounds``: proposed drafts and rounds) and the measured stage costs,
+  ``N / (P + (proposed + rounds) c + rounds (1 - c))`` with N new tokens over P prompts and
+  ``c = t(stage0) / t(full)`` per token: the first token of a prompt costs a full step, a round
+  feeds d+1 positions to stage 0 one at a time and verifies them with stages 1..K-1 in one chunk,
+  costed as one full step minus one stage-0 step (per-call costs dominate short chunks; a chunk of
+  d+1 positions may cost somewhat more); resampled with the same rounds and prompts as the times.
 """
 
 from __future__ import annotations
@@ -42,14 +44,17 @@ import time
 
 import torch
 
+from poelm.measure.bootstrap import crossed_bootstrap
+from poelm.measure.bootstrap import interval as bootstrap_interval
+from poelm.measure.genset import untimed_figures
 from poelm.measure.metrics import spec_rounds
-from poelm.measure.probe import budget, encode, get_engine, load_prompt_set, run_probe, teacher_forced_agreement
+from poelm.measure.probe import budget, get_engine, load_prompt_set, run_probe, teacher_forced_agreement
 
-# Sized so that the timed decoding costs about as much as the probe itself (5 modes x 3 rounds x
-# 4 prompts x 16 tokens ~ 4 x 190 full-K decode steps; measured 65 s at 6 x 24 x 5 rounds on the
-# embedded architecture on a loaded 2-core machine, against 6 s for the 7-prompt probe).
+# The timed part: 3 rounds x 8 prompts x 16 tokens per mode (twice the old 3 x 4 x 16; the whole
+# measurement stays within ~1.5x of its old cost on the demo); the interval now includes the prompts
+# (crossed bootstrap), and acceptance comes from the whole generation set, untimed.
 DEFAULT_REPEATS = 3
-DEFAULT_PROMPTS = 4
+DEFAULT_PROMPTS = 8
 DEFAULT_TOKENS = 16
 WARMUP_TOKENS = 4
 
@@ -97,9 +102,9 @@ def _merge(acc: dict | None, st: dict) -> dict:
 
 
 def time_modes(model, engine, prompts: list[list[int]], n_new: list[int], modes: dict[str, dict], repeats: int) -> dict:
-    """Run the protocol (module docstring); returns per mode the wall time of every round
-    (``times``), the first round's new tokens per prompt (``tokens``) and merged engine
-    statistics (``stats``)."""
+    """Run the protocol (module docstring); returns per mode the wall time of every (round,
+    prompt) cell (``times[mode][r][p]``), the first round's new tokens per prompt (``tokens``) and
+    merged engine statistics (``stats``)."""
     names = list(modes)
     for name in names:  # warm-up
         engine.generate(prompts[0], min(WARMUP_TOKENS, n_new[0]), **modes[name])
@@ -107,42 +112,39 @@ def time_modes(model, engine, prompts: list[list[int]], n_new: list[int], modes:
     tokens = {k: [] for k in names}
     stats = {k: None for k in names}
     for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            total = 0.0
-            for ids, n in zip(prompts, n_new):
+        for name in names:
+            times[name].append([0.0] * len(prompts))
+        for p, (ids, n) in enumerate(zip(prompts, n_new)):
+            k = (r * len(prompts) + p) % len(names)
+            for name in names[k:] + names[:k]:  # every mode on this prompt back to back: a slow spell hits them alike
                 _sync(model)
                 t0 = time.perf_counter()
                 res = engine.generate(ids, n, **modes[name])
                 _sync(model)
-                total += time.perf_counter() - t0
+                times[name][r][p] = time.perf_counter() - t0
                 if r == 0:
                     tokens[name].append(list(res.tokens[0]))
                     stats[name] = _merge(stats[name], res.stats)
-            times[name].append(total)
     return {"times": times, "tokens": tokens, "stats": stats}
 
 
-def _agreement(out: list[list[int]], ref: list[list[int]]) -> tuple[float | None, int]:
-    pairs = [(a, b) for x, y in zip(out, ref) for a, b in zip(x, y)]
-    same = sum(a == b for a, b in pairs)
-    return (same / len(pairs) if pairs else None), sum(x == y for x, y in zip(out, ref))
+def _ratio(num, den, samples, seed, level) -> dict:
+    """``sum num / sum den`` over (round, prompt) cells with its crossed-bootstrap interval, and the
+    per-round ratios (``repeats``)."""
+    point, lo, hi = crossed_bootstrap([num, den], lambda S: (S[:, 0] / S[:, 1])[:, None], samples, seed, level)
+    out = {k: v for k, v in bootstrap_interval(point[0], lo[0], hi[0]).items()}
+    out["repeats"] = [sum(a) / sum(b) for a, b in zip(num, den)]
+    return out
 
 
-def _depth(st: dict) -> tuple[float | None, list[int]]:
-    hist = list(st["depth_hist"])
-    n = sum(hist)
-    return (sum((i + 1) * c for i, c in enumerate(hist)) / n if n else None), hist
-
-
-def timed_generation(model, tokenizer, prompts: list[dict], engine, *, m: int, bounds=None, tau=None, confidence="maxprob",
-                     n_prompts: int = DEFAULT_PROMPTS, n_tokens: int = DEFAULT_TOKENS, repeats: int = DEFAULT_REPEATS) -> dict | None:
-    """The protocol on the first ``n_prompts`` prompts, ``n_tokens`` new tokens each; returns
-    ``{"timing", "spec", "wand", "route"}`` blocks for the record (None: nothing to time)."""
+def timed_generation(model, prompts: list[list[int]], engine, *, m: int, bounds=None, tau=None, confidence="maxprob",
+                     n_prompts: int = DEFAULT_PROMPTS, n_tokens: int = DEFAULT_TOKENS, repeats: int = DEFAULT_REPEATS,
+                     samples: int = 1000, seed: int = 0, level: float = 0.95) -> dict | None:
+    """The protocol on the first ``n_prompts`` prompts (token ids, BOS first), ``n_tokens`` new
+    tokens each; returns ``{"timing", "spec", "wand", "route"}`` timed figures (None: nothing to time)."""
     K = model.config.n_stages
     ids, ns = [], []
-    for p in prompts[:n_prompts]:
-        x = encode(tokenizer, p)
+    for x in prompts[:n_prompts]:
         n = budget(model, x, n_tokens)
         if n >= 2:
             ids.append(x)
@@ -155,90 +157,73 @@ def timed_generation(model, tokenizer, prompts: list[dict], engine, *, m: int, b
     N, P = sum(ns), len(ids)
     full = toks["full"]
     timing = {"prompts": P, "new_tokens": N, "new_tokens_per_prompt": int(n_tokens), "repeats": int(repeats),
-              "warmup": f"{WARMUP_TOKENS} tokens of the first prompt, every mode", "order": "modes interleaved, rotated every round",
-              "interval": "min-max over rounds", "modes": list(modes),
-              "ms_per_token": {k: 1000.0 * statistics.median(v) / N for k, v in T.items()}}
-    out = {"timing": timing, "spec": None, "wand": None, "route": None}
-    speed = {k: interval([a / b for a, b in zip(T["full"], T[k])]) for k in modes if k != "full"}
+              "warmup": f"{WARMUP_TOKENS} tokens of the first prompt, every mode", "order": "modes back to back on each prompt, rotated from prompt to prompt",
+              "interval": f"{level:.0%} crossed bootstrap over rounds and prompts", "modes": list(modes),
+              "ms_per_token": {k: 1000.0 * statistics.median(sum(r) for r in v) / N for k, v in T.items()}}
+    bk = dict(samples=samples, seed=seed, level=level)
+    speed = {k: _ratio(T["full"], T[k], **bk) for k in modes if k != "full"}
+    # exact acceptance on the timed prompts (teacher-forced rounds), to cost the implied speedup
+    per = [spec_rounds(teacher_forced_agreement(model, x, y)[0], m) for x, y in zip(ids, full)]
+    rep = lambda v: [list(v)] * len(T["full"])  # noqa: E731  a per-prompt count, the same in every round
+    tabs = [T["stage0"], T["full"], rep(ns), rep([1] * P), rep([p["proposed"] for p in per]), rep([p["rounds"] for p in per])]
+
+    def implied(S):
+        c = S[:, 0] / S[:, 1]
+        return (S[:, 2] / (S[:, 3] + (S[:, 4] + S[:, 5]) * c + S[:, 5] * (1 - c)))[:, None]
+
+    pi, li, hi_ = crossed_bootstrap(tabs, implied, **bk)
     s = st["speculative"]
-    c = [t0 / tf for t0, tf in zip(T["stage0"], T["full"])]
-    implied = [N / (P + (s["proposed"] + s["row_rounds"]) * ci + s["row_rounds"] * (1 - ci)) for ci in c]
-    tf = {"accepted": 0, "proposed": 0, "rounds": 0}
-    mismatch = 0
-    for x, y in zip(ids, full):
-        agree, mm = teacher_forced_agreement(model, x, y)
-        for k, v in spec_rounds(agree, m).items():
-            if k in tf:
-                tf[k] += v
-        mismatch += mm
-    out["spec"] = {"m": m, "mode": "engine", "prompts": P, "new_tokens": N,
-                   "acceptance": s["accepted"] / s["proposed"] if s["proposed"] else None,
-                   "mean_accepted": s["accepted"] / s["row_rounds"] if s["row_rounds"] else None,
-                   "accepted": s["accepted"], "proposed": s["proposed"], "rounds": s["row_rounds"], "accept_hist": s["accept_hist"],
-                   "speedup": speed["speculative"], "implied_speedup": interval(implied), "c0_time": interval(c),
-                   "identical_outputs": sum(a == b for a, b in zip(toks["speculative"], full)),
-                   "teacher_forced": {"acceptance": tf["accepted"] / tf["proposed"] if tf["proposed"] else None,
-                                      "mean_accepted": tf["accepted"] / tf["rounds"] if tf["rounds"] else None},
-                   "full_consistency_mismatches": mismatch}
-    for name in ("wand", "route"):
-        if name not in modes:
-            continue
-        agree, same = _agreement(toks[name], full)
-        depth, hist = _depth(st[name])
-        out[name] = {"speedup": speed[name], "agreement": agree, "identical": same, "prompts": P, "new_tokens": N,
-                     "mean_depth": depth, "depth_hist": hist, "stage_positions": st[name]["stage_positions"]}
-        if name == "route":
-            out[name].update(tau=float(tau), confidence=confidence)
-    return out
+    tf_acc, tf_prop = sum(p["accepted"] for p in per), sum(p["proposed"] for p in per)
+    spec = {"speedup": speed["speculative"], "implied_speedup": bootstrap_interval(pi[0], li[0], hi_[0]),
+            "c0_time": _ratio(T["stage0"], T["full"], **bk), "accept_hist": s["accept_hist"],
+            "identical_outputs": sum(a == b for a, b in zip(toks["speculative"], full)), "timed_prompts": P,
+            "engine_check": {"acceptance": s["accepted"] / s["proposed"] if s["proposed"] else None,
+                             "teacher_forced": tf_acc / tf_prop if tf_prop else None}}
+    return {"timing": timing, "spec": spec, "wand": speed.get("wand"), "route": speed.get("route")}
 
 
-def teacher_forced_spec(model, probe: dict, m: int) -> dict:
-    """Speculative statistics without an engine: ``metrics.spec_rounds`` over one teacher-forced
-    pass on each probe continuation (exact acceptance, no wall-clock speedup)."""
-    tf = {"accepted": 0, "proposed": 0, "rounds": 0}
-    mismatch = new_total = n = 0
-    for r in probe["results"]:
-        x, new = r["_gen"]
-        if not new:
-            continue
-        agree, mm = teacher_forced_agreement(model, x, new)
-        for k, v in spec_rounds(agree, m).items():
-            if k in tf:
-                tf[k] += v
-        mismatch += mm
-        new_total += len(new)
-        n += 1
-    return {"m": m, "mode": "teacher_forced", "prompts": n, "new_tokens": new_total, "speedup": None,
-            "acceptance": tf["accepted"] / tf["proposed"] if tf["proposed"] else None,
-            "mean_accepted": tf["accepted"] / tf["rounds"] if tf["rounds"] else None,
-            "accepted": tf["accepted"], "proposed": tf["proposed"], "rounds": tf["rounds"], "full_consistency_mismatches": mismatch}
-
+def teacher_forced_spec(m: int, untimed: dict) -> dict:
+    """Speculative statistics without an engine: the exact teacher-forced acceptance of the
+    generation set (``genset.untimed_figures``), no wall-clock speedup."""
+    return {"m": m, "mode": "teacher_forced", "prompts": untimed["prompts"], "new_tokens": untimed["new_tokens"], "speedup": None,
+            **untimed["spec"]}
 
 
 def probe_and_timing(rec: dict, model, tokenizer, probe_set, max_new_tokens: int, m: int, confidence: str, *,
-                     repeats=DEFAULT_REPEATS, n_prompts=DEFAULT_PROMPTS, n_tokens=DEFAULT_TOKENS) -> dict:
-    """The record's generation part: the probe (graded continuations of every prompt) and the
-    protocol on its first prompts (at most ``max_new_tokens`` new tokens each). Returns the ``probe``, ``spec``, ``timing``, ``wand`` and
-    ``routing`` keys to update (``wand.generation`` / ``routing.generation`` sit next to their
-    slice figures). Route mode is timed only when routing selects something: not when tau = 0
-    already met the cap, nor when no threshold met it."""
+                     gen_prompts=(), gen_tokens: int = 32, repeats=DEFAULT_REPEATS, n_prompts=DEFAULT_PROMPTS, n_tokens=DEFAULT_TOKENS,
+                     samples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """The record's generation part: the probe (graded continuations of every prompt of
+    ``probe_set``), the untimed figures of the generation set ``gen_prompts`` (token ids, BOS
+    first; ``gen_tokens`` new tokens each) and the protocol on its first prompts. Returns the
+    ``probe``, ``spec``, ``timing``, ``wand`` and ``routing`` keys to update (``wand.generation`` /
+    ``routing.generation`` sit next to their slice figures). Route mode runs only when routing
+    selects something: not when tau = 0 already met the cap, nor when no threshold met it."""
     label, prompts = load_prompt_set(probe_set)
     engine = get_engine(model)
     pr = run_probe(model, tokenizer, prompts, label, max_new_tokens, engine)
-    out = {"probe": pr}
-    if rec["K"] > 1 and engine is None:
-        out["spec"] = teacher_forced_spec(model, pr, m)
-    elif rec["K"] > 1:
-        w, r = rec.get("wand") or {}, rec.get("routing") or {}
-        selects = r.get("tau") is not None and not r.get("cap_met_at_tau0") and (r.get("fraction_calib") or 0) > 0
-        got = timed_generation(model, tokenizer, prompts, engine, m=m, bounds=w.get("bounds"), tau=r["tau"] if selects else None,
-                               confidence=confidence, n_prompts=n_prompts, n_tokens=min(n_tokens, max_new_tokens), repeats=repeats)
-        if got is not None:
-            out.update(timing=got["timing"], spec=got["spec"])
-            if got["wand"] is not None:
-                out["wand"] = {**w, "generation": got["wand"]}
-            if got["route"] is not None:
-                out["routing"] = {**r, "generation": got["route"]}
     for row in pr["results"]:
         row.pop("_gen")
+    out = {"probe": pr}
+    if rec["K"] < 2 or not gen_prompts:
+        return out
+    w, r = rec.get("wand") or {}, rec.get("routing") or {}
+    selects = r.get("tau") is not None and not r.get("cap_met_at_tau0") and (r.get("fraction_calib") or 0) > 0
+    tau = r["tau"] if selects else None
+    bk = dict(samples=samples, seed=seed, level=level)
+    un = untimed_figures(model, engine, list(gen_prompts), gen_tokens, m=m, bounds=w.get("bounds"), tau=tau, confidence=confidence, **bk)
+    if engine is None:
+        out["spec"] = teacher_forced_spec(m, un)
+        return out
+    got = timed_generation(model, list(gen_prompts), engine, m=m, bounds=w.get("bounds"), tau=tau, confidence=confidence,
+                           n_prompts=n_prompts, n_tokens=n_tokens, repeats=repeats, **bk)
+    out["spec"] = {"m": m, "mode": "engine", "prompts": un["prompts"], "new_tokens": un["new_tokens"], **un["spec"]}
+    if got is not None:
+        out["timing"] = got["timing"]
+        out["spec"].update(got["spec"])
+    for name, key, base in (("wand", "wand", w), ("route", "routing", r)):
+        if name in un:
+            g = dict(un[name], speedup=(got or {}).get(name))
+            if name == "route":
+                g.update(tau=float(tau), confidence=confidence)
+            out[key] = {**base, "generation": g}
     return out

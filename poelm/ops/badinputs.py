@@ -111,6 +111,10 @@ def build_bad_inputs(fx: Fixture, root: Path) -> list[Case]:
     cases.append(Case("NaN/inf loss during training", ["continue", "--from", good, "--set", "optim.scalar_lr=1e30", "--steps", "4", "--save-every", "1",
                                                        "--out", root / "nan", "--quiet"], r"(loss|BPB) became nan at step \d+"))
     (root / "empty.txt").write_text("")
+    (root / "nanochat-empty").mkdir()
+    cases.append(Case("nanochat folder without a model file", ["import", "nanochat", root / "nanochat-empty", root / "imp"], r"holds no model_XXXXXX\.pt"))
+    cases.append(Case("nanochat export of a model without the reference's ops", ["export", "--format", "nanochat", good, root / "nc"],
+                      r"model\.qk_scale = 1\.0, the reference needs 1\.2"))
     cases.append(Case("empty corpus file", ["train", *T, "--set", f"data.path={root / 'empty.txt'}", "--out", root / "o6", "--quiet"], r"the training split is empty"))
     (root / "binary.txt").write_bytes(bytes(range(256)) * 64)
     cases.append(Case("binary corpus file", ["train", *T, "--set", f"data.path={root / 'binary.txt'}", "--out", root / "o7", "--quiet"], r"binary\.txt looks binary"))

@@ -26,6 +26,7 @@ from matplotlib.ticker import FuncFormatter, PercentFormatter
 from poelm.fsio import atomic_write_bytes
 from poelm.schedule import lrm as schedule_lrm
 from poelm.report.verdict import branch_name, phase_of, seed_position, sort_records, value
+from poelm.report import averages as averages_report
 from poelm.report import cooldown as cooldown_report
 
 PLOTS = ("bpb_vs_step", "spec_routing_vs_step", "wand_vs_step", "alpha_sweep")
@@ -45,6 +46,7 @@ def series(records) -> dict[str, dict[str, tuple[list, list]]]:
     bpb.update({f"single s{k}": _xy(recs, f"bpb.single.{k}") for k in range(K)})
     bpb["lrm"] = _xy(recs, "lrm")
     bpb.update(cooldown_report.plot_series(recs))  # "BPB if annealed here (N-step cooldown)" at the probed steps
+    bpb.update(averages_report.plot_series(recs))  # "BPB of the average of the last N saves" at the averaged steps
     out = {
         "bpb_vs_step": bpb,
         "spec_routing_vs_step": {"spec acceptance α": _xy(recs, "spec.acceptance"),

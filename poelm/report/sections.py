@@ -42,9 +42,15 @@ def _esc(text) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+def _table(header: list[str], rows: list[list[str]], keep: int = 2) -> str | None:
+    """A markdown table. Columns after the first ``keep`` that are "not measured" in every row are
+    left out (an old record, or a figure this trajectory never measured, would otherwise fill the
+    report with empty columns); None when no such column is left: the caller drops the section."""
+    cols = [i for i in range(len(header)) if i < keep or not rows or any(r[i] != NM for r in rows)]
+    if len(header) > keep and len(cols) == keep and rows:
+        return None
+    lines = ["| " + " | ".join(header[i] for i in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r[i] for i in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -61,6 +67,23 @@ def _rows(recs, seed_i, cols):
         name = f"`{branch_name(r)}`" + (" (seed)" if i == seed_i else "")
         out.append([name, f"{int(r['step']):,}"] + [c(r) for c in cols])
     return out
+
+
+def _key_rows(recs, seed_i, cols):
+    """Rows of the seed, the best save (lowest full-K BPB) and the newest only: the audit sections'
+    detail is in every record, the trajectory of the headline figures in the card's tables."""
+    pts = [(v, i) for i, r in enumerate(recs) if i != seed_i and (v := get(r, "bpb.full")[0]) is not None]
+    keep = {seed_i, len(recs) - 1} | ({min(pts)[1]} if pts else set())
+    best = min(pts)[1] if pts else None
+    out = []
+    for i in sorted(keep):
+        r = recs[i]
+        role = " (seed)" if i == seed_i else " (best)" if i == best and i != len(recs) - 1 else ""
+        out.append([f"`{branch_name(r)}`{role}", f"{int(r['step']):,}"] + [c(r) for c in cols])
+    return out
+
+
+KEY_ROWS = "Seed, best (lowest full-K BPB) and newest save; every record holds the same for each save. "
 
 
 def _newest(recs, *keys):
@@ -82,9 +105,21 @@ def _timing_words(recs) -> str:
     t = _newest(recs, "timing")
     if not t:
         return "timing not measured"
-    return (f"{t.get('prompts', '?')} probe prompts × {t.get('new_tokens_per_prompt', '?')} new tokens, greedy, one prompt at a time, "
-            f"same engine and process; median of {t.get('repeats', '?')} rounds after warm-up, modes interleaved and rotated, "
-            f"[min, max] over the rounds")
+    if "crossed" not in str(t.get("interval")):  # records before issue 22: the probe's first prompts, [min, max] over rounds
+        return (f"{t.get('prompts', '?')} probe prompts × {t.get('new_tokens_per_prompt', '?')} new tokens, "
+                f"median [min, max] of {t.get('repeats', '?')} rounds")
+    return (f"{t.get('prompts', '?')} prompts of the generation set × {t.get('new_tokens_per_prompt', '?')} new tokens × "
+            f"{t.get('repeats', '?')} interleaved rounds, 95% interval over rounds and prompts")
+
+
+def gen_words(recs) -> str:
+    """On what the untimed generation figures were measured."""
+    g = _newest(recs, "generation")
+    if not g:
+        return "the probe prompts"
+    return (f"the generation set: {g.get('prompts', '?')} contexts of {g.get('context_tokens', '?')} tokens cut from the "
+            f"measurement slice (seed {g.get('seed', '?')}) × {g.get('new_tokens_per_prompt', '?')} greedy new tokens, "
+            f"95% interval over prompts")
 
 
 def _hist(rec, key) -> str:
@@ -103,34 +138,21 @@ def routing_calibration_section(recs, seed_i, split, calib):
             return f"0 ({NO_THRESHOLD})"
         return _cell(r, "routing.tau", lambda v: f"{v:.4f}")
 
-    def metric(r):
-        x = r.get("routing") if isinstance(r.get("routing"), dict) else {}
-        if not x:
-            return NM
-        return f"{x.get('metric')} ≤ {x.get('cap')} ({x.get('confidence')})"
-
     def measured(r):
         if cap_met_at_tau0(r):
             return "not timed (no threshold)"
         return _cell(r, "routing.generation.speedup", _x(2))
 
-    cols = [metric, tau, lambda r: _cell(r, "routing.value_tau0_calib", lambda v: f"{v:.4f}"),
-            lambda r: _cell(r, "routing.value", lambda v: f"{v:.4f}"),
-            lambda r: NO_THRESHOLD if cap_met_at_tau0(r) else _cell(r, "routing.fraction", lambda v: f"{100 * v:.2f}%"),
-            lambda r: _cell(r, "routing.projected_speedup", _x(3)), measured,
+    rt = _newest(recs, "routing")
+    cols = [tau, lambda r: _cell(r, "routing.value_tau0_calib", lambda v: f"{v:.4f}"),
+            lambda r: _cell(r, "routing.value", lambda v: f"{v:.4f}"), measured,
             lambda r: _cell(r, "routing.generation.agreement", lambda v: f"{v:.4f}")]
-    desc = (f"The routing metric (SPEC: `agreement` = routed positions where stage 0's top-1 differs from full K's; "
-            f"`target` = full K right and stage 0 wrong; `nll` = mean NLL increase) and τ, the lowest threshold whose metric "
-            f"stays within the cap, are calibrated on the {_tokens(calib)} calibration slice; the metric at τ = 0 (every "
-            f"position routed) says whether a threshold was needed at all (\"{NO_THRESHOLD}\": it was not, and 100% routing "
-            f"selects nothing). Metric at τ and routed fraction are held out, on the {_tokens(split)} measurement slice "
-            f"(fraction with its 95% block-bootstrap interval). Projected speedup = 1 / (f·c0 + 1 − f), c0 = stage 0's FLOP "
-            f"share: a projection. Measured = wall time of full-K / route greedy decoding ({_timing_words(recs)}); it counts "
-            f"what exact KV catch-up still computes (a position that exits after stage 0 is run through stages 1..K-1 later, "
-            f"so only the skipped heads are saved). Agreement = route's tokens equal to full K's, position-wise.")
-    header = ["Branch", "Step", "metric (confidence)", "τ", "metric at τ = 0 (calib)", "metric at τ (held out)",
-              "fraction routed", "projected speedup (FLOP projection)", "measured route speedup", "route agreement with full"]
-    return "Routing calibration and measured route speedup", desc, _table(header, _rows(recs, seed_i, cols))
+    desc = (f"Metric: {rt.get('metric', NM)} ≤ {rt.get('cap', '?')} ({rt.get('confidence', '?')} confidence). τ: the lowest threshold "
+            f"within the cap on the {_tokens(calib)} calibration slice; at τ = 0 the metric says whether a threshold was needed at "
+            f"all; at τ it is held out, on the {_tokens(split)} measurement slice. Measured: full-K / route wall time "
+            f"({_timing_words(recs)}), exact KV catch-up included. Agreement with full: on {gen_words(recs)}.")
+    header = ["Branch", "Step", "τ", "metric at τ = 0 (calib)", "metric at τ (held out)", "measured route speedup", "route agreement with full"]
+    return "Routing calibration and measured route speedup", KEY_ROWS + desc, _table(header, _key_rows(recs, seed_i, cols))
 
 
 def wand_generation_section(recs, seed_i, K, split):
@@ -140,14 +162,12 @@ def wand_generation_section(recs, seed_i, K, split):
             lambda r: _cell(r, "wand.generation.speedup", _x(2)),
             lambda r: _cell(r, "wand.generation.mean_depth", lambda v: f"{v:.2f}"),
             lambda r: _hist(r, "wand.generation.depth_hist")]
-    desc = (f"Adaptive depth with each branch's own p99 bounds. Exit agreement: on the {_tokens(split)} measurement slice, "
-            f"teacher-forced, the fraction of positions whose exit token equals full K's argmax. In generation "
-            f"({_timing_words(recs)}): greedy WAND vs greedy full K, position-wise token agreement, prompts with identical "
-            f"continuations, the measured speedup (full-K / WAND wall time; exact KV catch-up included), the mean exit depth "
-            f"(stages whose heads decided a token, 1..{K}) and the exit-depth histogram (tokens at depth 1 / ... / {K}).")
+    desc = (f"Adaptive depth with each branch's own p99 bounds. Exit agreement: teacher-forced on the {_tokens(split)} measurement "
+            f"slice. Greedy agreement, identical continuations, mean exit depth (1..{K}) and the depth histogram: WAND vs full-K "
+            f"greedy on {gen_words(recs)}. Measured speedup: {_timing_words(recs)}.")
     header = ["Branch", "Step", "exit agreement (slice)", "greedy agreement with full", "identical continuations",
               "measured speedup", "mean exit depth", f"exit-depth histogram (1 … {K})"]
-    return "WAND adaptive depth in generation", desc, _table(header, _rows(recs, seed_i, cols))
+    return "WAND adaptive depth in generation", KEY_ROWS + desc, _table(header, _key_rows(recs, seed_i, cols))
 
 
 def _identical(rec, key) -> str:
@@ -161,20 +181,17 @@ def _identical(rec, key) -> str:
 
 def spec_timing_section(recs, seed_i):
     m = _newest(recs, "spec").get("m", "m")
-    cols = [lambda r: _cell(r, "spec.speedup", _x(2)), lambda r: _cell(r, "spec.implied_speedup", _x(2)),
+    cols = [lambda r: _cell(r, "spec.implied_speedup", _x(2)),
             lambda r: _cell(r, "spec.c0_time", lambda v: f"{v:.3f}"), lambda r: _hist(r, "spec.accept_hist"),
             lambda r: _cell(r, "timing.ms_per_token.full", lambda v: f"{v:.2f}"),
             lambda r: _identical({"s": {"identical": (r.get("spec") or {}).get("identical_outputs"),
                                         "prompts": (r.get("spec") or {}).get("prompts")}}, "s")]
-    desc = (f"Timing protocol: {_timing_words(recs)}. Measured speedup = wall time of full-K / self-speculative greedy per round. "
-            f"Implied speedup = N / (P + (proposed + rounds)·c + rounds·(1 − c)) from the measured acceptance (the engine's "
-            f"proposed drafts and rounds over N tokens of P prompts) and the measured stage-0 time share c = t(stage 0) / "
-            f"t(full) per token of the same round, the verify chunk of d+1 positions costed as one full step minus one stage-0 "
-            f"step; it carries little of the machine's noise. Acceptance histogram: rounds that accepted "
-            f"0 / 1 / ... / {m} drafts. Identical: speculative output equal to full-K greedy (SPEC: it must be).")
-    header = ["Branch", "Step", "measured speedup", "implied speedup", "stage-0 time share c", f"acceptance histogram (0 … {m})",
+    desc = (f"Measured speedup: the card's table above ({_timing_words(recs)}). Implied speedup = N / (P + (proposed + "
+            f"rounds)·c + rounds·(1 − c)) from the exact acceptance and the measured stage-0 time share c. Acceptance histogram: "
+            f"rounds of the timed prompts that accepted 0 / 1 / ... / {m} drafts. Identical: speculative output equal to full-K greedy.")
+    header = ["Branch", "Step", "implied speedup", "stage-0 time share c", f"acceptance histogram (0 … {m})",
               "full K ms / token", "identical to full"]
-    return "Speculative decoding timing and acceptance", desc, _table(header, _rows(recs, seed_i, cols))
+    return "Speculative decoding timing and acceptance", KEY_ROWS + desc, _table(header, _key_rows(recs, seed_i, cols))
 
 
 def probe_grid_section(recs, seed_i):

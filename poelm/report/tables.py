@@ -1,7 +1,9 @@
 """The trajectory report: the card's tables, the verdict and the plots, from measurement records.
 
 Input: one measurement record per checkpoint/branch (``poelm measure``; schema in
-``docs/record.md``). Output: markdown with the reference card's table layout and column names
+``docs/record.md``). Output: markdown that opens with the answer to the card's question and a
+seed / best / newest table (``answer.py``), then the verdict grouped by kind of figure
+(``judge.py``), then the reference card's table layout and column names
 (branches, per-checkpoint val BPB, per-stage BPB, per-stage accuracy, self-speculative decoding,
 confidence-aware routing, WAND p99 bounds, alpha sweep with crossover gap, sample-mode probe),
 a table of deltas vs the seed with their 95% intervals, the verdict (``poelm.verdict``) and the
@@ -25,11 +27,15 @@ from poelm.fsio import atomic_write_text
 from poelm.trajectory import publish
 from poelm.report.plots import make_plots
 from poelm.report import benchmarks
+from poelm.report import averages as averages_report
 from poelm.report import cooldown as cooldown_report
 from poelm.report import sections as S
 from poelm.report.sections import NM, NO_THRESHOLD, _cell, _esc, _rows, _table, _tokens, _x, cap_met_at_tau0
 from poelm.report.verdict import fmt_num, fmt_pct, fmt_signed
-from poelm.report.verdict import branch_name, delta_ci, metrics_for, phase_of, rel_step, seed_position, segment, sort_records, value, verdict
+from poelm.report.judge import judge
+from poelm.report.verdict import branch_name, delta_ci, get, phase_of, rel_step, seed_position, segment, sort_records, value
+from poelm.report.answer import answer, answer_markdown, verdict_markdown
+from poelm.report import judge as judge_mod
 
 RECORD_NAME = "poelm_measure.json"
 
@@ -86,6 +92,7 @@ def load_records(source) -> list[dict]:
             recs = publish.read_records(source)
         else:
             raise PoelmError(f"{source} does not exist; pass a directory of records, record files, or a trajectory repo")
+    recs = averages_report.attach(recs)  # weight averages: a field of their newest averaged save
     recs = cooldown_report.attach(recs)  # probe records: a field of the save they start from
     steps = [int(r["step"]) for r in recs]
     dup = sorted({s for s in steps if steps.count(s) > 1})
@@ -143,7 +150,9 @@ def _note(recs, i, seed_i, phase) -> str:
     for key, name, fmt in (("bpb.full", "BPB", fmt_signed(6)), ("acc.full", "acc", None), ("spec.acceptance", "α", None)):
         v, v0 = value(rec, key), value(seed, key)
         if v is not None and v0 is not None:
-            ds.append(f"{name} {fmt(v - v0)}" if fmt else f"{name} {100 * (v - v0):+.2f}pp")
+            ci = delta_ci(rec, seed, key) if key == "bpb.full" else None  # the paired interval vs the seed
+            ds.append((f"{name} {fmt(v - v0)}" + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")) if fmt
+                      else f"{name} {100 * (v - v0):+.2f}pp")
     if ds:
         parts.append("vs seed: " + " / ".join(ds))
     return "; ".join(parts) or "no shared measurement with the seed"
@@ -174,26 +183,28 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
                 _table(["Branch", "Step", "Phase rel_it", "Training-log val BPB", f"Local-slice full K={K} BPB ({_tokens(split)})"],
                        _rows(recs, seed_i, [rel, keyed("train_val_bpb", fmt_num(6)), keyed("bpb.full", fmt_num(6))]))))
     out += [sec for sec in [cooldown_report.section(recs)] if sec]  # "BPB if annealed here", when probed
+    out += [sec for sec in [averages_report.section(recs)] if sec]  # "BPB of the average of the last N saves"
 
-    cols = [keyed("bpb.full", fmt_num(6))] + [keyed(f"bpb.single.{k}", fmt_num(6)) for k in range(K)]
-    cols += [keyed(f"bpb.prefix.{j}", fmt_num(6)) for j in range(K - 1)]
+    # Per-stage tables: values only, their 95% intervals summarised once (a width per table), so the
+    # card's columns stay readable; every record holds each interval, the verdict the paired deltas.
+    plain = lambda key, fmt: (lambda r: NM if value(r, key) is None else fmt(value(r, key)))  # noqa: E731
+    keys = ["bpb.full"] + [f"bpb.single.{k}" for k in range(K)] + [f"bpb.prefix.{j}" for j in range(K - 1)]
     header = ["Branch", "Step", f"full K={K}"] + [f"single s{k}" for k in range(K)] + [f"prefix K'={j}" for j in range(1, K)]
-    out.append(("Per-stage BPB", f"Training-objective BPB at each PoE stage boundary, on the same local val slice ({_tokens(split)}).",
-                _table(header, _rows(recs, seed_i, cols))))
+    out.append(("Per-stage BPB", f"Training-objective BPB at each PoE stage boundary, on the same local val slice ({_tokens(split)})"
+                + _widths(recs, keys, 6) + ".", _table(header, _rows(recs, seed_i, [plain(k, fmt_num(6)) for k in keys]))))
 
-    cols = [keyed(f"acc.single.{k}", fmt_num(4)) for k in range(K)] + [keyed("acc.full", fmt_num(4))]
+    keys = [f"acc.single.{k}" for k in range(K)] + ["acc.full"]
     out.append(("Per-stage standalone target accuracy",
-                f"Top-1 accuracy of each stage's standalone prediction vs the target token, same val slice ({_tokens(split)}).",
-                _table(["Branch", "Step"] + [f"s{k}" for k in range(K)] + ["full"], _rows(recs, seed_i, cols))))
+                f"Top-1 accuracy of each stage's standalone prediction vs the target token, same val slice ({_tokens(split)})"
+                + _widths(recs, keys, 4) + ".",
+                _table(["Branch", "Step"] + [f"s{k}" for k in range(K)] + ["full"], _rows(recs, seed_i, [plain(k, fmt_num(4)) for k in keys]))))
 
     spec = _newest(recs, "spec")
     m = spec.get("m", "m")
     cols = [keyed("spec.acceptance", fmt_num(4)), keyed("spec.mean_accepted", fmt_num(2)), keyed("spec.speedup", _x(2))]
-    where = (f" on {spec['prompts']} probe prompts, {spec['new_tokens']:,} new tokens in all" if spec.get("prompts") and spec.get("new_tokens") else "")
     out.append((f"Self-speculative decoding (m={m} stage-0 draft, full K={K} verify)",
-                f"Greedy; mode: {spec.get('mode', NM)}{where}; acceptance α = accepted / proposed draft tokens; "
-                f"speedup = wall time of full-K greedy / self-speculative greedy (median [min, max] over the timing rounds "
-                f"where measured; protocol and the implied speedup: \"Speculative decoding timing\" below).",
+                f"Greedy, mode {spec.get('mode', NM)}; acceptance α = accepted / proposed drafts, on {S.gen_words(recs)}; "
+                f"speedup: full-K / speculative wall time ({S._timing_words(recs)}).",
                 _table(["Branch", "Step", "acceptance α", f"mean accepted / {m}", "end-to-end speedup"],
                        _rows(recs, seed_i, cols))))
 
@@ -205,11 +216,9 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
             lambda r: "—" if cap_met_at_tau0(r) else _cell(r, "routing.projected_speedup", _x(3)),
             keyed("routing.agreement_s0_full", fmt_num(4))]
     out.append((f"Confidence-aware routing ({label or NM})",
-                f"A position goes to stage 0 alone when its stage-0 confidence ({', '.join(conf) or NM}) >= τ, the "
-                f"lowest threshold whose {' / '.join(k[0] for k in kinds) or 'regression metric'} stays within the cap; "
-                f"fraction routed on the {_tokens(split)} measurement slice; projected speedup = 1 / (f·c0 + 1 - f), a FLOP "
-                f"projection (measured speedups: \"Routing calibration\" below); \"{NO_THRESHOLD}\": τ = 0 already meets "
-                f"the cap, so routing selects nothing; base s0=full agreement = positions where argmax(stage 0) = argmax(full K).",
+                f"A position goes to stage 0 alone when its stage-0 confidence ({', '.join(conf) or NM}) ≥ τ (\"Routing "
+                f"calibration\" below); fraction routed on the {_tokens(split)} measurement slice; projected speedup: a FLOP "
+                f"projection; s0=full agreement: positions where argmax(stage 0) = argmax(full K).",
                 _table(["Branch", "Step", "fraction routed to stage 0", "projected speedup", "base s0=full agreement"],
                        _rows(recs, seed_i, cols))))
 
@@ -231,11 +240,18 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     out.append(S.routing_calibration_section(recs, seed_i, split, _newest_value(recs, "calib_tokens")))
     out.append(S.wand_generation_section(recs, seed_i, K, split))
     out.append(S.spec_timing_section(recs, seed_i))
-    out.append(_probe_section(recs, seed_i, K))
-    out.append(S.probe_grid_section(recs, seed_i))
-    out.append(_delta_section(recs, seed_i, K))
+    out += _probe_sections(recs, seed_i, K)
     out += benchmarks.sections(recs)  # poelm eval's scores; none when no record has them
-    return out
+    return [sec for sec in out if sec[2] is not None]  # a table with nothing measured is left out
+
+
+def _widths(recs, keys, d: int) -> str:
+    """"; 95% intervals ±a–b" over every value interval of ``keys`` in ``recs`` (half widths)."""
+    hw = [(ci[1] - ci[0]) / 2 for r in recs for k in keys if (ci := get(r, k)[1]) is not None]
+    if not hw:
+        return ""
+    lo, hi = min(hw), max(hw)
+    return f"; 95% block-bootstrap intervals ±{lo:.{d}f}" + (f"–{hi:.{d}f}" if f"{hi:.{d}f}" != f"{lo:.{d}f}" else "") + " (in each record)"
 
 
 def _newest_value(recs, key):
@@ -253,6 +269,26 @@ def _sweep_cell(rec, a) -> str:
         if x == a and isinstance(b, (int, float)):
             return f"{b:.6f}"
     return NM
+
+
+APPENDIX = "Appendix: "
+
+
+def _probe_sections(recs, seed_i, K) -> list[tuple[str, str, str]]:
+    """The probe tables; while no save passes any prompt, one line instead (the per-prompt
+    continuations stay in each record's ``probe.results``)."""
+    probes = [(r, r["probe"]) for r in recs if isinstance(r.get("probe"), dict)]
+    if not probes:
+        return []
+    if any(p.get("passed") for _, p in probes):
+        return [_probe_section(recs, seed_i, K), S.probe_grid_section(recs, seed_i)]
+    p0 = probes[-1][1]
+    words = [f"`{branch_name(r)}` {p['words_matched']}/{p['words_total']}" for r, p in probes if p.get("words_total")]
+    line = (f"No save passes any of the {p0.get('total', '?')} prompts of set '{p0.get('set', NM)}' (greedy full K, "
+            f"{p0.get('max_new_tokens', '?')} new tokens, graded on the start of the continuation)"
+            + (f"; answer words matched: {', '.join(words)}" if words else "")
+            + ". The continuations are in each record's `probe.results`.")
+    return [("Sample-mode probe", line, "")]
 
 
 def _probe_section(recs, seed_i, K):
@@ -279,35 +315,16 @@ def _probe_section(recs, seed_i, K):
     total = p0.get("total", len(names))
     head = (f"Sample-mode probe (full K={K}, greedy, {p0.get('max_new_tokens', '?')} tokens, {total}-prompt set "
             f"'{p0.get('set', NM)}')")
-    desc = ("✓: the start of the continuation gives the prompt's expected answer; ✗: it does not. Each cell gives the graded "
-            "start (" + (p0.get("grading") or "the continuation") + "); per-prompt grades across branches: "
-            "\"Probe grades per prompt\" below.")
+    desc = "✓ / ✗: the graded start of the continuation gives / does not give the prompt's expected answer."
     return head, desc, _table(["Branch", "Step"] + [_esc(n) for n in names] + ["Note"], rows)
 
 
-def _delta_section(recs, seed_i, K):
-    wanted = ["train_val_bpb", "bpb.full", "acc.full", "spec.acceptance", "routing.fraction"]
-    wanted += [f"wand.bounds.{s}" for s in range(K - 1)] + ["crossover_gap"]
-    ms = {m.key: m for m in metrics_for(recs)}
-    seed = recs[seed_i]
-    rows = []
-    for i, r in enumerate(recs):
-        name = f"`{branch_name(r)}`" + (" (seed)" if i == seed_i else "")
-        cells = []
-        for key in wanted:
-            v, v0 = value(r, key), value(seed, key)
-            if i == seed_i:
-                cells.append("—" if v is not None else NM)
-            elif v is None or v0 is None:
-                cells.append(NM)
-            else:
-                ci = delta_ci(r, seed, key)
-                f = ms[key].dfmt
-                cells.append(f"{f(v - v0)} " + (f"[{f(ci[0])}, {f(ci[1])}]" if ci else "(CI n/a)"))
-        rows.append([name, f"{int(r['step']):,}"] + cells)
-    desc = ("Δ = value − seed value, with its 95% interval from the record's `against` block (a paired bootstrap vs "
-            "the seed); \"CI n/a\": the interval is not available (the record was not measured against the seed).")
-    return "Deltas vs the seed (95% intervals)", desc, _table(["Branch", "Step"] + [ms[k].label for k in wanted], rows)
+def verdict(records) -> list[str]:
+    """What ``poelm report`` prints: the answer's lines first, then the verdict's
+    (``judge.verdict``: per kind, its summary and one sentence per figure)."""
+    recs = sort_records(records)
+    j = judge(recs)
+    return [ln.replace("**", "") for ln in answer(recs, j)["lines"]] + judge_mod.verdict(recs)
 
 
 def build_tables(records) -> str:
@@ -315,82 +332,10 @@ def build_tables(records) -> str:
     recs = sort_records(records)
     if not recs:
         return "_No measurement records._\n"
-    return "\n\n".join(f"### {h}\n\n{d}\n\n{t}" for h, d, t in _sections(recs)) + "\n"
+    return "\n\n".join(f"### {h}\n\n{d}" + (f"\n\n{t}" if t else "") for h, d, t in _sections(recs)) + "\n"
 
 
 # ----------------------------------------------------------------------------- card / report
-# ----------------------------------------------------------------------------- one record, as text (poelm measure)
-def _f(x, d=6):
-    return "n/a" if x is None else f"{x:.{d}f}"
-
-
-def _ci(node, d=6):
-    v, ci = node.get("value"), node.get("ci") or [None, None]
-    if ci[0] is None:
-        return _f(v, d)
-    return f"{_f(v, d)} [{_f(ci[0], d)}, {_f(ci[1], d)}]"
-
-
-def _cx(node) -> str:
-    """A timed speedup ``1.23x [1.10x, 1.30x]`` (median [min, max] over the timing rounds)."""
-    return _cell({"n": node}, "n", _x(2))
-
-
-def format_summary(rec: dict) -> str:
-    """A few lines for the terminal (the record has everything)."""
-    K = rec["K"]
-    L = [f"{rec.get('target') or 'model'}  step {rec.get('step')}  K={K} {rec['stage_layers']}  "
-         f"{rec['split_tokens']:,} tokens ({rec['data']}), calib {rec['calib_tokens']:,}, {rec['device']} {rec['dtype']}, "
-         f"{rec['elapsed_s']:.1f}s"]
-    b = rec["bpb"]
-    L.append(f"  BPB full K    {_ci(b['full'])}   (95% block-bootstrap interval)")
-    L.append("  BPB single    " + "  ".join(f"s{k} {_f(x['value'])}" for k, x in enumerate(b["single"])))
-    if b["prefix"]:
-        L.append("  BPB prefix    " + "  ".join(f"K'={j + 1} {_f(x['value'])}" for j, x in enumerate(b["prefix"])))
-    a = rec["acc"]
-    L.append("  accuracy      " + "  ".join(f"s{k} {_f(x['value'], 4)}" for k, x in enumerate(a["single"])) + f"  full {_f(a['full']['value'], 4)}")
-    sw = rec["alpha_sweep"]
-    L.append("  alpha sweep   " + "  ".join(f"{al:g}: {_f(v)}" for al, v in zip(sw["alphas"], sw["bpb"])) + f"   crossover gap {_f(rec['crossover_gap'])}")
-    if rec.get("wand"):
-        L.append("  WAND p99      " + "  ".join(f"{s}->{s + 1} {v:.4f}" for s, v in enumerate(rec["wand"]["bounds"])))
-    r = rec.get("routing")
-    if r:
-        sel = (f"cap met with no threshold (value {_f(r.get('value_tau0_calib'), 4)} at tau 0)" if r.get("cap_met_at_tau0") else
-               f"tau {r['tau']:.4f} (value at tau 0: {_f(r.get('value_tau0_calib'), 4)}), routed {100 * r['fraction']:.2f}%, "
-               f"projected {r['projected_speedup']:.3f}x")
-        g = r.get("generation") or {}
-        meas = f", measured {_cx(g['speedup'])} agreement {_f(g.get('agreement'), 4)}" if g.get("speedup") else ""
-        L.append(f"  routing       {r['metric']} <= {r['cap']} ({r['confidence']}): {sel}{meas}, "
-                 f"s0=full agreement {_f(r['agreement_s0_full'], 4)}")
-    g = (rec.get("wand") or {}).get("generation")
-    if g:
-        L.append(f"  WAND decode   speedup {_cx(g['speedup'])}, agreement {_f(g['agreement'], 4)}, "
-                 f"mean exit depth {_f(g['mean_depth'], 2)}, exit depths {g['depth_hist']}")
-    s = rec.get("spec")
-    if s:
-        sp = s.get("speedup")
-        sp = "n/a" if sp is None else (_cx(sp) if isinstance(sp, dict) else f"{sp:.2f}x")
-        imp = f", implied {_cx(s['implied_speedup'])}" if isinstance(s.get("implied_speedup"), dict) else ""
-        L.append(f"  speculative   m={s['m']} ({s['mode']}): acceptance {_f(s['acceptance'], 4)}, "
-                 f"mean accepted {_f(s['mean_accepted'], 2)}/{s['m']}, speedup {sp}{imp}")
-    t = rec.get("timing")
-    if t:
-        L.append(f"  timing        {t['prompts']} prompts x {t['new_tokens_per_prompt']} tokens, median [min, max] of {t['repeats']} "
-                 f"interleaved rounds; full K {t['ms_per_token']['full']:.2f} ms/token")
-    p = rec.get("probe")
-    if p:
-        marks = " ".join(f"{x['name']} {'PASS' if x['pass'] else 'fail'}" for x in p["results"])
-        words = f" ({p['words_matched']}/{p['words_total']} answer words)" if p.get("words_total") else ""
-        L.append(f"  probe ({p['set']}) {p['passed']}/{p['total']}{words}: {marks}")
-    ag = rec.get("against")
-    if ag:
-        d = ag["deltas"]
-        noisy = [k for k, v in d.items() if v.get("inside_noise")]
-        L.append(f"  vs {ag['target']}: dBPB full {_ci(d['bpb.full'])}, dacc full {_ci(d['acc.full'], 4)}; "
-                 f"{len(d) - len(noisy)} of {len(d)} deltas outside noise")
-    return "\n".join(L)
-
-
 def update_cards(repo, branches=None) -> list[str]:
     """Make the report the model card (README.md) of trajectory branches: each branch gets the
     tables and verdict over the records up to its own step, the newest (``main``) the whole
@@ -436,6 +381,8 @@ def render_card(records, *, title: str | None = None, repo_id: str | None = None
              + ("`main` tracks " if main else "Newest save: ") + f"branch `{branch_name(last)}` (step "
              f"{int(last['step']):,}); the tables cover the {len(recs)} measured save(s) up to that step.")
     out.append(f"# {title}\n\n{intro}\n")
+    j = judge(recs)
+    out.append(answer_markdown(recs, j))  # the card's question answered first (issue 22)
     if repo_id:
         rev = "main" if main else branch_name(last)
         out.append("## Inference\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -443,12 +390,17 @@ def render_card(records, *, title: str | None = None, repo_id: str | None = None
                    f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\", revision=\"{rev}\", trust_remote_code=True)\n"
                    "```\n\nPrepend the BOS token to a prompt; any `step-XXXXX` branch loads the same way.\n")
     secs = _sections(recs, main=main)
+    appendix = [sec for sec in secs if sec[0].startswith(APPENDIX)]
+    secs = [sec for sec in secs if not sec[0].startswith(APPENDIX)]
+    out.append(verdict_markdown(j, cooldown_report.verdict_lines(recs) + averages_report.verdict_lines(recs)))
     out.append("## " + secs[0][0] + "\n\n" + secs[0][1] + "\n\n" + secs[0][2] + "\n")
     out.append("## Trajectory measurements\n")
-    out += [f"### {h}\n\n{d}\n\n{t}\n" for h, d, t in secs[1:]]
-    out.append("## Verdict\n\n" + "\n".join(f"- {line}" for line in verdict(recs) + cooldown_report.verdict_lines(recs)) + "\n")
+    out += [f"### {h}\n\n{d}\n\n{t}\n" if t else f"### {h}\n\n{d}\n" for h, d, t in secs[1:]]
     if plots:
         out.append("## Plots\n\n" + "\n\n".join(f"![{cap}]({path})" for cap, path in plots.items()) + "\n")
+    if appendix:
+        out.append("## Appendix\n")
+        out += [f"### {h}\n\n{d}\n\n{t}\n" for h, d, t in appendix]
     return "\n".join(out)
 
 

@@ -29,8 +29,14 @@ Definitions (SPEC is silent on the statistics; these are ours):
   the count with that (a one-sided binomial test, which ignores correlation between metrics).
 - **LR shock**: the largest save-to-save change of a metric falls at the first save after warmup
   and exceeds the noise floor.
-- **coherent divergence**: at least 2 metrics with a preferred direction are outside the noise
-  band and at least ``COHERENT_SHARE`` of them moved the same way.
+- **kinds** (issue 22): *quality* (BPB full / single / prefix, accuracy, probe) answers the card's
+  question; *stage structure* (s0 = full agreement, WAND bounds, crossover gap) and *inference
+  efficiency* (acceptance, mean accepted, speedups, routed fraction, exit depth) say how the
+  stages agree and what that buys at decoding time, not how good the model is.
+- **coherent divergence** (judged on quality only): at least 2 quality figures with a preferred
+  direction are outside the noise band and at least ``COHERENT_SHARE`` of them moved the same way.
+- A bare number's interval may sit beside it as ``<name>_ci`` (``crossover_gap_ci``,
+  ``spec.acceptance_ci``); ``get`` reads both forms.
 """
 
 from __future__ import annotations
@@ -52,8 +58,9 @@ def get(rec: dict, key: str):
 
     List indices are integers in the path; a ``{"value", "ci"}`` leaf yields both, a bare number
     yields ``(number, None)``. Non-numeric leaves count as not measured."""
-    node = rec
+    node, parent, name = rec, None, None
     for part in key.split("."):
+        parent, name = node, part
         if isinstance(node, dict):
             node = node.get(part)
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
@@ -66,6 +73,8 @@ def get(rec: dict, key: str):
     if isinstance(node, dict):
         ci = node.get("ci")
         node = node.get("value")
+    elif isinstance(parent, dict):  # a bare number may carry its interval beside it ("crossover_gap_ci", "acceptance_ci")
+        ci = parent.get(f"{name}_ci")
     if isinstance(node, bool) or not isinstance(node, (int, float)) or math.isnan(node):
         return None, None
     if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci)):
@@ -152,6 +161,10 @@ class Metric:
     fmt: Callable[[float], str]
     dfmt: Callable[[float], str]
     timing: bool = False  # a wall-clock estimate: its change needs an interval to be called real
+    kind: str = "quality"  # "quality" | "structure" | "efficiency": what the figure says about the model
+
+
+KINDS = {"quality": "Quality", "structure": "Stage structure", "efficiency": "Inference efficiency"}
 
 
 def metrics_for(records) -> list[Metric]:
@@ -159,25 +172,34 @@ def metrics_for(records) -> list[Metric]:
     K = max((int(r.get("K") or 0) for r in records), default=0)
     m = next((r["spec"].get("m") for r in reversed(sort_records(records)) if isinstance(r.get("spec"), dict)), None) or "m"
     b6, d6, b4, d4 = fmt_num(6), fmt_signed(6), fmt_num(4), fmt_signed(4)
+    f2, s2 = fmt_num(2), fmt_signed(2)
+    # quality: how good the model is (the card's question is asked of these)
     out = [Metric("train_val_bpb", "training-log val BPB", "BPB", "lower", b6, d6),
            Metric("bpb.full", f"full K={K} BPB", "BPB", "lower", b6, d6)]
     out += [Metric(f"bpb.single.{k}", f"single s{k} BPB", "BPB", "lower", b6, d6) for k in range(K)]
+    # prefix K'=1 is stage 0 alone (single s0), K'=K the full aggregate: the ones in between
+    out += [Metric(f"bpb.prefix.{j}", f"prefix K'={j + 1} BPB", "BPB", "lower", b6, d6) for j in range(1, K - 2)]
     out += [Metric("acc.full", "full accuracy", "accuracy", "higher", b4, d4),
             Metric("acc.single.0", "s0 accuracy", "accuracy", "higher", b4, d4),
-            Metric("spec.acceptance", "spec acceptance α", "spec decoding", "higher", b4, d4),
-            Metric("spec.mean_accepted", f"spec mean accepted / {m}", "spec decoding", "higher", fmt_num(2), fmt_signed(2)),
-            Metric("spec.speedup", "spec end-to-end speedup", "spec decoding", "higher", fmt_num(2), fmt_signed(2), timing=True),
-            Metric("spec.implied_speedup", "spec implied speedup", "spec decoding", "higher", fmt_num(2), fmt_signed(2), timing=True),
-            Metric("routing.fraction", "routing fraction to stage 0", "routing", "higher", fmt_pct, _dpct),
-            Metric("routing.projected_speedup", "routing projected speedup", "routing", "higher", fmt_num(3), fmt_signed(3)),
-            Metric("routing.generation.speedup", "route measured speedup", "routing", "higher", fmt_num(2), fmt_signed(2), timing=True),
-            Metric("routing.agreement_s0_full", "base s0=full agreement", "routing", "higher", b4, d4)]
-    out += [Metric(f"wand.bounds.{s}", f"WAND p99 bound {s} → {s + 1}", "WAND", None, b4, d4) for s in range(K - 1)]
-    out += [Metric("wand.generation.speedup", "WAND measured speedup", "WAND", "higher", fmt_num(2), fmt_signed(2), timing=True),
-            Metric("wand.generation.agreement", "WAND greedy agreement with full", "WAND", "higher", b4, d4)]
-    out += [Metric("crossover_gap", "crossover gap", "alpha sweep", None, d6, d6),
             Metric("probe.passed", "probe prompts passed", "probe", "higher", fmt_num(0), fmt_signed(0)),
             Metric("probe.words_matched", "probe answer words matched", "probe", "higher", fmt_num(0), fmt_signed(0))]
+    # stage structure: how the stages relate (neither good nor bad in itself)
+    st = "structure"
+    out += [Metric("routing.agreement_s0_full", "base s0=full agreement", "routing", None, b4, d4, kind=st)]
+    out += [Metric(f"wand.bounds.{s}", f"WAND p99 bound {s} → {s + 1}", "WAND", None, b4, d4, kind=st) for s in range(K - 1)]
+    out += [Metric("crossover_gap", "crossover gap", "alpha sweep", None, d6, d6, kind=st)]
+    # inference efficiency: how much cheaper decoding gets from the stages' agreement
+    ef = "efficiency"
+    out += [Metric("spec.acceptance", "spec acceptance α", "spec decoding", "higher", b4, d4, kind=ef),
+            Metric("spec.mean_accepted", f"spec mean accepted / {m}", "spec decoding", "higher", f2, s2, kind=ef),
+            Metric("spec.speedup", "spec end-to-end speedup", "spec decoding", "higher", f2, s2, timing=True, kind=ef),
+            Metric("spec.implied_speedup", "spec implied speedup", "spec decoding", "higher", f2, s2, timing=True, kind=ef),
+            Metric("routing.fraction", "routing fraction to stage 0", "routing", "higher", fmt_pct, _dpct, kind=ef),
+            Metric("routing.projected_speedup", "routing projected speedup", "routing", "higher", fmt_num(3), fmt_signed(3), kind=ef),
+            Metric("routing.generation.speedup", "route measured speedup", "routing", "higher", f2, s2, timing=True, kind=ef),
+            Metric("wand.generation.speedup", "WAND measured speedup", "WAND", "higher", f2, s2, timing=True, kind=ef),
+            Metric("wand.generation.agreement", "WAND greedy agreement with full", "WAND", "higher", b4, d4, kind=ef),
+            Metric("wand.generation.mean_depth", "WAND mean exit depth", "WAND", "lower", f2, s2, kind=ef)]
     return out
 
 
@@ -285,155 +307,3 @@ def lr_shock(recs, seed_i, last_i, key, phase, floor):
     if crosses and (floor is None or size > floor) and size > 0:
         return step, change
     return None
-
-
-# ----------------------------------------------------------------------------- sentences
-def _p(x):
-    return f"{x:.3f}" if x >= 0.001 else f"{x:.1e}"
-
-
-def _trend_text(t: dict, m: Metric, where: str, steps) -> str:
-    head = f"{where} ({t['n']} saves, steps {steps[0]:,}–{steps[-1]:,})" if t["n"] else where
-    if t["kind"] == "too few":
-        return f"{head}: too few saves for a trend test."
-    if t["kind"] == "constant":
-        return f"{head}: constant at {m.fmt(t['lo'])}."
-    test = f"Mann–Kendall τ = {t['tau']:+.2f}, p = {_p(t['p'])}; Spearman ρ = {t['rho']:+.2f}, p = {_p(t['p_rho'])}"
-    env = f"{m.fmt(t['lo'])}–{m.fmt(t['hi'])}, range {m.dfmt(t['hi'] - t['lo']).lstrip('+')}"
-    if t["kind"] in ("rising", "falling"):
-        return f"{head}: {t['kind']} ({test}) over {env}."
-    if t.get("underpowered"):
-        shape = t["kind"] if t["kind"] != "oscillating" else "not monotone"
-        return (f"{head}: {shape} ({test}), within {env}; with {t['n']} saves the smallest attainable p is "
-                f"{_p(t['min_p'])}, so no trend test can be significant yet.")
-    if t["kind"] == "oscillating":
-        return f"{head}: no monotonic trend ({test}), oscillating within an envelope of {env}."
-    return f"{head}: {t['kind']} but not significantly ({test}), within {env}."
-
-
-def _direction(m: Metric, d: float) -> str:
-    if d == 0:
-        return "unchanged"
-    if m.better is None:
-        return "higher (no preferred direction)" if d > 0 else "lower (no preferred direction)"
-    good = (d < 0) if m.better == "lower" else (d > 0)
-    return "better than the seed" if good else "worse than the seed"
-
-
-def _metric_sentence(m, recs, seed_i, last_i, phase, level, window):
-    seed, last = recs[seed_i], recs[last_i]
-    v0, v1 = value(seed, m.key), value(last, m.key)
-    if v1 is None or v0 is None:
-        where = "the newest save" if v1 is None else "the seed"
-        return f"{m.label}: not measured at {where}; no comparison.", None
-    nt = noise_test(recs, seed_i, last_i, m.key, phase, m.timing)
-    d = nt["delta"]
-    ci = f"95% CI [{m.dfmt(nt['ci'][0])}, {m.dfmt(nt['ci'][1])}]" if nt["ci"] else "95% interval not available"
-    parts = []
-    if nt["boot"] is not None:
-        if m.timing:
-            parts.append("the [min, max] intervals over the timing rounds " + ("do not overlap" if nt["boot"] else "overlap"))
-        else:
-            parts.append("bootstrap interval " + ("excludes" if nt["boot"] else "includes") + " no change")
-    if nt["floor"] is not None:
-        parts.append(f"seed → first save at step {nt['floor_step']:,}: |Δ| {m.dfmt(nt['floor']).lstrip('+')}")
-    if nt["outside"] is None and m.timing:
-        band = "noise band not available (a timing figure needs the intervals of both records over their timing rounds)"
-    elif nt["outside"] is None:
-        band = "noise band not available (no bootstrap interval, no warmup save after the seed)"
-    else:
-        band = ("outside" if nt["outside"] else "inside") + " the noise band (" + "; ".join(parts) + ")"
-    s = (f"{m.label}: {m.fmt(v1)} at step {int(last['step']):,} vs {m.fmt(v0)} at the seed: "
-         f"Δ {m.dfmt(d)} ({ci}), {band}")
-    if nt["outside"]:
-        s += f", {_direction(m, d)}"
-    elif nt["outside"] is False:
-        s += ", indistinguishable from the seed"
-    shock = lr_shock(recs, seed_i, last_i, m.key, phase, nt["floor"])
-    if shock and nt["outside"]:
-        s += (f"; the largest save-to-save change, {m.dfmt(shock[1])} at step {shock[0]:,} (the first save "
-              f"after warmup), is an LR shock")
-    pts = [(int(r["step"]), value(r, m.key)) for r in window]
-    pts = [p for p in pts if p[1] is not None]
-    t = trend([p[0] for p in pts], [p[1] for p in pts], level)
-    where = f"Within the {segment(rel_step(last, phase), phase)} phase" if phase else "Since the seed"
-    return s + ". " + _trend_text(t, m, where, [p[0] for p in pts]), {"metric": m, "noise": nt, "trend": t}
-
-
-def _overall(results, last, phase, level, window) -> str:
-    measured = [r for r in results if r is not None]
-    out = [r for r in measured if r["noise"]["outside"]]
-    worse = [r for r in out if r["metric"].better and "worse" in _direction(r["metric"], r["noise"]["delta"])]
-    better = [r for r in out if r["metric"].better and "better" in _direction(r["metric"], r["noise"]["delta"])]
-    neutral = [r for r in out if r["metric"].better is None]
-
-    def fam(rs):
-        counts = {}
-        for r in rs:
-            counts[r["metric"].family] = counts.get(r["metric"].family, 0) + 1
-        return ", ".join(f"{k} ×{v}" for k, v in counts.items()) or "none"
-
-    s = (f"Overall (step {int(last['step']):,} vs the seed): {len(out)} of {len(measured)} measured metrics are "
-         f"outside the noise band; {len(worse)} moved the worse way ({fam(worse)}), {len(better)} the better way "
-         f"({fam(better)}), {len(neutral)} have no preferred direction ({fam(neutral)}). ")
-    directional = len(worse) + len(better)
-    if directional >= 2 and max(len(worse), len(better)) >= COHERENT_SHARE * directional:
-        if len(worse) > len(better):
-            s += (f"Several metrics diverge from the seed in a coherent direction, but it is the worse one "
-                  f"({len(worse)} of {directional}): no continual-learning gain over the seed yet. ")
-        else:
-            s += (f"Several metrics diverge from the seed in a coherent, better direction ({len(better)} of "
-                  f"{directional}): a continual-learning gain over the seed. ")
-    else:
-        s += "No coherent divergence from the seed: the moved metrics do not agree in direction or are too few. "
-    testable = [r for r in measured if r["trend"]["kind"] not in ("too few", "constant")]
-    tested = [r for r in testable if not r["trend"].get("underpowered")]
-    trending = [r for r in tested if r["trend"]["kind"] in ("rising", "falling")]
-    where = f"the {segment(rel_step(last, phase), phase)} phase" if phase else "the trajectory"
-    if not tested and testable:
-        drifting = [r for r in testable if r["trend"]["kind"].startswith("drifting")]
-        return s + (f"Within {where} ({len(window)} saves) no trend test can reach p < {level:g} (smallest attainable "
-                    f"p = {_p(testable[0]['trend']['min_p'])}); {len(drifting)} of {len(testable)} metrics moved "
-                    f"monotonically, the others not: more saves are needed to call a trend or an oscillation.")
-    if not tested:
-        return s + f"Within {where} there are too few saves ({len(window)}) for a trend test."
-    chance = stats.binomtest(len(trending), len(tested), level, alternative="greater").pvalue
-    names = "; ".join(f"{r['metric'].label} {r['trend']['kind']}, p = {_p(r['trend']['p'])}" for r in trending)
-    s += (f"Within {where} ({len(window)} saves), {len(trending)} of {len(tested)} metrics "
-          f"{'shows' if len(trending) == 1 else 'show'} a monotonic trend at p < {level:g}" + (f" ({names})" if names else "") +
-          f", against {level * len(tested):.2f} expected by chance (binomial p = {_p(chance)}): ")
-    if chance < level:
-        s += f"{where} is a phase of monotonic change."
-    else:
-        s += f"{where} is an oscillation regime, not monotonic improvement."
-    return s
-
-
-def verdict(records, seed_index: int | None = None, level: float = 0.05) -> list[str]:
-    """The verdict lines: a context line, one sentence per metric, and the overall line.
-
-    ``seed_index`` indexes the records in step order; None (default) picks the seed by rule
-    (the record at the phase's start step, else the first)."""
-    recs = sort_records(records)
-    if not recs:
-        return ["No measurement records: nothing to judge."]
-    seed_i = seed_position(recs) if seed_index is None else seed_index
-    last_i = len(recs) - 1
-    phase = phase_of(recs)
-    seed, last = recs[seed_i], recs[last_i]
-    seg = segment(rel_step(last, phase), phase)
-    window = [r for r in recs[seed_i + 1:] if phase is None or segment(rel_step(r, phase), phase) == seg]
-    head = f"Seed {branch_name(seed)} (step {int(seed['step']):,}); newest {branch_name(last)} (step {int(last['step']):,})"
-    if phase is not None:
-        head += (f"; phase {phase.name}: warmup ends at step {phase.start_step + phase.warmup:,}, warmdown starts "
-                 f"at step {phase.start_step + phase.warmdown_start:,}; the newest save is in the {seg} phase")
-    lines = [head + "."]
-    if last_i == seed_i:
-        return lines + ["Only the seed is measured: no deltas and no trends yet."]
-    results = []
-    for m in metrics_for(recs):
-        line, res = _metric_sentence(m, recs, seed_i, last_i, phase, level, window)
-        lines.append(line)
-        results.append(res)
-    lines.append(_overall(results, last, phase, level, window))
-    return lines

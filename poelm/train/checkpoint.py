@@ -49,27 +49,32 @@ def _state_for_save(sd: dict) -> dict:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
 
 
-def write_manifest(d: Path) -> dict:
+def write_manifest(d: Path, provenance: dict | None = None) -> dict:
     files = {}
     for p in sorted(d.rglob("*")):
         if p.is_file() and p.name != "manifest.json":
             rel = p.relative_to(d).as_posix()
             files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     manifest = {"format": "poelm-checkpoint", "version": 1, "files": files}
+    if provenance:  # where an imported checkpoint came from (trajectory/nanochat.py)
+        manifest["provenance"] = provenance
     atomic_write_json(d / "manifest.json", manifest)
     return manifest
 
 
-def save(run_dir, step: int, model: PoEGPT, cfg, tokenizer, meta: dict, optim_state=None) -> Path:
+def save(run_dir, step: int, model: PoEGPT, cfg, tokenizer, meta: dict, optim_state=None, extra_tensors=None,
+         provenance=None) -> Path:
     """Write ``run_dir/step-XXXXX`` atomically and point ``run_dir/latest`` at it.
 
     ``optim_state`` is ``optimizer.full_state_dict()`` = (tensors, meta), gathered beforehand
-    (a collective under torch.distributed: every rank gathers, only rank 0 saves; see ``train``)."""
+    (a collective under torch.distributed: every rank gathers, only rank 0 saves; see ``train``).
+    ``extra_tensors`` ``{file name: {key: tensor}}``: more safetensors files of the checkpoint
+    (covered by the manifest); ``provenance``: a json-able dict stored in the manifest."""
     run_dir = Path(run_dir)
     final = run_dir / step_name(step)
     model_sd = _state_for_save(model.state_dict())
     try:
-        _write(final, model_sd, optim_state, cfg, tokenizer, meta, step)
+        _write(final, model_sd, optim_state, cfg, tokenizer, meta, step, extra_tensors, provenance)
     except OSError as e:
         newest = latest(run_dir)
         raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; nothing was replaced (newest complete checkpoint: {newest})") from None
@@ -77,7 +82,7 @@ def save(run_dir, step: int, model: PoEGPT, cfg, tokenizer, meta: dict, optim_st
     return final
 
 
-def _write(final: Path, model_sd, opt, cfg, tokenizer, meta, step):
+def _write(final: Path, model_sd, opt, cfg, tokenizer, meta, step, extra=None, provenance=None):
     with atomic_dir(final, overwrite=True) as tmp:
         save_file(model_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if opt is not None:
@@ -92,7 +97,9 @@ def _write(final: Path, model_sd, opt, cfg, tokenizer, meta, step):
         atomic_write_json(tmp / "meta.json", {**meta, "step": step})
         atomic_write_json(tmp / "config.json", cfg.to_dict())
         tokenizer.save(tmp)
-        write_manifest(tmp)
+        for name, tensors in (extra or {}).items():
+            save_file(_state_for_save(tensors), str(tmp / name), metadata={"format": "pt"})
+        write_manifest(tmp, provenance)
 
 
 def clean_run_dir(run_dir) -> None:

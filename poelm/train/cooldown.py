@@ -144,10 +144,7 @@ def _probe_config(src_cfg):
 
 def _fast_forward(loader, rows: int, chunk: int = 256) -> None:
     """Advance the loader by ``rows`` global rows (the data a fresh-optimizer probe skips)."""
-    while rows > 0:
-        k = min(chunk, rows)
-        loader.next_batch(k)
-        rows -= k
+    loader.skip(rows)  # rows not materialised, nor counted into the first step's batch hash
 
 
 def _build(src, cool: Cooldown, out: Path, rt, publisher, progress: bool, source_label, fresh: bool, tracking=None):

@@ -1,4 +1,6 @@
-"""ZeRO-2 sharding for ``PoEOptimizer``: who owns which parameter, and the collectives.
+"""ZeRO-2 sharding for poelm's optimizers: who owns which parameter, the collectives, and the
+engine (``ShardedOptimizer``) that ``PoEOptimizer`` (optim.py) and ``NanochatOptimizer``
+(optim_nanochat.py) share; they differ only in groups, update rules and state shapes.
 
 ZeRO stage 2 (Rajbhandari et al., arXiv:1910.02054): gradients are reduced so that each rank
 receives the *average* gradient only of what it owns, each rank keeps optimizer state and
@@ -30,12 +32,13 @@ Only ``torch.distributed`` primitives are used.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from poelm.core.errors import PoelmError
+from poelm.core.errors import CheckpointError, PoelmError
 
 WHOLE, SHARD, REPLICATED = "whole", "shard", "replicated"
 # Below this many elements a tensor is cheaper to all-reduce and update redundantly than to
@@ -206,14 +209,15 @@ class Comm:
         return fn(out, part.contiguous(), group=self.group, async_op=async_op)
 
     # --------------------------------------------------------------------------- checkpoints
-    def gather_full(self, s: Slot, local: torch.Tensor | None, keep: bool) -> torch.Tensor | None:
+    def gather_full(self, s: Slot, local: torch.Tensor | None, keep: bool, shape: tuple | None = None) -> torch.Tensor | None:
         """Full-shape copy (on CPU) of a per-rank state tensor; collective on all ranks.
-        Returns None on ranks with ``keep`` False (saves host memory off the writing rank)."""
+        Returns None on ranks with ``keep`` False (saves host memory off the writing rank).
+        ``shape``: the state tensor's full shape when it is not the parameter's (WHOLE only)."""
         p = s.param
         if self.world_size == 1 or s.layout == REPLICATED:
             full = local
         elif s.layout == WHOLE:
-            full = local if self.rank == s.owner else torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            full = local if self.rank == s.owner else torch.empty(shape or p.shape, dtype=p.dtype, device=p.device)
             dist.broadcast(full, src=self._global(s.owner), group=self.group)
         else:
             buf = torch.empty((s.chunk * self.world_size, *p.shape[1:]), dtype=local.dtype, device=local.device)
@@ -231,3 +235,237 @@ class Comm:
             a, b = s.row_range(self.rank)
             part = pad_rows(full[a:b], s.chunk)
         return part.to(device=s.param.device, dtype=s.param.dtype, copy=True)
+
+
+# ----------------------------------------------------------------------------- the optimizer engine
+class ShardedOptimizer:
+    """The ZeRO-2 engine of poelm's optimizers: parameter slots on the ``plan`` layout, the step
+    (average, clip, update what this rank owns, share), and world-size independent checkpoints.
+
+    A subclass names the groups (``_make_groups``, ``_group_of``: ``(group, "muon" | "adamw")``),
+    the state tensors (``state_shapes``), the update rules (``_muon_step``, ``_adamw_step``) and
+    the checkpoint ``_meta``. Usage per step: backward on every rank (each on its own micro-batch,
+    loss averaged as for one process), then ``set_lrm(lrm)``, ``step()``, ``zero_grad()``.
+    ``step()`` averages the gradients over ranks itself: do not wrap the model in DDP."""
+
+    STATE_FORMAT = ""
+    NAME = ""
+
+    def __init__(self, model: torch.nn.Module, optim_cfg, world_size: int = 1, rank: int = 0, process_group=None):
+        self.groups = self._make_groups(optim_cfg, model)
+        self.grad_clip = float(getattr(optim_cfg, "grad_clip", 0.0) or 0.0)
+        slots = [Slot(i, n, p, *self._group_of(n)) for i, (n, p) in enumerate(model.named_parameters())]
+        for s in slots:
+            if s.kind == "muon" and s.param.dim() != 2:
+                raise PoelmError(f"Muon parameter {s.name} has shape {tuple(s.param.shape)}: Muon needs a 2-D matrix")
+        self.slots = plan(slots, world_size)
+        self.world_size, self.rank = world_size, rank
+        self.comm = Comm(world_size, rank, process_group)
+        self.device = slots[0].param.device
+        self.state: dict[int, dict[str, torch.Tensor]] = {}  # owned state only, by slot index
+        self.param_steps = [0] * len(slots)  # AdamW bias-correction counts (replicated on all ranks)
+        self.step_count = 0
+        self.set_lrm(1.0)
+
+    # ------------------------------------------------------------------------- subclass hooks
+    def _make_groups(self, optim_cfg, model) -> dict:
+        """``{group name: object with base_lr and lr}``."""
+        raise NotImplementedError
+
+    def _group_of(self, name: str) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def state_shapes(self, s: Slot) -> dict[str, tuple]:
+        """Full (unsharded) shape of each optimizer-state tensor of slot ``s``."""
+        raise NotImplementedError
+
+    def _muon_step(self, s: Slot, g: torch.Tensor, grp, st: dict):
+        raise NotImplementedError
+
+    def _adamw_step(self, target: torch.Tensor, g: torch.Tensor, grp, st: dict, step: int):
+        raise NotImplementedError
+
+    def _meta(self) -> dict:
+        raise NotImplementedError
+
+    def _local_shape(self, s: Slot, full: tuple) -> tuple:
+        # Only AdamW tensors are row-sharded, and their state has the parameter's shape.
+        return s.local_shape(self.world_size) if s.layout == SHARD else tuple(full)
+
+    # ------------------------------------------------------------------------- hyper-parameters
+    def set_lrm(self, lrm: float, step: int | None = None, phase=None):
+        """Effective lr of every group = its base lr x ``lrm`` (the schedule's multiplier).
+        ``step``/``phase`` (the loop's global step and phase) are for subclasses whose other
+        hyper-parameters follow the schedule; Muon momentum here follows the step count."""
+        self.lrm = float(lrm)
+        for g in self.groups.values():
+            g.lr = g.base_lr * self.lrm
+
+    def zero_grad(self, set_to_none: bool = True):
+        for s in self.slots:
+            if s.param.grad is not None:
+                if set_to_none:
+                    s.param.grad = None
+                else:
+                    s.param.grad.zero_()
+
+    # ------------------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Average gradients over ranks, clip (if configured), update the owned parameters and
+        state, share the result. Returns the global L2 norm of the averaged gradient (before
+        clipping) as a 0-d fp32 tensor. Parameters without a gradient on every rank are skipped."""
+        has = self.comm.any_rank([s.param.grad is not None for s in self.slots], self.device)
+        active = [s for s, h in zip(self.slots, has) if h]
+        grads = {s.index: s.param.grad if s.param.grad is not None else torch.zeros_like(s.param) for s in active}
+        owned = self.comm.reduce_grads(active, grads)
+        norm = self._global_norm(active, owned)
+        coef = None
+        if self.grad_clip > 0:
+            coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        chunks = {}
+        for s in active:
+            self.param_steps[s.index] += 1
+            g = owned.get(s.index)
+            if g is None:
+                continue
+            if coef is not None:
+                g = g * coef.to(g.device, g.dtype)
+            grp, st = self.groups[s.group], self._state(s)
+            if s.kind == "muon":
+                self._muon_step(s, g, grp, st)
+                continue
+            if s.layout == SHARD:
+                a, b = s.row_range(self.rank)
+                target = torch.zeros(s.local_shape(self.world_size), dtype=s.param.dtype, device=s.param.device)
+                target[: b - a] = s.param.data[a:b]
+                chunks[s.index] = target
+            else:
+                target = s.param.data
+            self._adamw_step(target, g, grp, st, self.param_steps[s.index])
+        self.comm.sync_params(active, chunks)
+        self.step_count += 1
+        return norm
+
+    def _state(self, s: Slot) -> dict[str, torch.Tensor]:
+        st = self.state.get(s.index)
+        if st is None:
+            st = {k: torch.zeros(self._local_shape(s, shape), dtype=s.param.dtype, device=s.param.device)
+                  for k, shape in self.state_shapes(s).items()}
+            self.state[s.index] = st
+        return st
+
+    def _global_norm(self, active: list[Slot], owned: dict[int, torch.Tensor]) -> torch.Tensor:
+        # Each element counted once: WHOLE on its owner, SHARD chunks (pad rows are zero) on every
+        # rank, REPLICATED tensors (identical everywhere) on rank 0 only.
+        parts = [owned[s.index].float().square().sum() for s in active
+                 if s.index in owned and (s.layout != REPLICATED or self.rank == 0)]
+        sq = torch.stack(parts).sum() if parts else torch.zeros((), device=self.device)
+        return self.comm.all_reduce_sum(sq.to(self.device, torch.float32)).sqrt()
+
+    # ------------------------------------------------------------------------- accounting
+    def owned_state_numel(self) -> int:
+        """Optimizer-state elements held by this rank (SHARD chunks counted with their padding)."""
+        return sum(t.numel() for st in self.state.values() for t in st.values())
+
+    def unsharded_state_numel(self) -> int:
+        """Optimizer-state elements of the whole model on one rank (what ZeRO-2 divides)."""
+        return sum(math.prod(shape) for s in self.slots for shape in self.state_shapes(s).values())
+
+    def layout(self) -> list[dict]:
+        """Where every parameter lives: name, group, layout, owner rank / rows per rank."""
+        return [dict(name=s.name, group=s.group, layout=s.layout, owner=s.owner if s.layout == WHOLE else None,
+                     chunk=s.chunk if s.layout == SHARD else None) for s in self.slots]
+
+    # ------------------------------------------------------------------------- checkpoints
+    def full_state_dict(self, all_ranks: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+        """World-size independent state: ``({"<param>/<key>": full-shape CPU tensor}, meta)``.
+
+        A collective: call it on every rank. The tensors are returned on rank 0 (on every rank
+        with ``all_ranks``); elsewhere the dict is empty. ``meta`` (json-able) holds the step
+        counts, lrm and group hyper-parameters. Parameters never stepped have no state entry."""
+        keep = all_ranks or self.rank == 0
+        tensors = {}
+        for s in self.slots:
+            if self.param_steps[s.index] == 0:
+                continue
+            st = self.state.get(s.index, {})
+            for key, shape in self.state_shapes(s).items():
+                full = self.comm.gather_full(s, st.get(key), keep, shape)
+                if keep:
+                    tensors[f"{s.name}/{key}"] = full
+        return tensors, self._meta()
+
+    def load_full_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict):
+        """Load a ``full_state_dict`` saved at any world size; each rank keeps what it owns here.
+        Base lrs come from this optimizer's config (a new phase may change them); the step
+        counts and lrm come from ``meta``. Raises CheckpointError on a mismatched model."""
+        if not isinstance(meta, dict) or meta.get("format") != self.STATE_FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else None
+            raise CheckpointError(f"optimizer state has format {got!r}, expected {self.STATE_FORMAT!r}: not a checkpoint of this "
+                                  f"optimizer (optim.optimizer = {self.NAME!r})")
+        params = meta.get("params", {})
+        names = {s.name for s in self.slots}
+        for n in sorted(set(params) ^ names):
+            where = "the checkpoint" if n in params else "this model"
+            raise CheckpointError(f"optimizer state and model disagree: parameter {n!r} exists only in {where} (different architecture?)")
+        expected = set()
+        for s in self.slots:
+            rec = params[s.name]
+            if rec["group"] != s.group or list(rec["shape"]) != list(s.param.shape):
+                raise CheckpointError(f"optimizer state for {s.name} is group {rec['group']} shape {rec['shape']}, "
+                                      f"model has group {s.group} shape {list(s.param.shape)}")
+            if rec["step"] > 0:
+                expected |= {f"{s.name}/{k}" for k in self.state_shapes(s)}
+        if set(tensors) != expected:
+            bad = sorted(set(tensors) ^ expected)[0]
+            what = "unexpected" if bad in tensors else "missing"
+            raise CheckpointError(f"optimizer state tensor {bad!r} is {what}: the state tensors do not match their meta")
+        state = {}
+        for s in self.slots:
+            if params[s.name]["step"] == 0:
+                continue
+            st = {}
+            for key, shape in self.state_shapes(s).items():
+                t = tensors[f"{s.name}/{key}"]
+                if tuple(t.shape) != shape:
+                    raise CheckpointError(f"optimizer state {s.name}/{key} has shape {tuple(t.shape)}, expected {shape} "
+                                          f"for parameter shape {tuple(s.param.shape)}")
+                part = self.comm.local_part(s, t)
+                if part is not None:
+                    st[key] = part
+            if st:
+                state[s.index] = st
+        self.state = state
+        self.param_steps = [int(params[s.name]["step"]) for s in self.slots]
+        self.step_count = int(meta["step"])
+        self.set_lrm(meta.get("lrm", 1.0))
+        self._load_hyper(meta)
+
+    def _load_hyper(self, meta: dict):
+        """Schedule-driven hyper-parameters beyond lrm restored from ``meta`` (subclass hook)."""
+
+    def state_dict(self) -> dict:
+        """This rank's own (sharded) state, valid only for the same world size and rank; use
+        ``full_state_dict`` for checkpoints that must survive a change of world size."""
+        local = {f"{s.name}/{k}": t for s in self.slots for k, t in self.state.get(s.index, {}).items()}
+        return {"world_size": self.world_size, "rank": self.rank, "meta": self._meta(), "state": local}
+
+    def load_state_dict(self, sd: dict):
+        if sd.get("world_size") != self.world_size or sd.get("rank") != self.rank:
+            raise CheckpointError(f"optimizer state_dict is for rank {sd.get('rank')} of {sd.get('world_size')}, this is rank "
+                                  f"{self.rank} of {self.world_size}: use load_full_state_dict to reshard")
+        meta, by_name = sd["meta"], {s.name: s for s in self.slots}
+        state = {}
+        for key, t in sd["state"].items():
+            name, k = key.rsplit("/", 1)
+            s = by_name.get(name)
+            full = self.state_shapes(s).get(k) if s is not None else None
+            if full is None or tuple(t.shape) != self._local_shape(s, full):
+                raise CheckpointError(f"optimizer state_dict entry {key!r} does not fit this model")
+            state.setdefault(s.index, {})[k] = t.to(s.param.device, s.param.dtype).clone()
+        self.state = state
+        self.param_steps = [int(meta["params"][s.name]["step"]) for s in self.slots]
+        self.step_count = int(meta["step"])
+        self.set_lrm(meta.get("lrm", 1.0))
+        self._load_hyper(meta)

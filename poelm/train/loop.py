@@ -194,12 +194,10 @@ class Trainer:
         """One ``dist`` record: world size, accumulation and the optimizer-state elements each
         rank holds (ZeRO-2: about 1/W of ``optim_state_numel_unsharded`` per rank). A collective,
         called on every rank after the first step (the state is allocated lazily)."""
-        from poelm.train.optim import STATE_KEYS
-
         per_rank = torch.zeros(self.rt.world, dtype=torch.int64, device=self.rt.device)
         per_rank[self.rt.rank] = self.optimizer.owned_state_numel()
         _all_sum(per_rank, self.rt)
-        full = sum(s.param.numel() * len(STATE_KEYS[s.kind]) for s in self.optimizer.slots)
+        full = self.optimizer.unsharded_state_numel()
         self.log({"kind": "dist", "step": self.step + 1, "world_size": self.rt.world, "accum": self.accum,
                   "device_batch_size": self.cfg.train.device_batch_size, "tokens_per_step": self.tokens_per_step,
                   "optim_state_numel": per_rank.tolist(), "optim_state_numel_unsharded": full})
@@ -268,7 +266,7 @@ class Trainer:
         while self.step < end:
             t0 = time.time()
             m = lrm(self.step, self.phase)
-            self.optimizer.set_lrm(m)
+            self.optimizer.set_lrm(m, step=self.step, phase=self.phase)  # nanochat: momentum/wd schedules too
             loss_sum = torch.zeros(1, dtype=torch.float64, device=rt.device)
             ce_sum = torch.zeros(cfg.model.n_stages, dtype=torch.float64, device=rt.device)
             for _ in range(self.accum):
@@ -295,6 +293,7 @@ class Trainer:
                 self._log_layout()
                 first = False
             self.step += 1
+            self.log({"kind": "batch", "step": self.step, "hash": self.loader.batch_hash()})  # `poelm batch` re-derives it
             self.tokens += self.tokens_per_step
             self.tokens_in_phase += self.tokens_per_step
             dt = time.time() - t0
@@ -477,17 +476,23 @@ def check_same_run(base, new, allow: bool, tokenizer_src, tokenizer_new=None):
 
 
 def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=None, publisher=None, progress=True,
-                   allow_mismatch=False, overrides=None, source_label=None, after_save=None, tracking=None) -> dict:
+                   allow_mismatch=False, overrides=None, source_label=None, after_save=None, fresh_optimizer=False,
+                   tracking=None) -> dict:
     """Start a continual phase from an annealed checkpoint (SPEC "continual phase").
 
     Restores model, optimizer state and data position; the new phase is anchored at the resume
     step; its first save is the resume checkpoint itself (the "seed" row, rel_step 0).
     ``after_save``: called as ``after_save(trainer, ckpt_path)`` after every later save, e.g.
-    ``poelm.train.cooldown.Prober`` (cooldown probes between saves)."""
+    ``poelm.train.cooldown.Prober`` (cooldown probes between saves). ``fresh_optimizer``: start
+    AdamW/Muon from zero state (the only way on from a weights-only source, e.g. an imported
+    checkpoint without optimizer shards); recorded in every save's meta."""
     src_path = Path(source)  # a local checkpoint or export folder (``poelm.targets`` resolves TARGETs)
     src = ckpt_mod.load(src_path)
-    if src.optim_tensors is None:
-        raise CheckpointError(f"{src_path} carries no optimizer state (an exported branch?); continue from the run's checkpoint directory")
+    if src.optim_tensors is None and not fresh_optimizer:
+        raise CheckpointError(f"{src_path} carries no optimizer state (a weights-only import or an exported branch?); continue from the run's "
+                              "checkpoint directory, or pass --fresh-optimizer to start AdamW/Muon from zero state")
+    if fresh_optimizer:
+        src.optim_tensors = src.optim_meta = None
     cfg = continual_phase_config(src.config, phase_cfg, steps, tokens_budget, src.meta.get("tokens_per_step"))
     if overrides:
         d = config_mod.apply_overrides(cfg.to_dict(), overrides)
@@ -499,6 +504,8 @@ def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=No
         phase = cfg.schedule.phase(start_step=src.step)
         trainer = _make_trainer(cfg, Path(out_dir), rt, None, publisher, progress, phase=phase, init_ckpt=src, tracking=tracking)
         trainer.extra_meta = {"continued_from": str(source_label or src_path)}
+        if fresh_optimizer:
+            trainer.extra_meta["fresh_optimizer"] = True
         trainer.tokens_in_phase = 0
         try:
             trainer.save()  # the seed: identical weights, the new phase's rel_step 0

@@ -23,8 +23,9 @@ in a second on a laptop. Per rank, in bytes:
 the CUDA context, NCCL buffers and allocator fragmentation; otherwise the largest
 ``device_batch_size`` that fits (and still divides the global batch) is suggested.
 
-Time: FLOPs per token are ``PoEGPT.flops_per_token(context=seq_len/2)["train_total"]`` (3x the
-forward: the 6N rule plus attention); a step takes ``tokens_per_step x FLOPs/token /
+Time: FLOPs per token are ``PoEGPT.flops_per_token(seq_len=seq_len)["train_total"]`` (3x the
+forward: the 6N rule plus attention over a row's mean context, ``seq_len/2`` keys, or the window's
+mean on sliding-window layers, ``model.window_pattern``); a step takes ``tokens_per_step x FLOPs/token /
 (world x peak x MFU)`` seconds, with the card's dense bf16 peak; the token budget is
 ``schedule.steps x tokens_per_step``.
 """
@@ -43,8 +44,9 @@ from poelm import config as config_mod
 from poelm.core.errors import ConfigError
 from poelm.core.head import chunk_rows
 from poelm.core.model import PoEGPT
-from poelm.train.dist import WHOLE, Slot, plan as shard_plan
+from poelm.train.dist import SHARD, WHOLE, Slot, plan as shard_plan
 from poelm.train.optim import STATE_KEYS, group_of
+from poelm.train.optim_nanochat import group_of_names, state_shapes_of
 
 GiB = 2**30
 
@@ -135,11 +137,19 @@ def activation_bytes(mcfg, rows: int, seq_len: int, bf16: bool = False) -> dict:
             "backward": backward, "total": total}
 
 
-def optimizer_state_numel(model: torch.nn.Module, world: int, objective: str = "poe") -> list[int]:
-    """Optimizer-state elements each rank allocates: ``PoEOptimizer``'s ``_state`` shapes on the
-    ``dist.plan`` layout (``owned_state_numel`` of a real optimizer after its first step). Under
-    ``objective = "bp"`` the stage heads before the last get no gradient, hence no state."""
-    slots = [Slot(i, n, p, *group_of(n)) for i, (n, p) in enumerate(model.named_parameters())]
+def optimizer_state_numel(model: torch.nn.Module, world: int, objective: str = "poe", optimizer: str = "poelm") -> list[int]:
+    """Optimizer-state elements each rank allocates: the ``_state`` shapes of ``optimizer``'s
+    class (``"poelm"``: one Muon momentum / two AdamW moments of the parameter's shape;
+    ``"nanochat"``: Muon adds a factored second moment) on the ``dist.plan`` layout
+    (``owned_state_numel`` of a real optimizer after its first step). Under ``objective = "bp"``
+    the stage heads before the last get no gradient, hence no state."""
+    if optimizer == "nanochat":
+        where = group_of_names({n: tuple(p.shape) for n, p in model.named_parameters()})
+        slots = [Slot(i, n, p, *where[n]) for i, (n, p) in enumerate(model.named_parameters())]
+        shapes = lambda s: state_shapes_of(s.kind, s.param.shape)  # noqa: E731
+    else:
+        slots = [Slot(i, n, p, *group_of(n)) for i, (n, p) in enumerate(model.named_parameters())]
+        shapes = lambda s: {k: s.param.shape for k in STATE_KEYS[s.kind]}  # noqa: E731
     shard_plan(slots, world)
     K = model.config.n_stages
     idle = {f"stage_heads.{k}.weight" for k in range(K - 1)} if objective == "bp" else set()
@@ -147,7 +157,7 @@ def optimizer_state_numel(model: torch.nn.Module, world: int, objective: str = "
     for s in slots:
         if s.name in idle:
             continue
-        numel = math.prod(s.local_shape(world)) * len(STATE_KEYS[s.kind])
+        numel = sum(math.prod(s.local_shape(world) if s.layout == SHARD else shape) for shape in shapes(s).values())
         for r in range(world):
             if s.layout != WHOLE or s.owner == r:
                 per_rank[r] += numel
@@ -177,7 +187,7 @@ def plan(cfg, world: int, gpu: str = "h100", mfu: float = 0.4) -> dict:
         model = PoEGPT(cfg.model)
     mc, t = cfg.model, cfg.train
     n_params = sum(p.numel() for p in model.parameters())
-    state = optimizer_state_numel(model, world, mc.objective)
+    state = optimizer_state_numel(model, world, mc.objective, cfg.optim.optimizer)
     bf16 = _bf16(cfg)
     act = activation_bytes(mc, t.device_batch_size, cfg.seq_len, bf16)
     tokens_per_step = t.tokens_per_step or t.device_batch_size * cfg.seq_len * world
@@ -194,7 +204,7 @@ def plan(cfg, world: int, gpu: str = "h100", mfu: float = 0.4) -> dict:
                 if fixed + activation_bytes(mc, b, cfg.seq_len, bf16)["total"] <= HEADROOM * card.memory:
                     suggestion = b
                     break
-    flops = model.flops_per_token(context=cfg.seq_len / 2)
+    flops = model.flops_per_token(seq_len=cfg.seq_len)
     step_s = tokens_per_step * flops["train_total"] / (world * card.bf16_flops * mfu)
     steps = cfg.schedule.steps
     return {"world": world, "gpu": card, "mfu": mfu, "dtype": "bf16 autocast" if bf16 else "fp32", "n_params": n_params, "params": model.param_count(),
@@ -202,7 +212,7 @@ def plan(cfg, world: int, gpu: str = "h100", mfu: float = 0.4) -> dict:
             "activation": act, "tokens_per_step": tokens_per_step, "accum": accum, "flops_per_token": flops["train_total"],
             "step_s": step_s, "steps": steps, "budget_tokens": steps * tokens_per_step, "budget_s": steps * step_s,
             "device_batch_size": t.device_batch_size, "seq_len": cfg.seq_len, "vocab": mc.vocab_size,
-            "stage_layers": list(mc.stage_layers)}
+            "stage_layers": list(mc.stage_layers), "windows": mc.window_sizes()}
 
 
 def _gib(b: float) -> str:
@@ -252,11 +262,17 @@ def format_plan(p: dict, config_name: str) -> str:
         f"  total                                  {_gib(p['total'])}   of {g.memory / GiB:.1f} GiB ({usable / GiB:.1f} GiB usable at {HEADROOM:.0%}): "
         + ("fits" if p["fits"] else (f"does not fit, try device_batch_size={p['suggestion']}" if p["suggestion"]
                                     else "does not fit even at device_batch_size=1: use more ranks or a smaller model")),
-        f"compute: {p['flops_per_token']:.3g} FLOPs per token (training, 3x forward); one step {_duration(p['step_s'])} at MFU {p['mfu']:g} "
+        f"compute: {p['flops_per_token']:.3g} FLOPs per token (training, 3x forward{_window_note(p)}); one step {_duration(p['step_s'])} at MFU {p['mfu']:g} "
         f"({g.bf16_flops / 1e12:.0f} TFLOP/s dense bf16 per GPU)",
         f"budget: {p['steps']:,} steps x {p['tokens_per_step']:,} tokens = {_count(p['budget_tokens'])} tokens: {_duration(p['budget_s'])}",
     ]
     return "\n".join(lines)
+
+
+def _window_note(p) -> str:
+    """``, S layers attend within W keys`` when the model has sliding-window layers."""
+    short = sorted({w for w in p["windows"] if w < p["seq_len"] - 1})
+    return f", {sum(w in short for w in p['windows'])} sliding-window layers of {'/'.join(map(str, short))} keys" if short else ""
 
 
 def run_plan(config_path: str, world: int, gpu: str = "h100", mfu: float = 0.4, overrides=None) -> str:

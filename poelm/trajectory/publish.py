@@ -44,6 +44,7 @@ log = logging.getLogger("poelm.trajectory.publish")
 # fullmatch throughout: "$" would accept a trailing newline.
 STEP_BRANCH = re.compile(r"step-(\d{5,})")
 COOLDOWN_BRANCH = re.compile(r"cooldown-(\d{5,})-([1-9]\d*)")
+AVERAGE_BRANCH = re.compile(r"avg-(\d{5,})-([1-9]\d*)")  # poelm average: the mean of N saves ending at step XXXXX
 MANIFEST = export_mod.MANIFEST
 MEASURE = "poelm_measure.json"
 HUB_PREFIX = "hf://"
@@ -62,11 +63,11 @@ def check_branch(name: str, allow_main: bool = True, allow_cooldown: bool = True
     """Accept ``step-\\d{5,}`` (and ``main`` when reading, ``cooldown-XXXXX-N`` unless told
     otherwise); refuse everything else in one line."""
     if isinstance(name, str) and (STEP_BRANCH.fullmatch(name) or (allow_main and name == "main")
-                                  or (allow_cooldown and COOLDOWN_BRANCH.fullmatch(name))):
+                                  or (allow_cooldown and (COOLDOWN_BRANCH.fullmatch(name) or AVERAGE_BRANCH.fullmatch(name)))):
         return name
     allowed = "step-XXXXX (5+ digits) or main" if allow_main else "step-XXXXX (5+ digits)"
     if allow_cooldown:
-        allowed += " or cooldown-XXXXX-N"
+        allowed += " or cooldown-XXXXX-N or avg-XXXXX-N"
     raise PublishError(f"invalid branch {name!r}: expected {allowed}")
 
 
@@ -80,6 +81,13 @@ def cooldown_branch_name(step: int, steps: int) -> str:
 def cooldown_of(name: str) -> tuple[int, int] | None:
     """``(source step, steps)`` of a ``cooldown-XXXXX-N`` name; None for any other name."""
     m = COOLDOWN_BRANCH.fullmatch(name) if isinstance(name, str) else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def average_of(name: str) -> tuple[int, int] | None:
+    """``(newest averaged step, number of saves)`` of an ``avg-XXXXX-N`` name; None for any other name
+    (``poelm.trajectory.average`` writes these branches)."""
+    m = AVERAGE_BRANCH.fullmatch(name) if isinstance(name, str) else None
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
@@ -119,6 +127,10 @@ def cooldown_branches(refs: dict) -> list[str]:
     return sorted((b for b in refs if COOLDOWN_BRANCH.fullmatch(b)), key=cooldown_of)
 
 
+def average_branches(refs: dict) -> list[str]:
+    return sorted((b for b in refs if AVERAGE_BRANCH.fullmatch(b)), key=average_of)
+
+
 def list_branches(repo, api=None, cooldowns: bool = False) -> list[dict]:
     """The trajectory: one dict per step branch, by step: ``branch, step, tokens, lrm, phase,
     rel_step, bpb`` (full-K BPB from ``poelm_measure.json`` when measured, else None), ``main``
@@ -128,7 +140,8 @@ def list_branches(repo, api=None, cooldowns: bool = False) -> list[dict]:
     backend = open_repo(repo, api=api)
     refs = backend.refs()
     if cooldowns:
-        return list_branches(repo, api=api) + [_cooldown_row(backend, refs, b) for b in cooldown_branches(refs)]
+        return (list_branches(repo, api=api) + [_cooldown_row(backend, refs, b) for b in cooldown_branches(refs)]
+                + [_cooldown_row(backend, refs, b, average_of(b), "average") for b in average_branches(refs)])
     main = read_json(backend, "main", MANIFEST) if "main" in refs else None
     rows = []
     for b in step_branches(refs):
@@ -145,11 +158,11 @@ def list_branches(repo, api=None, cooldowns: bool = False) -> list[dict]:
     return rows
 
 
-def _cooldown_row(backend, refs, b: str) -> dict:
+def _cooldown_row(backend, refs, b: str, of=None, kind: str = "cooldown") -> dict:
     man = read_json(backend, b, MANIFEST) or {}
     rec = read_json(backend, b, MEASURE) or {}
-    src, n = cooldown_of(b)
-    return {"branch": b, "kind": "cooldown", "source_step": src, "steps": n, "step": man.get("step"), "tokens": man.get("tokens"),
+    src, n = of or cooldown_of(b)
+    return {"branch": b, "kind": kind, "source_step": src, "steps": n, "step": man.get("step"), "tokens": man.get("tokens"),
             "lrm": man.get("lrm"), "phase": man.get("phase"), "rel_step": man.get("rel_step"),
             "bpb": ((rec.get("bpb") or {}).get("full") or {}).get("value"), "main": False, "commit": refs[b]}
 
@@ -176,7 +189,9 @@ def read_records(repo, api=None) -> list[dict]:
     """Every step branch's ``poelm_measure.json``, sorted by step; unmeasured branches are skipped.
     Measured cooldown probes are not records of the trajectory: each rides on the record of the
     step it starts from, in ``cooldown_probes`` (on the first record, in
-    ``cooldown_probes_unmatched``, when that step is not measured; ``poelm.report.cooldown``)."""
+    ``cooldown_probes_unmatched``, when that step is not measured; ``poelm.report.cooldown``); a
+    measured weight average (``avg-XXXXX-N``) rides the same way on ``averages`` of step XXXXX
+    (``averages_unmatched``; ``poelm.report.averages``)."""
     backend = open_repo(repo, api=api)
     refs = backend.refs()
     out = sorted(_branch_records(backend, step_branches(refs)), key=lambda r: int(r.get("step", branch_step(r["branch"]))))
@@ -184,6 +199,9 @@ def read_records(repo, api=None) -> list[dict]:
     for probe in _branch_records(backend, cooldown_branches(refs)) if out else []:
         host = by_step.get(cooldown_of(probe["branch"])[0])
         (host or out[0]).setdefault("cooldown_probes" if host else "cooldown_probes_unmatched", []).append(probe)
+    for avg in _branch_records(backend, average_branches(refs)) if out else []:  # the same for weight averages
+        host = by_step.get(average_of(avg["branch"])[0])
+        (host or out[0]).setdefault("averages" if host else "averages_unmatched", []).append(avg)
     return out
 
 
@@ -352,7 +370,7 @@ def update_branch_files(repo, branch: str, files: dict[str, bytes], api=None) ->
     for name, data in files.items():
         entries[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     new_man = export_mod.manifest_dict({**cfg, "phase_name": cfg.get("phase_name", man.get("phase"))}, dict(sorted(entries.items())))
-    new_man.update({k: man[k] for k in ("kind", "cooldown") if k in man})  # a cooldown branch stays one
+    new_man.update({k: man[k] for k in ("kind", "cooldown", "average") if k in man})  # a cooldown / average branch stays one
     payload = dict(files)
     payload[MANIFEST] = (json.dumps(new_man, indent=2, sort_keys=True) + "\n").encode()
     if isinstance(backend, GitRepo):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import struct
 
+from poelm.trajectory import average
 from poelm.trajectory.hubrepo import STAGING
 from poelm.trajectory.publish import (MANIFEST, STEP_BRANCH, branch_name, branch_step, cooldown_branches, cooldown_of,
                                       main_step_of, open_repo, read_json, step_branches)
@@ -95,6 +96,7 @@ def verify(repo, api=None) -> list[str]:
         if t0 is not None and t1 is not None and not t1 > t0:
             problems.append(f"{b1}: tokens {t1} do not increase over {b0} ({t0})")
     problems += _verify_cooldowns(backend, refs)
+    problems += average.verify_averages(backend, refs, _check_files)  # avg-XXXXX-N branches, on their own
     main_step = main_step_of(backend, refs)
     if main_step is None:
         problems.append("main: missing or without a manifest")

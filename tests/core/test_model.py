@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from poelm.core import poe
-from poelm.core.model import KVCache, ModelConfig, PoEGPT
+from poelm.core.model import REFERENCE_OPS, KVCache, ModelConfig, PoEGPT
+
+# The reference's ops with a 3-key short window (rows below run past it); smear on.
+REF = {**REFERENCE_OPS, "short_window": 3}
+OPS = pytest.mark.parametrize("ops", [{}, REF], ids=["poelm-ops", "reference-ops"])
 
 
 def tiny(**kw):
@@ -164,8 +168,9 @@ def test_positions_and_attention_mask_by_hand():
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_batch_gives_each_row_its_own_log_probs(side):
-    m = tiny().eval()
+@OPS
+def test_padded_batch_gives_each_row_its_own_log_probs(side, ops):
+    m = tiny(**ops).eval()
     _perturb(m)
     g = torch.Generator().manual_seed(10)
     rows = [torch.randint(0, 300, (n,), generator=g) for n in (3, 9, 6, 1)]
@@ -182,12 +187,13 @@ def test_padded_batch_gives_each_row_its_own_log_probs(side):
             assert torch.allclose(out[i][mask[i].bool()], m(r[None])[0], atol=1e-5)
 
 
-def test_padded_cached_decode_equals_unpadded():
+@OPS
+def test_padded_cached_decode_equals_unpadded(ops):
     """Left-padded prefill then one slot at a time with per-row positions: each row's log-probs
     equal its own unpadded cached decode."""
     from poelm.core.inputs import positions_from_mask
 
-    m = tiny().eval()
+    m = tiny(**ops).eval()
     _perturb(m)
     g = torch.Generator().manual_seed(11)
     rows = [torch.randint(0, 300, (n,), generator=g) for n in (2, 5)]

@@ -10,18 +10,21 @@ from poelm.core import poe
 from poelm.core.errors import PoelmError
 from poelm.cli import TextStream, mode_kwargs
 from poelm.infer.engine import Engine, Sampler, parse_mode, wand_bounds_from
-from poelm.core.model import KVCache, ModelConfig, PoEGPT
+from poelm.core.model import REFERENCE_OPS, KVCache, ModelConfig, PoEGPT
+
+# The reference's ops with a 5-key short window, so every generation runs past the window.
+REF = {**REFERENCE_OPS, "short_window": 5}
+OPS = pytest.mark.parametrize("ops", [None, REF], ids=["poelm-ops", "reference-ops"])
 
 
-
-def make(seed=0, V=64, stage_layers=(2, 1, 1), head_noise=0.3, d=32, max_seq_len=48, scale=3.0, late=1.0):
+def make(seed=0, V=64, stage_layers=(2, 1, 1), head_noise=0.3, d=32, max_seq_len=48, scale=3.0, late=1.0, ops=None):
     """A tiny model with every weight random (init_weights zeroes c_proj and the stage heads, which
     would make every stage predict alike). ``head_noise`` scales the per-stage heads relative to
     the shared head: the larger, the more the stages disagree (lower speculative acceptance);
     ``late`` scales the output projections of the blocks after stage 0 (small: later stages
     barely change the stream, so stages agree and WAND exits early)."""
     cfg = ModelConfig(vocab_size=V, depth=sum(stage_layers), n_embd=d, n_head=4, n_kv_head=2, intermediate=2 * d,
-                      max_seq_len=max_seq_len, stage_layers=stage_layers)
+                      max_seq_len=max_seq_len, stage_layers=stage_layers, **(ops or {}))
     m = PoEGPT(cfg)
     m.init_weights(seed)
     g = torch.Generator().manual_seed(seed)
@@ -29,6 +32,8 @@ def make(seed=0, V=64, stage_layers=(2, 1, 1), head_noise=0.3, d=32, max_seq_len
         for name, p in m.named_parameters():
             if p.dim() == 2 and not name.startswith(("wte", "value_embeds")):
                 p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
+        if cfg.smear:
+            m.smear_lambda.fill_(0.7)  # init's 0 would make the smear a no-op
         m.lm_head.weight.mul_(scale)
         for h in m.stage_heads:
             h.weight.mul_(scale * head_noise)
@@ -55,10 +60,11 @@ def filled_cache_matches_plain_forward(model, st, seq):
 
 
 # ----------------------------------------------------------------------------- greedy equalities
-def test_speculative_greedy_equals_full_at_every_acceptance_count_with_exact_rollback():
+@OPS
+def test_speculative_greedy_equals_full_at_every_acceptance_count_with_exact_rollback(ops):
     hist = [0] * 5
     for seed, noise in ((0, 0.15), (1, 0.4), (2, 0.8)):
-        model = make(seed=seed, head_noise=noise)
+        model = make(seed=seed, head_noise=noise, ops=ops)
         eng = Engine(model)
         for i, p in enumerate(prompts_for(64, 6, [1, 3, 7, 12], seed=seed)):
             n = 5 + 4 * i
@@ -79,8 +85,9 @@ def test_speculative_greedy_equals_full_at_every_acceptance_count_with_exact_rol
     assert all(c > 0 for c in hist), hist  # every acceptance count 0..4 was exercised
 
 
-def test_speculative_batch_equals_full_batch_and_single_rows():
-    model = make(seed=3, head_noise=0.3)
+@OPS
+def test_speculative_batch_equals_full_batch_and_single_rows(ops):
+    model = make(seed=3, head_noise=0.3, ops=ops)
     eng = Engine(model)
     ps = prompts_for(64, 5, [4, 4, 6, 4, 9], seed=3)  # ragged: three length groups
     full = eng.generate(ps, 17, mode="full")
@@ -168,10 +175,11 @@ MODES = [dict(mode="full"), dict(mode="stage=0"), dict(mode="stage=1"), dict(mod
 
 
 @pytest.mark.parametrize("kw", MODES, ids=lambda kw: "-".join(str(v) for v in kw.values()))
-def test_left_padded_batch_equals_each_prompt_alone(kw):
+@OPS
+def test_left_padded_batch_equals_each_prompt_alone(kw, ops):
     """Five prompts of lengths 1..9 in one batch (no regrouping by length): each row's tokens,
     exit depths and per-round accepted counts are those it gets alone."""
-    model = make(seed=3, head_noise=0.3)
+    model = make(seed=3, head_noise=0.3, ops=ops)
     eng = Engine(model)
     ps = prompts_for(64, 5, [4, 1, 9, 6, 2], seed=3)
     batch = eng.generate(ps, 20, **kw)
@@ -187,7 +195,8 @@ def test_left_padded_batch_equals_each_prompt_alone(kw):
         assert len({tuple(r) for r in batch.accepted}) > 1  # rows keep their own accepted counts
 
 
-def test_speculative_holes_and_repacking_keep_every_row_exact(monkeypatch):
+@OPS
+def test_speculative_holes_and_repacking_keep_every_row_exact(monkeypatch, ops):
     """No slack for holes: the cache is repacked again and again; tokens and accepted counts stay
     each row's own, and right after every repack each live row's valid slots hold exactly the
     positions 0.. and the K/V of that row alone."""
@@ -206,7 +215,7 @@ def test_speculative_holes_and_repacking_keep_every_row_exact(monkeypatch):
         return n
 
     monkeypatch.setattr(engine_mod.DecodeState, "compact", recording)
-    model = make(seed=3, head_noise=0.3)
+    model = make(seed=3 if ops is None else 4, head_noise=0.3, ops=ops)  # seed 4: enough rejections to repack twice
     eng = Engine(model)
     ps = prompts_for(64, 4, [3, 8, 1, 5], seed=4)
     res = eng.generate(ps, 30, mode="speculative", m=3)
@@ -260,8 +269,9 @@ def test_global_seed_follows_torch_manual_seed():
 
 # ----------------------------------------------------------------------------- step logits vs cache-free model
 @pytest.mark.parametrize("mode,stages", [("stage=0", 0), ("stage=1", 1), ("stage=2", 2), ("prefix=1", range(1)), ("prefix=2", range(2)), ("full", None)])
-def test_step_log_probs_equal_cache_free_model(mode, stages):
-    model = make(seed=7)
+@OPS
+def test_step_log_probs_equal_cache_free_model(mode, stages, ops):
+    model = make(seed=7, ops=ops)
     ps = prompts_for(64, 2, [5], seed=7)
     res = Engine(model).generate(ps, 9, mode=mode, return_logprobs=True)
     for r in range(2):
@@ -279,8 +289,9 @@ def test_step_log_probs_equal_cache_free_model(mode, stages):
 
 
 # ----------------------------------------------------------------------------- WAND catch-up
-def test_wand_catch_up_fills_skipped_stages_exactly():
-    model = make(seed=8, head_noise=0.2, stage_layers=(1, 1, 1, 1))
+@OPS
+def test_wand_catch_up_fills_skipped_stages_exactly(ops):
+    model = make(seed=8, head_noise=0.2, stage_layers=(1, 1, 1, 1), ops=ops)
     eng = Engine(model)
     ps = prompts_for(64, 3, [6], seed=8)
     res = eng.generate(ps, 30, mode="wand", bounds=[1.0, 0.5, 0.25])

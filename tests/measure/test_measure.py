@@ -238,15 +238,18 @@ def test_bounds_land_in_checkpoint_and_export(ckpt, tmp_path):
 
     path, corpus = ckpt
     kw = dict(data=str(corpus), split_tokens=SPLIT, calib_tokens=CALIB, probe_set=None, progress=False, samples=50, seq_len=T)
-    rec = measure.measure_target(str(path), **kw)  # --data: calibration not written by default
+    with pytest.raises(PoelmError, match="--write-branch"):  # --data alone: the record would go nowhere
+        measure.measure_target(str(path), **kw)
+    rec = measure.measure_target(str(path), write_branch=True, **kw)  # --data: calibration not written by default
     assert rec["calibration_written"] == [] and not (path / "calibration.json").exists()
     assert rec["step"] == 120 and rec["rel_step"] == 20 and rec["lrm"] == 0.5 and rec["data"] == str(corpus)
+    assert rec["data_override"] is True and rec["record_written"] is True
     assert json.loads((path / measure.RECORD_NAME).read_text())["bpb"] == rec["bpb"]
     # `poelm eval` scores in the record survive a re-measurement (measure does not compute them)
     scored = json.loads((path / measure.RECORD_NAME).read_text())
     scored["benchmarks"] = [{"task": "poelm_devils_cloze", "metric": "acc", "value": 0.5}]
     (path / measure.RECORD_NAME).write_text(json.dumps(scored))
-    rec = measure.measure_target(str(path), write_calibration=True, **kw)
+    rec = measure.measure_target(str(path), write_calibration=True, write_branch=True, **kw)
     assert rec["benchmarks"] == scored["benchmarks"]
     assert json.loads((path / measure.RECORD_NAME).read_text())["benchmarks"] == scored["benchmarks"]
     assert rec["calibration_written"] == ["calibration.json", "manifest.json"]
@@ -282,22 +285,79 @@ def test_cli_measure(ckpt, tmp_path):
 
 def test_spec_teacher_forced_matches_engine(tok, tokens, monkeypatch):
     model = make_model(tok, 8)
-    rec = run(model, tok, tokens, probe_set="embedded", max_new_tokens=8, m=3, timing_prompts=12, timing_tokens=8, timing_repeats=2)
-    s = rec["spec"]
-    assert s["mode"] == "engine" and s["identical_outputs"] == s["prompts"] == 12
-    assert s["acceptance"] == s["teacher_forced"]["acceptance"]
-    assert s["mean_accepted"] == pytest.approx(s["teacher_forced"]["mean_accepted"])
-    assert s["full_consistency_mismatches"] == 0 and sum(s["accept_hist"]) == s["rounds"]
+    kw = dict(probe_set="embedded", max_new_tokens=8, m=3, gen_prompts=12, gen_tokens=8, timing_prompts=3, timing_tokens=8,
+              timing_repeats=2, cap=0.7)
+    rec = run(model, tok, tokens, **kw)
+    s, g = rec["spec"], rec["generation"]
+    assert g["prompts"] == 12 and g["new_tokens_per_prompt"] == 8 and g["seed"] == 0 and len(g["starts"]) == 12
+    assert s["mode"] == "engine" and s["prompts"] == 12 and s["new_tokens"] == 96 and s["timed_prompts"] == 3
+    assert s["identical_outputs"] == 3 and s["full_consistency_mismatches"] == 0
+    assert s["engine_check"]["acceptance"] == s["engine_check"]["teacher_forced"]  # the engine's rounds are the exact ones
+    assert s["acceptance"] == pytest.approx(s["accepted"] / s["proposed"])
+    assert s["acceptance_ci"][0] <= s["acceptance"] <= s["acceptance_ci"][1] and s["acceptance_ci"][0] < s["acceptance_ci"][1]
     assert len(s["speedup"]["repeats"]) == 2 and s["speedup"]["ci"][0] <= s["speedup"]["value"] <= s["speedup"]["ci"][1]
-    assert rec["timing"]["prompts"] == 12 and rec["timing"]["new_tokens"] == 96 and rec["timing"]["repeats"] == 2
-    g = rec["wand"]["generation"]
-    assert sum(g["depth_hist"]) == 96 and 1 <= g["mean_depth"] <= 4 and 0 <= g["agreement"] <= 1
+    assert rec["timing"]["prompts"] == 3 and rec["timing"]["new_tokens"] == 24 and rec["timing"]["repeats"] == 2
+    assert "bootstrap over rounds and prompts" in rec["timing"]["interval"]
+    w = rec["wand"]["generation"]
+    assert sum(w["depth_hist"]) == 96 and 1 <= w["mean_depth"] <= 4 and 0 <= w["agreement"] <= 1 and w["prompts"] == 12
+    assert w["mean_depth_ci"][0] <= w["mean_depth"] <= w["mean_depth_ci"][1]
     monkeypatch.setattr(timing, "get_engine", lambda model: None)
-    tf = run(model, tok, tokens, probe_set="embedded", max_new_tokens=8, m=3)
+    tf = run(model, tok, tokens, **kw)
     assert tf["spec"]["mode"] == "teacher_forced" and tf["spec"]["speedup"] is None
-    assert tf["spec"]["acceptance"] == s["acceptance"]
+    assert tf["spec"]["acceptance"] == s["acceptance"] and tf["spec"]["acceptance_ci"] == s["acceptance_ci"]
     assert tf["probe"]["generator"] == "builtin"
     assert [r["continuation"] for r in tf["probe"]["results"]] == [r["continuation"] for r in rec["probe"]["results"]]
+
+
+def test_generation_set_is_cut_from_the_slice_deterministically(tok, tokens):
+    from poelm.measure.genset import cut_prompts
+
+    meas = tokens[:1500]
+    a, sa = cut_prompts(meas, tok.bos_id, 10, 40, seed=3)
+    b, sb = cut_prompts(meas, tok.bos_id, 10, 40, seed=3)
+    c, sc = cut_prompts(meas, tok.bos_id, 10, 40, seed=4)
+    assert a == b and sa == sb and sa != sc and len(a) == 10
+    ids = meas.tolist()
+    for p, s in zip(a, sa):
+        assert p[0] == tok.bos_id and tok.bos_id not in p[1:] and 2 <= len(p) <= 41
+        assert s // 150 == sa.index(s)  # one context per stratum of 1500 / 10 positions
+        win = ids[s:s + 40]
+        assert any(p[1:] == win[k:k + len(p) - 1] for k in range(41 - len(p) + 1))  # a run of the slice itself
+    assert cut_prompts(meas[:3], tok.bos_id, 10, 40)[0] != []  # a short slice gives fewer prompts, not an error
+
+
+def test_crossed_bootstrap_by_hand():
+    from scipy import stats
+
+    from poelm.measure.bootstrap import crossed_bootstrap, expanded_tail
+
+    # Hesterberg's expanded percentile tail: t with n-1 dof and the sqrt(n/(n-1)) correction; z = 1.96 as n grows
+    assert expanded_tail(8) == pytest.approx(stats.norm.cdf(-math.sqrt(8 / 7) * 2.364624), rel=1e-4)
+    assert expanded_tail(10**6) == pytest.approx(0.025, abs=1e-4) and expanded_tail(8) < expanded_tail(32) < 0.025
+
+    num = [[2.0, 4.0], [2.0, 4.0]]
+    den = [[1.0, 2.0], [1.0, 2.0]]  # every cell's ratio is 2: every resample gives 2
+    p, lo, hi = crossed_bootstrap([num, den], lambda S: (S[:, 0] / S[:, 1])[:, None], samples=200, seed=1)
+    assert p[0] == pytest.approx(2.0) and lo[0] == pytest.approx(2.0) and hi[0] == pytest.approx(2.0)
+    den = [[1.0, 4.0], [1.0, 4.0]]  # prompt 0 ratio 2, prompt 1 ratio 1: the interval spans the prompts' spread
+    p, lo, hi = crossed_bootstrap([num, den], lambda S: (S[:, 0] / S[:, 1])[:, None], samples=400, seed=1)
+    assert p[0] == pytest.approx(6 / 5) and lo[0] == pytest.approx(1.0) and hi[0] == pytest.approx(2.0)
+
+
+def test_second_prompt_seed_lands_inside_the_first_intervals(tok, tokens):
+    """Issue 22: generation figures with intervals over prompts survive a fresh draw of prompts
+    (the untimed ones here; the timed speedups are checked on the demo model, see the report)."""
+    model = make_model(tok, 8)
+    kw = dict(probe_set="embedded", max_new_tokens=4, m=3, gen_prompts=24, gen_tokens=12, timing_prompts=2, timing_tokens=4,
+              timing_repeats=1, cap=0.7)
+    one, two = (run(model, tok, tokens, gen_seed=s, **kw) for s in (0, 1))
+    assert one["generation"]["starts"] != two["generation"]["starts"]
+    for key in ("acceptance", "mean_accepted"):
+        lo, hi = one["spec"][f"{key}_ci"]
+        assert lo <= two["spec"][key] <= hi, key
+    for key in ("agreement", "mean_depth"):
+        lo, hi = one["wand"]["generation"][f"{key}_ci"]
+        assert lo <= two["wand"]["generation"][key] <= hi, key
 
 
 def test_prompt_sets_and_grading_on_the_start(tmp_path):
@@ -366,7 +426,8 @@ def test_branch_target_gets_bounds_and_record(ckpt, tmp_path):
     repo = tmp_path / "traj"
     branch = publish.publish(path, str(repo))
     rec = measure.measure_target(f"{repo}@{branch}", data=str(corpus), write_calibration=True, split_tokens=SPLIT, calib_tokens=CALIB,
-                                 probe_set=None, progress=False, samples=50, seq_len=T, against=f"{repo}@{branch}")
+                                 probe_set=None, progress=False, samples=50, seq_len=T, against=f"{repo}@{branch}", write_branch=True)
+    assert rec["data_override"] is True
     assert rec["branch"] == branch and rec["target"] == f"{repo}@{branch}" and rec["calibration_written"] == ["config.json"]
     assert rec["against"]["deltas"]["bpb.full"]["value"] == 0.0
     stored = publish.read_records(str(repo))
@@ -400,7 +461,6 @@ def test_probe_row_without_room_is_a_failed_row(tok):
     pr = probe.run_probe(model, tok, [probe._prompt(long, "test", 0), ok], "custom", 5)
     assert pr["results"][0]["pass"] is False and "max_seq_len" in pr["results"][0]["error"]
     assert pr["results"][1]["pass"] is True and pr["passed"] == 1 and pr["total"] == 2
-    assert timing.teacher_forced_spec(model, pr, 4)["prompts"] == 1
 
 
 def test_single_stage_model(tok, tokens):
@@ -424,3 +484,48 @@ def test_bf16_autocast_and_bad_options(tok, tokens):
         run(model, tok, tokens, split_tokens=0)
     rec = run(model, tok, tokens, routing_metric="target_regression", confidence="margin", cap=0.5)
     assert rec["routing"]["metric"] == "target" and rec["routing"]["confidence"] == "margin"  # the old name is an alias
+
+
+def _snapshot(repo):
+    """Every ref's SHA and every work-tree file's bytes of a trajectory repository."""
+    refs = subprocess.run(["git", "-C", str(repo), "for-each-ref", "--format=%(refname) %(objectname)"], capture_output=True,
+                          text=True, check=True).stdout
+    files = {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file() and ".git" not in p.parts}
+    return refs, files
+
+
+def test_out_no_write_and_data_leave_the_trajectory_alone(ckpt, tmp_path):
+    """--out writes only FILE, --no-write nothing, --data nothing into the branch unless --write-branch
+    (issue 22: a --data --out measurement used to replace the branch's val-split record)."""
+    from poelm.trajectory import publish
+
+    path, corpus = ckpt
+    repo = tmp_path / "traj"
+    branch = publish.publish(path, str(repo))
+    kw = dict(split_tokens=SPLIT, calib_tokens=CALIB, probe_set=None, progress=False, samples=50, seq_len=T)
+    first = measure.measure_target(f"{repo}@{branch}", **kw)  # the branch's own record: val split
+    assert first["record_written"] and first["calibration_written"] == ["config.json"]
+    before = _snapshot(repo)
+    assert f"refs/heads/{branch}" in before[0] and "refs/heads/main" in before[0]
+    flags = ["--split-tokens", str(SPLIT), "--calib-tokens", str(CALIB), "--probe", "none", "--samples", "50", "--seq-len", str(T), "--quiet"]
+    target = f"{repo}@{branch}"
+    for extra, out in ((["--out", str(tmp_path / "a.json")], tmp_path / "a.json"),
+                       (["--no-write"], None),
+                       (["--data", str(corpus), "--out", str(tmp_path / "b.json")], tmp_path / "b.json")):
+        r = subprocess.run([sys.executable, "-m", "poelm", "measure", target, *flags, *extra], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "model cards refreshed" not in r.stdout
+        assert _snapshot(repo) == before, extra
+        if out is not None:
+            assert json.loads(out.read_text())["bpb"]["full"]["value"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["data"] == str(corpus)
+    r = subprocess.run([sys.executable, "-m", "poelm", "measure", target, *flags, "--data", str(corpus)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "--write-branch" in r.stderr
+    assert _snapshot(repo) == before
+    stored = publish.read_records(str(repo))
+    assert stored[0]["data"] == "val split" and stored[0]["bpb"] == first["bpb"] and "data_override" not in stored[0]
+    rec = measure.measure_target(target, data=str(corpus), write_branch=True, **kw)  # asked for: written, marked
+    stored = publish.read_records(str(repo))
+    assert stored[0]["data"] == str(corpus) and stored[0]["data_override"] is True and stored[0]["bpb"] == rec["bpb"]
+    assert _snapshot(repo)[0] != before[0]

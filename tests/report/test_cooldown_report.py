@@ -11,7 +11,7 @@ import pytest
 
 from poelm.report import cooldown as C
 from poelm.report import tables as R
-from poelm.report import verdict as V
+from poelm.report import judge as V
 from poelm.report.plots import series
 
 FIXTURE = Path(__file__).parent / "card_trajectory.json"

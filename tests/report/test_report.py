@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from poelm.report import tables as R
+from poelm.report import judge as J
 from poelm.report import verdict as V
 from poelm.core.errors import PoelmError
 from poelm.report.plots import figures, make_plots, series
@@ -27,7 +28,7 @@ def recs():
 
 @pytest.fixture(scope="module")
 def lines(recs):
-    return V.verdict(recs)
+    return J.verdict(recs)
 
 
 def md_tables(md: str) -> dict[str, tuple[list[str], dict[str, list[str]]]]:
@@ -41,7 +42,7 @@ def md_tables(md: str) -> dict[str, tuple[list[str], dict[str, list[str]]]]:
             if head not in out:
                 out[head] = (cells, {})
             else:
-                out[head][1][cells[0].replace("`", "").replace(" (seed)", "")] = cells[1:]
+                out[head][1][cells[0].replace("`", "").replace(" (seed)", "").replace(" (best)", "")] = cells[1:]
     return out
 
 
@@ -140,12 +141,13 @@ def test_branches_table_positions_and_notes(recs):
     assert rows["step-86000"][3] == "first save after warmup; vs seed: BPB +0.097457 / acc -4.40pp / α -4.50pp"
 
 
-def test_deltas_table_states_missing_intervals(recs):
-    head, rows = section(md_tables(R.build_tables(recs)), "Deltas vs the seed")
-    col = head.index("full K=4 BPB") - 1
-    assert rows["step-83923"][col] == "—"
-    assert rows["step-86000"][col] == "+0.097457 (CI n/a)"
-    assert rows["step-96000"][head.index("routing fraction to stage 0") - 1] == "-14.54 pp (CI n/a)"
+def test_branch_notes_carry_the_paired_interval_when_there_is_one(recs):
+    rs = copy.deepcopy(recs[:3])
+    rs[2]["against"] = {"target": "cognica/Cognica-PoE-v1.0-3B-base-continual-learning@step-83923",
+                        "deltas": {"bpb.full": {"value": 0.097457, "ci": [0.0951, 0.0998]}}}
+    _, rows = section(md_tables(R.build_tables(rs)), "Branches")
+    assert rows["step-86000"][3] == "first save after warmup; vs seed: BPB +0.097457 [+0.095100, +0.099800] / acc -4.40pp / α -4.50pp"
+    assert rows["step-84000"][3] == "vs seed: BPB -0.000151 / acc -0.01pp / α -1.16pp"  # no against block: no interval
 
 
 # ----------------------------------------------------------------------------- verdict
@@ -158,9 +160,9 @@ def _line(lines, label):
 def test_verdict_bpb_lr_shock_then_peak_phase_oscillation(lines):
     full = _line(lines, "full K=4 BPB")
     assert "Δ +0.102625 (95% interval not available)" in full
-    assert "outside the noise band (seed → first save at step 84,000: |Δ| 0.000151)" in full
+    assert "outside the noise band (warmup floor 0.000151)" in full
     assert "worse than the seed" in full
-    assert "+0.097608 at step 86,000 (the first save after warmup), is an LR shock" in full
+    assert "LR shock: +0.097608 at step 86,000, the first save after warmup" in full
     assert "Within the peak phase (6 saves, steps 86,000–96,000): no monotonic trend" in full
     assert "oscillating within an envelope of 0.822195–0.832245, range 0.010050" in full
     # every BPB series (training log, full, each stage) oscillates within the peak phase
@@ -175,11 +177,14 @@ def test_verdict_noise_band_and_overall(lines):
     assert "inside the noise band" in _line(lines, "spec acceptance α")  # 0.9853 vs 0.9852, floor 0.0116
     assert "indistinguishable from the seed" in _line(lines, "spec acceptance α")
     assert "not measured at the newest save" in _line(lines, "probe prompts passed")
-    overall = lines[-1]
-    assert overall.startswith("Overall (step 96,000 vs the seed): 15 of 18 measured metrics are outside the noise band; "
-                              "11 moved the worse way")
-    assert "coherent direction, but it is the worse one (11 of 12)" in overall
-    assert "the peak phase is an oscillation regime" in overall
+    quality = next(ln for ln in lines if ln.startswith("Quality ("))
+    assert quality.startswith("Quality (step 96,000 vs the seed): 9 of 9 figures outside the noise band: 0 the better way (none), "
+                              "9 the worse way (BPB ×7, accuracy ×2)")
+    assert "Coherent divergence from the seed in the worse direction" in quality
+    eff = next(ln for ln in lines if ln.startswith("Inference efficiency ("))
+    assert "3 of 5 figures outside the noise band" in eff and "not how good the model is" in eff
+    trend = next(ln for ln in lines if ln.startswith("Trends within"))
+    assert "the peak phase is an oscillation regime" in trend
 
 
 def test_trend_and_noise_by_hand():
@@ -201,12 +206,10 @@ def test_against_block_gives_delta_interval(recs):
     rs = copy.deepcopy(recs[:3])
     rs[2]["against"] = {"target": "cognica/Cognica-PoE-v1.0-3B-base-continual-learning@step-83923",
                         "deltas": {"bpb.full": {"value": 0.097457, "ci": [0.0951, 0.0998]}}}
-    head, rows = section(md_tables(R.build_tables(rs)), "Deltas vs the seed")
-    assert rows["step-86000"][head.index("full K=4 BPB") - 1] == "+0.097457 [+0.095100, +0.099800]"
-    full = _line(V.verdict(rs), "full K=4 BPB")
-    assert "95% CI [+0.095100, +0.099800]" in full and "bootstrap interval excludes no change" in full
+    full = _line(J.verdict(rs), "full K=4 BPB")
+    assert "95% CI [+0.095100, +0.099800]" in full and "interval excludes no change" in full
     rs[2]["against"]["target"] = "some/other@step-1"  # an interval against another checkpoint is not a delta vs the seed
-    assert "95% interval not available" in _line(V.verdict(rs), "full K=4 BPB")
+    assert "95% interval not available" in _line(J.verdict(rs), "full K=4 BPB")
 
 
 # ----------------------------------------------------------------------------- missing measurements
@@ -224,7 +227,7 @@ def test_missing_measurement_renders_not_measured(recs, tmp_path):
     assert section(tables, "Confidence-aware routing")[1]["step-92000"][1:] == ["not measured"] * 3
     assert section(tables, "Per-checkpoint val BPB")[1]["step-94000"][2] == "not measured"
     assert section(tables, "WAND p99 bounds")[1]["step-96000"][1:] == ["not measured"] * 3
-    lines = V.verdict(rs)
+    lines = J.verdict(rs)
     assert "not measured at the newest save" in _line(lines, "WAND p99 bound 0 → 1")
     assert "(5 saves, steps 86,000–96,000)" in _line(lines, "training-log val BPB")
     paths = R.write_report(rs, tmp_path)
@@ -363,14 +366,17 @@ def test_new_sections_name_the_metric_tau_and_measured_speedups(recs):
     card = section(tables, "Confidence-aware routing")[1]
     assert card["step-83923"][1:3] == ["cap met with no threshold", "—"] and card["step-84000"][1] == "87.86%"
     head, rows = section(tables, "Routing calibration")
-    assert rows["step-83923"][1:4] == ["agreement ≤ 0.02 (maxprob)", "0 (cap met with no threshold)", "0.0120"]
-    assert rows["step-83923"][5] == "cap met with no threshold" and rows["step-83923"][7] == "not timed (no threshold)"
-    assert rows["step-84000"][2] == "0.1800" and rows["step-84000"][7] == "1.10x [1.05x, 1.20x]"
-    assert "FLOP projection" in head[7] and rows["step-84000"][6] == "1.756x"
+    assert head[2:] == ["τ", "metric at τ = 0 (calib)", "metric at τ (held out)", "measured route speedup", "route agreement with full"]
+    assert rows["step-83923"][1:3] == ["0 (cap met with no threshold)", "0.0120"]
+    assert rows["step-83923"][4] == "not timed (no threshold)"
+    assert set(rows) == {"step-83923", "step-84000", "step-86000"}  # seed, best and newest: the audit rows
+    assert "| `step-84000` (best) |" in R.build_tables(rs)
+    assert rows["step-86000"][1] == "0.1900" and rows["step-86000"][4] == "1.10x [1.05x, 1.20x]"
+    assert "Metric: agreement ≤ 0.02 (maxprob confidence)" in R.build_tables(rs)
     _, rows = section(tables, "WAND adaptive depth")
     assert rows["step-86000"][1:] == ["0.9900", "0.9800", "2/4", "0.95x [0.90x, 1.00x]", "2.50", "30 / 4 / 6 / 24"]
     _, rows = section(tables, "Speculative decoding timing")
-    assert rows["step-86000"][1:5] == ["2.10x [2.05x, 2.15x]", "1.90x [1.80x, 2.00x]", "0.410 [0.400, 0.420]", "1 / 0 / 2 / 3 / 10"]
+    assert rows["step-86000"][1:4] == ["1.90x [1.80x, 2.00x]", "0.410 [0.400, 0.420]", "1 / 0 / 2 / 3 / 10"]
     assert section(tables, "Self-speculative decoding")[1]["step-84000"][3] == "1.80x [1.75x, 1.85x]"
     head, rows = section(tables, "Probe grades per prompt")
     assert head[:3] == ["Prompt", "expected start", "`step-83923` (seed)"]
@@ -379,19 +385,25 @@ def test_new_sections_name_the_metric_tau_and_measured_speedups(recs):
     probe = section(tables, "Sample-mode probe")[1]
     assert probe["step-84000"][2] == "✓ An obsolescent appliance for it."  # the graded start, not the whole continuation
     md = R.build_tables(rs)
-    assert "4 probe prompts × 16 new tokens" in md and "median of 3 rounds" in md
+    assert "4 probe prompts × 16 new tokens, median [min, max] of 3 rounds" in md  # a record from before issue 22
+    for r in rs:
+        r["timing"]["interval"] = "95% crossed bootstrap over rounds and prompts"
+        r["generation"] = {"prompts": 32, "context_tokens": 64, "new_tokens_per_prompt": 32, "seed": 5}
+    md = R.build_tables(rs)
+    assert "4 prompts of the generation set × 16 new tokens × 3 interleaved rounds, 95% interval over rounds and prompts" in md
+    assert "32 contexts of 64 tokens cut from the measurement slice (seed 5) × 32 greedy new tokens, 95% interval over prompts" in md
 
 
 def test_verdict_calls_a_timing_change_real_only_beyond_its_interval(recs):
     rs = _with_new_fields(recs)
-    line = _line(V.verdict(rs), "spec end-to-end speedup")  # 1.50 [1.45, 1.55] -> 2.10 [2.05, 2.15]: no overlap
-    assert "outside the noise band" in line and "intervals over the timing rounds do not overlap" in line
+    line = _line(J.verdict(rs), "spec end-to-end speedup")  # 1.50 [1.45, 1.55] -> 2.10 [2.05, 2.15]: no overlap
+    assert "outside the noise band" in line and "intervals do not overlap" in line
     rs[2]["spec"]["speedup"]["ci"] = [1.50, 2.20]  # overlapping intervals: not a change, whatever the warmup floor says
-    line = _line(V.verdict(rs), "spec end-to-end speedup")
+    line = _line(J.verdict(rs), "spec end-to-end speedup")
     assert "inside the noise band" in line and "indistinguishable from the seed" in line
     rs[2]["spec"]["speedup"] = 2.10  # a bare number (an old record): no interval, no call
-    line = _line(V.verdict(rs), "spec end-to-end speedup")
-    assert "noise band not available (a timing figure needs the intervals" in line
+    line = _line(J.verdict(rs), "spec end-to-end speedup")
+    assert "noise band not available (a timing figure needs both records' intervals)" in line
     nt = V.noise_test(rs, 0, 2, "spec.speedup", V.phase_of(rs), timing=True)
     assert nt["floor"] is not None and nt["outside"] is None  # the floor alone does not decide a timing figure
     assert V.noise_test(rs, 0, 2, "spec.speedup", V.phase_of(rs))["outside"] is True

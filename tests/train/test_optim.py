@@ -92,6 +92,25 @@ def test_every_parameter_in_exactly_one_group(over):
     assert set(by.values()) <= set(opt.groups) and len(by) == len(list(model.parameters()))
 
 
+def test_reference_ops_scalars_train_under_poelms_optimizer():
+    """smear_gate / smear_lambda / backout_lambda (the reference's ops) land in the smear group at
+    the reference's fixed lr 0.2, undecayed; one step moves smear_gate by lr (Adam's first step)."""
+    from poelm.train.optim import SMEAR_LR
+
+    model = tiny_model(smear=True, backout=True)
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    by = {d["name"]: d["group"] for d in opt.layout()}
+    assert {n for n, g in by.items() if g == "smear"} == {"smear_gate.weight", "smear_lambda", "backout_lambda"}
+    assert opt.groups["smear"].lr == SMEAR_LR == 0.2 and opt.groups["smear"].weight_decay == 0.0
+    before = model.smear_gate.weight.detach().clone()
+    model.smear_gate.weight.grad = torch.ones_like(before)
+    for n, p in model.named_parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    torch.testing.assert_close(model.smear_gate.weight.detach(), before - SMEAR_LR, atol=1e-6, rtol=0)
+
+
 def test_unknown_parameter_is_an_error():
     model = tiny_model()
     model.extra_bias = torch.nn.Parameter(torch.zeros(3))
@@ -103,7 +122,7 @@ def test_set_lrm_scales_every_group():
     cfg = OptimConfig()
     opt = build_optimizer(tiny_model(), cfg)
     base = {"matrix": cfg.matrix_lr, "embedding": cfg.embedding_lr, "unembedding": cfg.unembedding_lr,
-            "gate": cfg.matrix_lr, "resid": cfg.scalar_lr * RESID_LR_SCALE, "x0": cfg.scalar_lr}
+            "gate": cfg.matrix_lr, "resid": cfg.scalar_lr * RESID_LR_SCALE, "x0": cfg.scalar_lr, "smear": 0.2}
     assert {n: g.lr for n, g in opt.groups.items()} == base
     opt.set_lrm(0.25)
     assert {n: g.lr for n, g in opt.groups.items()} == {n: v * 0.25 for n, v in base.items()}

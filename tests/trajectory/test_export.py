@@ -19,27 +19,30 @@ from poelm.train import checkpoint
 from poelm.trajectory import export as export_mod
 from poelm.core.errors import CheckpointError, PoelmError
 from poelm.infer.engine import Engine
-from poelm.core.model import ModelConfig, PoEGPT
+from poelm.core.model import REFERENCE_OPS, ModelConfig, PoEGPT
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "Hello world, one two three four five six.",
          "Lorem ipsum dolor sit amet, consectetur adipiscing elit."] * 20
 PHASE = {"name": "b2", "start_step": 0, "steps": 1000, "warmup": 10, "peak": 0.5, "warmdown_ratio": 0.55, "final": 0.0}
 
 
-def make_ckpt(d: Path, step: int = 100, tokens: int = 1000, seed: int = 0) -> tuple[PoEGPT, object]:
+def make_ckpt(d: Path, step: int = 100, tokens: int = 1000, seed: int = 0, ops: dict | None = None) -> tuple[PoEGPT, object]:
     """A tiny checkpoint dir laid out as poelm.checkpoint.save writes it (no optimizer state).
-    The weights are perturbed so the per-stage heads differ (a fresh init zeroes them)."""
+    The weights are perturbed so the per-stage heads differ (a fresh init zeroes them).
+    ``ops``: extra ``ModelConfig`` fields (the reference's ops)."""
     from poelm.data.tokenizer import train_tokenizer
 
     tok = train_tokenizer(TEXTS, 300)
     cfg = ModelConfig(vocab_size=tok.vocab_size, depth=3, n_embd=32, n_head=2, n_kv_head=1, intermediate=64,
-                      max_seq_len=64, stage_layers=(1, 1, 1))
+                      max_seq_len=64, stage_layers=(1, 1, 1), **(ops or {}))
     model = PoEGPT(cfg)
     model.init_weights(seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
+        if cfg.smear:
+            model.smear_lambda.fill_(0.7)  # a smear that matters
     d.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
     (d / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": {"seed": seed}}))
@@ -59,13 +62,30 @@ class Captured(logging.Handler):
         self.records.append(record.getMessage())
 
 
+# The reference's ops, with a short window of 4 keys (prompts and generations run past it).
+REF = {**REFERENCE_OPS, "short_window": 4, "window_pattern": "SL"}
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    return _exported(tmp_path_factory, None)
+
+
+@pytest.fixture(scope="module")
+def exported_ref(tmp_path_factory):
+    return _exported(tmp_path_factory, REF)
+
+
+# Tests that also run on an export of a model with the reference's ops (smear, windows...).
+BOTH = pytest.mark.parametrize("which", ["exported", "exported_ref"], ids=["poelm-ops", "reference-ops"])
+
+
+def _exported(tmp_path_factory, ops):
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = tmp_path_factory.mktemp("export")
-    model, tok = make_ckpt(root / "ckpt")
+    model, tok = make_ckpt(root / "ckpt", ops=ops)
     out = export_mod.export(root / "ckpt", root / "hf", bounds=[0.5, 0.25])
     handler = Captured()
     tlog = logging.getLogger("transformers")
@@ -131,7 +151,9 @@ def test_config_fields_follow_model_config():
     assert set(MODEL_FIELDS) == {f.name for f in dataclasses.fields(ModelConfig)}
 
 
-def test_logits_equal_poelm(exported):
+@BOTH
+def test_logits_equal_poelm(which, request):
+    exported = request.getfixturevalue(which)
     hf, model, tok = exported["hf"], exported["model"], exported["tok"]
     ids = prompt_ids(tok)
     with torch.no_grad():
@@ -167,7 +189,9 @@ def greedy_poelm(model, ids, n, eos):
     return x
 
 
-def test_generate_greedy_matches_poelm_and_uses_cache(exported):
+@BOTH
+def test_generate_greedy_matches_poelm_and_uses_cache(which, request):
+    exported = request.getfixturevalue(which)
     hf, model, tok = exported["hf"], exported["model"], exported["tok"]
     ids = prompt_ids(tok)
     lengths = []
@@ -185,7 +209,9 @@ def test_generate_greedy_matches_poelm_and_uses_cache(exported):
     assert res.tokens[0] == out[0, ids.shape[1]:].tolist()
 
 
-def test_sampling_with_cache_equals_without(exported):
+@BOTH
+def test_sampling_with_cache_equals_without(which, request):
+    exported = request.getfixturevalue(which)
     hf, tok = exported["hf"], exported["tok"]
     ids = prompt_ids(tok)
     runs = []
@@ -195,7 +221,9 @@ def test_sampling_with_cache_equals_without(exported):
     assert runs[0] == runs[1]
 
 
-def test_generate_wand_and_speculative_are_generate_poe_modes(exported):
+@BOTH
+def test_generate_wand_and_speculative_are_generate_poe_modes(which, request):
+    exported = request.getfixturevalue(which)
     hf, model, tok = exported["hf"], exported["model"], exported["tok"]
     ids = prompt_ids(tok)
     n = ids.shape[1]
@@ -231,7 +259,9 @@ def left_padded(exported, texts=TEXTS3):
 
 
 @pytest.mark.parametrize("mode", ["full", "stage=1", "prefix=2", "wand", "route", "speculative"])
-def test_left_padded_generate_equals_each_prompt_alone(exported, mode):
+@BOTH
+def test_left_padded_generate_equals_each_prompt_alone(which, request, mode):
+    exported = request.getfixturevalue(which)
     hf, hf_tok = exported["hf"], exported["hf_tok"]
     enc = left_padded(exported)
     kw = dict(max_new_tokens=14, do_sample=False, poe_mode=mode, poe_tau=0.3 if mode == "route" else None)
@@ -245,7 +275,9 @@ def test_left_padded_generate_equals_each_prompt_alone(exported, mode):
         assert row[: len(alone)] == alone and set(row[len(alone):]) <= {pad}  # then padding after its EOS
 
 
-def test_batched_speculative_and_wand_equal_greedy_generate(exported):
+@BOTH
+def test_batched_speculative_and_wand_equal_greedy_generate(which, request):
+    exported = request.getfixturevalue(which)
     hf = exported["hf"]
     enc = left_padded(exported)
     greedy = hf.generate(**enc, max_new_tokens=16, do_sample=False)
@@ -373,9 +405,11 @@ def test_single_stage_cache_cannot_serve_deeper_forward(exported):
         hf(ids[:, -1:], cache=cache, use_cache=True)
 
 
-def test_right_padded_loglikelihood_batch_equals_batch_of_one(exported):
+@BOTH
+def test_right_padded_loglikelihood_batch_equals_batch_of_one(which, request):
     """lm-eval style scoring: four contexts+continuations of different lengths, right-padded in
     one batch, give per row the log-probs of that row alone (positions past a row's end aside)."""
+    exported = request.getfixturevalue(which)
     hf, tok = exported["hf"], exported["tok"]
     rows = [tok.encode_doc(t) for t in ["Hello world", "The quick brown fox jumps over the lazy dog", "Lorem", "one two three four"]]
     L = max(map(len, rows))
@@ -397,7 +431,9 @@ def test_right_padded_loglikelihood_batch_equals_batch_of_one(exported):
             assert abs(float(ll_b - ll_1)) < 1e-4
 
 
-def test_left_padded_forward_uses_mask_and_position_ids(exported):
+@BOTH
+def test_left_padded_forward_uses_mask_and_position_ids(which, request):
+    exported = request.getfixturevalue(which)
     hf, tok = exported["hf"], exported["tok"]
     enc = left_padded(exported)
     with torch.no_grad():
@@ -569,3 +605,28 @@ def test_export_refusals(exported, tmp_path):
     with pytest.raises(CheckpointError, match="manifest"):
         export_mod.export(bad, tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+def test_reference_ops_travel_in_config_json_and_weights(exported_ref):
+    """The reference's ops are in config.json (so the Hub model is the reference's model), the
+    split core files ship, and the parameters no stage logit uses (backout_lambda) survive."""
+    from safetensors.torch import load_file
+
+    out, model, hf = exported_ref["out"], exported_ref["model"], exported_ref["hf"]
+    cfg = json.loads((out / "config.json").read_text())
+    for key, value in REF.items():
+        assert cfg[key] == value and getattr(hf.model.config, key) == value, key
+    assert {"arch.py", "cache.py", "layers.py"} <= {p.name for p in out.iterdir()}
+    weights = load_file(str(out / "model.safetensors"))
+    for key in ("smear_gate.weight", "smear_lambda", "backout_lambda"):
+        assert torch.equal(weights["model." + key], model.state_dict()[key]), key
+    assert hf.model.windows == [4, None, None]
+
+
+def test_beam_search_with_cache_equals_without_reference_ops(exported_ref):
+    """Beam search reorders the cache every step: the smear's embeddings (an extra cache layer)
+    must follow the beams, so cached beams equal beams recomputed without a cache."""
+    hf, tok = exported_ref["hf"], exported_ref["tok"]
+    ids = prompt_ids(tok)
+    kw = dict(max_new_tokens=12, num_beams=3, do_sample=False, early_stopping=False)
+    assert torch.equal(hf.generate(ids, use_cache=True, **kw), hf.generate(ids, use_cache=False, **kw))
