@@ -94,6 +94,7 @@ class TrainConfig:
     log_every: int = 10
     keep_last: int = 0  # checkpoints kept in the run dir; 0 keeps all
     compile: bool = False  # torch.compile every block (train/loop.py); numbers to fp32 rounding
+    trackers: list = field(default_factory=list)  # live dashboards: wandb, tensorboard, trackio (poelm/track.py)
 
 
 @dataclass
@@ -271,6 +272,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.compile must be true or false, got {t.compile!r}")
     if t.dtype not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}")
+    if not isinstance(t.trackers, (list, tuple)) or not all(isinstance(n, str) for n in t.trackers):
+        raise ConfigError(f"train.trackers must be a list of tracker names, e.g. [\"tensorboard\"], got {t.trackers!r}")
+    t.trackers = list(dict.fromkeys(t.trackers))  # names and packages: poelm.track.check, when a run starts
     row = t.device_batch_size * cfg.seq_len
     if t.tokens_per_step and t.tokens_per_step % row:
         raise ConfigError(f"train.tokens_per_step {t.tokens_per_step} is not a multiple of device_batch_size x seq_len = {row}")

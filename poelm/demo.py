@@ -27,7 +27,11 @@ from poelm.core.errors import PoelmError
 
 
 def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual_steps=None, save_every=None,
-             split_tokens=None, calib_tokens=None, overrides=None, progress=True, log=print, overwrite=False) -> dict:
+             split_tokens=None, calib_tokens=None, overrides=None, progress=True, log=print, overwrite=False,
+             trackers=(), tracking=None) -> dict:
+    """``trackers`` / ``tracking`` (``{"project", "run_name"}``): live dashboards (poelm/track.py):
+    runs ``<name>-base`` and ``<name>-continual`` (grouped), one per cooldown probe, and every
+    branch's card metrics at its step in the run that saved it."""
     from poelm.train import loop as train
     from poelm.trajectory import publish
 
@@ -43,16 +47,24 @@ def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual
         cfg.schedule.steps = base_steps
         cfg.schedule.warmup = max(1, base_steps // 12)
     cfg.train.save_every = 0  # the base phase saves once, at its end (the annealed seed)
+    if trackers:
+        cfg.train.trackers = list(trackers)
     config_mod.validate(cfg)
+    from poelm import track
+
+    track.check(cfg.train.trackers)  # before any compute
+    prefix = (tracking or {}).get("run_name") or work.resolve().name
+    opts = {"project": (tracking or {}).get("project")}
     log(f"[1/4] base phase: {cfg.schedule.steps} steps, stage_layers={list(cfg.model.stage_layers)} -> {work / 'base'}")
-    base = train.train(cfg, work / "base", progress=progress)
+    base = train.train(cfg, work / "base", progress=progress, tracking={**opts, "run_name": f"{prefix}-base"})
     seed_ckpt = Path(base["out"]) / _step_dir(base["step"])
 
     n = continual_steps or max(2, cfg.schedule.steps // 2)
     every = save_every or max(1, n // 6)
     log(f"[2/4] continual B2 phase: {n} steps from step {base['step']}, saving every {every}, publishing to {repo}")
     ov = [f"train.save_every={every}"]
-    cont = train.continue_phase(seed_ckpt, work / "continual", steps=n, publisher=partial(publish.Publisher, str(repo)), progress=progress, overrides=ov)
+    cont = train.continue_phase(seed_ckpt, work / "continual", steps=n, publisher=partial(publish.Publisher, str(repo)), progress=progress,
+                                overrides=ov, tracking={**opts, "run_name": f"{prefix}-continual"})
 
     from poelm.measure import run as measure
 
@@ -69,11 +81,12 @@ def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual
         rec = measure.measure_target(f"{repo}@{b}", against=None if b == branches[0] else seed_target, progress=False, **kw)
         recs.append(rec)
         log(f"      {b}: full-K BPB {rec['bpb']['full']['value']:.4f}")
+        _dashboards(rec, cfg.train.trackers, {**opts, "dir": work / "continual"})
     from poelm.measure import evals  # the shipped offline benchmark on every branch (needs poelm[eval])
 
     evals.demo_evals(repo, log=log)
 
-    probes = _cooldown_probes(work / "continual", repo, seed_target, cont, n, kw, log, progress)
+    probes = _cooldown_probes(work / "continual", repo, seed_target, cont, n, kw, log, progress, (cfg.train.trackers, opts))
 
     from poelm.report import tables as report
 
@@ -122,7 +135,15 @@ def _step_dir(step: int) -> str:
     return step_name(step)
 
 
-def _cooldown_probes(run_dir: Path, repo: Path, seed_target: str, cont: dict, phase_steps: int, kw: dict, log, progress) -> dict:
+def _dashboards(rec: dict, trackers, opts: dict) -> None:
+    if trackers:
+        from poelm.measure.dashboard import log_measurement
+
+        log_measurement(rec, trackers, opts)
+
+
+def _cooldown_probes(run_dir: Path, repo: Path, seed_target: str, cont: dict, phase_steps: int, kw: dict, log, progress,
+                     trackers=((), {})) -> dict:
     """Probe up to two peak-phase saves of the continual phase (the first and the last of them)
     with an N-step linear cooldown to lrm 0, N = 10% of the phase (at least 2 steps; Hägele et al.
     2024 cool down over 10-20% of a run); publish and measure each against the seed. Returns the
@@ -154,6 +175,7 @@ def _cooldown_probes(run_dir: Path, repo: Path, seed_target: str, cont: dict, ph
         t0 = time.time()
         rec = measure.measure_target(f"{repo}@{branch}", against=seed_target, progress=False, probe_set=None, **kw)
         dt = time.time() - t0
+        _dashboards(rec, trackers[0], {**trackers[1], "dir": Path(s["ckpt"]).parent})
         full = rec["bpb"]["full"]
         out["probes"].append({"branch": branch, "source": d.name, "train_s": wall, "loop_s": s["elapsed_s"], "measure_s": dt,
                               "bpb": full, "delta_vs_seed": ((rec.get("against") or {}).get("deltas") or {}).get("bpb.full")})

@@ -26,7 +26,7 @@ CHECKER = ROOT.parent / "shared" / "tools" / "check_imports.py"
 ROOMS = {
     "core": 0, "fsio": 0, "schedule": 0,
     "infer": 1, "config": 1, "hf": 2,
-    "data": 2,
+    "data": 2, "track": 2,
     "train": 3,
     "trajectory": 4,
     "targets": 5,
@@ -159,7 +159,8 @@ def test_team_import_checker_says_ok():
 # import name -> distribution name, for the third-party modules poelm may import
 DIST = {"torch": "torch", "safetensors": "safetensors", "tokenizers": "tokenizers", "transformers": "transformers",
         "huggingface_hub": "huggingface_hub", "pyarrow": "pyarrow", "tqdm": "tqdm", "matplotlib": "matplotlib",
-        "numpy": "numpy", "scipy": "scipy", "lm_eval": "lm_eval"}
+        "numpy": "numpy", "scipy": "scipy", "lm_eval": "lm_eval",
+        "wandb": "wandb", "tensorboard": "tensorboard", "trackio": "trackio"}
 
 
 def _third_party(path: Path) -> dict[str, bool]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from poelm.cli.common import add_tracker_flags, tracking
+
 
 # ----------------------------------------------------------------------------- measure
 def _add_measure(sub):
@@ -43,12 +45,16 @@ def _add_measure(sub):
     p.add_argument("--no-write", action="store_true", help="write nothing into the trajectory / checkpoint (no record, no WAND bounds or "
                                                            "routing tau, no model cards); only --out FILE if given")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_tracker_flags(p, measure=True)
     return p
 
 
 def _run_measure(args):
 
     from poelm.measure import run as measure
+
+    names, opts = tracking(args)
+    opts["dir"] = args.tracker_dir
 
     many = len(args.targets) > 1
     for t in args.targets:
@@ -69,6 +75,11 @@ def _run_measure(args):
         print(format_summary(rec))
         print(f"  record: {rec['record_path'] or 'not written (--no-write)'}"
               + (f"; calibration: {', '.join(rec['calibration_written'])}" if rec["calibration_written"] else ""))
+        if names:  # the card's metrics at the branch's step, in the run that saved it
+            from poelm.measure.dashboard import log_measurement
+
+            logged = log_measurement(rec, names, opts)
+            print(f"  dashboards ({', '.join(names)}): {len(logged)} metrics at step {rec.get('step')}")
         if rec.get("branch") and rec.get("repo") and rec["record_written"]:
             from poelm.report import tables as report
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from poelm.cli.common import add_tracker_flags, tracker_override, tracking
+
 
 # ----------------------------------------------------------------------------- train / continue
 def _add_train(sub):
@@ -19,6 +21,7 @@ def _add_train(sub):
     p.add_argument("--publish-dtype", choices=["bf16", "fp16", "fp32"], help="weights of the published branches (default: bf16 for a bf16-autocast run, else fp32); the checkpoints keep fp32")
     p.add_argument("--device", help="override train.device")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_tracker_flags(p)
     return p
 
 
@@ -41,6 +44,7 @@ def _add_continue(sub):
     p.add_argument("--cooldown-shape", default="linear", help="probe decay shape: linear or 1-sqrt (default linear)")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
+    add_tracker_flags(p)
     return p
 
 
@@ -56,6 +60,7 @@ def _add_cooldown(sub):
                    "loader position from the token count (recorded in the manifest)")
     p.add_argument("--device", help="override train.device")
     p.add_argument("--quiet", action="store_true")
+    add_tracker_flags(p)
     return p
 
 
@@ -67,11 +72,14 @@ def _run_cooldown(args):
     from poelm.trajectory import publish
 
     cd.check_args(args.steps, args.shape, args.to_lrm)  # before any IO
+    names, opts = tracking(args)
     with tempfile.TemporaryDirectory(prefix="poelm-cooldown-") as work:
         src = targets.resolve(args.target, work, want="model" if args.fresh_optimizer else "checkpoint", hint=cd.FRESH_HINT)
         ckpt = cd.load_source(src.path, args.fresh_optimizer)
         if args.device:
             ckpt.config.train.device = args.device
+        if names:
+            ckpt.config.train.trackers = names
         cool = cd.plan(ckpt, args.steps, args.shape, args.to_lrm)
         if args.out:
             out = Path(args.out)
@@ -83,7 +91,7 @@ def _run_cooldown(args):
         if args.publish:
             publish.check_cooldown_source(args.publish, ckpt.step)
         s = cd.cooldown(ckpt, out, args.steps, args.shape, args.to_lrm, publisher=_publisher(args.publish), progress=not args.quiet,
-                        fresh_optimizer=args.fresh_optimizer, source_label=src.label)
+                        fresh_optimizer=args.fresh_optimizer, source_label=src.label, tracking=opts)
     vb = (s.get("val_bpb") or {}).get("full")
     print(f"cooldown: step {cool.start_step} -> {cool.end_step} ({cool.steps} steps, {cool.shape}, lrm {cool.from_lrm:g} -> {cool.to_lrm:g}) "
           f"in {s['elapsed_s']:.1f}s" + (f", training-log val BPB {vb:.4f}" if vb is not None else ""))
@@ -122,7 +130,8 @@ def _run_train(args):
     from poelm.core.errors import ConfigError
     from poelm.train.loop import train
 
-    overrides = _apply_cli_overrides(args)
+    names, opts = tracking(args)
+    overrides = _apply_cli_overrides(args) + tracker_override(names)
     if args.resume:
         src = targets.resolve(args.resume, want="checkpoint").path
         base = ckpt_mod.load(src, with_optim=False).config
@@ -131,10 +140,10 @@ def _run_train(args):
             raise ConfigError(f"--resume continues the run exactly; only train.* settings may change (got {bad[0]}); use 'poelm continue' for a new phase")
         cfg = config_mod.validate(config_mod.from_dict(config_mod.apply_overrides(base.to_dict(), overrides)))
         out = args.out if args.out != "runs/embedded" else str(Path(src).parent)
-        summary = train(cfg, out, resume=src, publisher=_publisher(args.publish, args.publish_dtype), progress=not args.quiet)
+        summary = train(cfg, out, resume=src, publisher=_publisher(args.publish, args.publish_dtype), progress=not args.quiet, tracking=opts)
     else:
         cfg = config_mod.load(args.config, overrides)
-        summary = train(cfg, args.out, publisher=_publisher(args.publish, args.publish_dtype), progress=not args.quiet)
+        summary = train(cfg, args.out, publisher=_publisher(args.publish, args.publish_dtype), progress=not args.quiet, tracking=opts)
     _print_summary(summary)
     return 0
 
@@ -146,6 +155,7 @@ def _run_continue(args):
     from poelm import targets
     from poelm.train.loop import continue_phase
 
+    names, opts = tracking(args)
     phase_cfg = config_mod.load(args.config, []) if args.config else None
     tokens = config_mod.parse_tokens(args.tokens) if args.tokens else None
     ov = list(args.overrides or [])
@@ -153,6 +163,7 @@ def _run_continue(args):
         ov.append(f"train.save_every={args.save_every}")
     if args.device:
         ov.append(f'train.device="{args.device}"')
+    ov += tracker_override(names)
     prober = None
     if args.cooldown_every is not None or args.cooldown_steps is not None:
         from poelm.core.errors import ConfigError
@@ -166,7 +177,7 @@ def _run_continue(args):
         summary = continue_phase(src.path, args.out, phase_cfg, steps=args.steps, tokens_budget=tokens,
                                  publisher=_publisher(args.publish, args.publish_dtype), progress=not args.quiet,
                                  allow_mismatch=args.allow_mismatch, overrides=ov, source_label=src.label, after_save=prober,
-                                 fresh_optimizer=args.fresh_optimizer)
+                                 fresh_optimizer=args.fresh_optimizer, tracking=opts)
     _print_summary(summary)
     if prober is not None and prober.probes:
         spent = sum(p["elapsed_s"] for p in prober.probes)
@@ -197,14 +208,17 @@ def _add_demo(sub):
     p.add_argument("--calib-tokens", type=int, help="WAND/routing calibration slice (tokens)")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier demo in --workdir first")
     p.add_argument("--quiet", action="store_true")
+    add_tracker_flags(p)
     return p
 
 
 def _run_demo(args):
     from poelm import demo
 
+    names, opts = tracking(args)
     demo.run_demo(args.workdir, args.config, args.base_steps, args.continual_steps, args.save_every,
-                  args.split_tokens, args.calib_tokens, args.overrides, progress=not args.quiet, overwrite=args.overwrite)
+                  args.split_tokens, args.calib_tokens, args.overrides, progress=not args.quiet, overwrite=args.overwrite,
+                  trackers=names, tracking=opts)
     return 0
 
 

@@ -459,6 +459,7 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
         # after the record was serialised: the branch's file never holds a local path
         rec["repo"] = repo
         rec["record_written"] = bool(into)
+        rec["tracking"] = meta.get("tracking") or meta.get("poelm_tracking")  # its dashboard run (poelm.track), not in the file
         paths = [str(out)] if out else []
         if into:
             paths.append(f"{tgt.label}:{RECORD_NAME}" if repo else str(path / RECORD_NAME))

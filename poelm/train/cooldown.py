@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from poelm import config as config_mod
+from poelm import track
 from poelm.core.errors import CheckpointError, ConfigError
 from poelm.schedule import COOLDOWN_SHAPES, Cooldown, lrm
 from poelm.train import checkpoint as ckpt_mod
@@ -146,10 +147,10 @@ def _fast_forward(loader, rows: int, chunk: int = 256) -> None:
     loader.skip(rows)  # rows not materialised, nor counted into the first step's batch hash
 
 
-def _build(src, cool: Cooldown, out: Path, rt, publisher, progress: bool, source_label, fresh: bool):
+def _build(src, cool: Cooldown, out: Path, rt, publisher, progress: bool, source_label, fresh: bool, tracking=None):
     """The probe's ``Trainer`` (``loop._make_trainer`` with the cooldown as its phase)."""
     cfg = _probe_config(src.config)
-    trainer = loop._make_trainer(cfg, out, rt, None, publisher, progress, phase=cool, init_ckpt=src)
+    trainer = loop._make_trainer(cfg, out, rt, None, publisher, progress, phase=cool, init_ckpt=src, tracking=tracking)
     loader_from = "checkpoint"
     if src.meta.get("loader_state") is None:
         tokens = src.meta.get("tokens")
@@ -170,7 +171,7 @@ def _build(src, cool: Cooldown, out: Path, rt, publisher, progress: bool, source
 
 
 def cooldown(source, out_dir=None, steps: int = 0, shape: str = "linear", to_lrm: float = 0.0, publisher=None,
-             progress: bool = True, fresh_optimizer: bool = False, source_label=None) -> dict:
+             progress: bool = True, fresh_optimizer: bool = False, source_label=None, tracking=None) -> dict:
     """Run one cooldown probe from ``source`` (a checkpoint dir, a run dir or, with
     ``fresh_optimizer``, an exported folder; or a ``load_source`` result; ``poelm.targets``
     resolves TARGETs) and save it
@@ -185,9 +186,10 @@ def cooldown(source, out_dir=None, steps: int = 0, shape: str = "linear", to_lrm
     cool = plan(src, steps, shape, to_lrm)
     out = Path(out_dir) if out_dir is not None else default_out(src.path, src.step, steps)
     check_out(out)
+    track.check(src.config.train.trackers)  # a tracker not installed: one error line before any compute
     rt = setup_runtime(_probe_config(src.config))
     try:
-        trainer = _build(src, cool, out, rt, publisher, progress, source_label, fresh_optimizer)
+        trainer = _build(src, cool, out, rt, publisher, progress, source_label, fresh_optimizer, tracking)
         try:
             summary = trainer.run()
         finally:
@@ -238,7 +240,11 @@ class Prober:
                 # the phase's loader stands exactly where the save left it: a copy keeps its
                 # tokenised unit, so the probe does not tokenise the corpus again
                 probe.loader = copy.deepcopy(trainer.loader)
-            summary = probe.run()
+            try:
+                summary = probe.run()
+            finally:
+                if probe.tracker is not None:  # the probe's own run (poelm.track: tagged with its source step)
+                    probe.tracker.finish()
             del probe, src
         finally:
             torch.set_rng_state(rng)

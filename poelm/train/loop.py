@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from poelm.train import checkpoint as ckpt_mod
 from poelm import config as config_mod
+from poelm import track
 from poelm.core import poe
 from poelm.core.errors import CheckpointError, ConfigError, PoelmError
 from poelm.fsio import append_line
@@ -161,7 +162,11 @@ class Trainer:
         self.last_val = None
         self._val = None
         self.log_path = self.out_dir / "log.jsonl"
+        from poelm.train.plan import mfu_scale
+
+        self._mfu_scale = mfu_scale(model, cfg.seq_len, rt.device, rt.world)
         self.after_save = None  # callable(trainer, ckpt path or None), e.g. a cooldown probe (cooldown.py)
+        self.tracker = None  # poelm.track.Run on rank 0 when trackers are asked for: gets every log record
 
     # -- helpers
     def val_tokens(self):
@@ -182,6 +187,8 @@ class Trainer:
             import json
 
             append_line(self.log_path, json.dumps(rec, sort_keys=True))
+            if self.tracker is not None:  # the same dict: the dashboards show the log's numbers
+                self.tracker.log_record(rec)
 
     def _log_layout(self):
         """One ``dist`` record: world size, accumulation and the optimizer-state elements each
@@ -211,6 +218,7 @@ class Trainer:
             # what the forward ran in: an export publishes bf16 weights for a bf16-autocast run
             "autocast_dtype": "bf16" if self.rt.dtype == torch.bfloat16 else "fp32",
             **self.extra_meta,
+            **({"tracking": self.tracker.info} if self.tracker is not None else {}),  # --resume reopens the run
         }
 
     def save(self) -> Path | None:
@@ -292,7 +300,10 @@ class Trainer:
             tps = self.tokens_per_step / max(dt, 1e-9)
             if self.step % max(1, cfg.train.log_every) == 0 or self.step == end:
                 rec = {"kind": "train", "step": self.step, "loss": last_loss, "stage_ce": stats[1:].tolist(), "lrm": m,
-                       "grad_norm": grad_norm, "tokens": self.tokens, "tok_per_s": tps}
+                       "grad_norm": grad_norm, "tokens": self.tokens, "tok_per_s": tps, "step_s": dt,
+                       "lr": {name: g.lr for name, g in self.optimizer.groups.items()}}
+                if self._mfu_scale is not None:  # GPUs with a known bf16 peak (poelm.train.plan.GPUS)
+                    rec["mfu"] = tps * self._mfu_scale
                 if len(self.loader.sources) > 1:  # realised mixture proportions since the run began
                     rec["mix"] = self.loader.proportions()
                 self.log(rec)
@@ -315,7 +326,7 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- entry points
 def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publisher_factory, progress: bool,
-                  phase: Phase | None = None, init_ckpt=None) -> Trainer:
+                  phase: Phase | None = None, init_ckpt=None, tracking: dict | None = None) -> Trainer:
     from poelm.data import corpus as data
     from poelm.train.optim import build_optimizer
 
@@ -368,8 +379,13 @@ def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publishe
     # The trajectory room sits above training: the caller hands in a factory (e.g.
     # ``functools.partial(trajectory.publish.Publisher, repo)``) and rank 0 alone calls it.
     publisher = publisher_factory() if publisher_factory is not None and rt.master else None
-    return Trainer(cfg, out_dir, rt, model, tokenizer, optimizer, loader, phase, step, tokens, tokens_in_phase,
-                   publisher=publisher, progress=progress, extra_meta=extra)
+    trainer = Trainer(cfg, out_dir, rt, model, tokenizer, optimizer, loader, phase, step, tokens, tokens_in_phase,
+                      publisher=publisher, progress=progress, extra_meta=extra)
+    if rt.master and cfg.train.trackers:  # rank 0 alone logs (poelm.track: resume, group, cooldown tag)
+        trainer.tracker = track.start(cfg.train.trackers, out_dir, cfg.to_dict(), opts=tracking,
+                                      prior=src.meta.get("tracking") if src is not None else None, resume=resume is not None,
+                                      cooldown=(phase.start_step, phase.steps) if isinstance(phase, Cooldown) else None)
+    return trainer
 
 
 def resolve_global_batch(cfg, world: int, meta: dict | None = None) -> int:
@@ -395,19 +411,23 @@ def resolve_global_batch(cfg, world: int, meta: dict | None = None) -> int:
 
 
 def _finish(trainer: Trainer) -> None:
+    if trainer.tracker is not None:
+        trainer.tracker.finish()
     if trainer.publisher is not None:
         trainer.publisher.close()
         if trainer.rt.master:
             ckpt_mod.prune(trainer.out_dir, trainer.cfg.train.keep_last)
 
 
-def train(cfg, out_dir, resume=None, publisher=None, progress=True) -> dict:
+def train(cfg, out_dir, resume=None, publisher=None, progress=True, tracking=None) -> dict:
     """Train (or resume) one phase; returns a summary. ``resume`` is a checkpoint dir;
     ``publisher`` a zero-argument factory of an object with ``submit(ckpt_dir)`` / ``close()``
-    (``functools.partial(poelm.trajectory.publish.Publisher, repo)``), called on rank 0 only."""
+    (``functools.partial(poelm.trajectory.publish.Publisher, repo)``), called on rank 0 only.
+    ``tracking``: ``{"project", "run_name"}`` for the trackers of ``train.trackers`` (poelm.track)."""
+    track.check(cfg.train.trackers)  # a tracker not installed: one error line before any compute
     rt = setup_runtime(cfg)
     try:
-        trainer = _make_trainer(cfg, Path(out_dir), rt, Path(resume) if resume else None, publisher, progress)
+        trainer = _make_trainer(cfg, Path(out_dir), rt, Path(resume) if resume else None, publisher, progress, tracking=tracking)
         try:
             return trainer.run()
         finally:
@@ -456,7 +476,8 @@ def check_same_run(base, new, allow: bool, tokenizer_src, tokenizer_new=None):
 
 
 def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=None, publisher=None, progress=True,
-                   allow_mismatch=False, overrides=None, source_label=None, after_save=None, fresh_optimizer=False) -> dict:
+                   allow_mismatch=False, overrides=None, source_label=None, after_save=None, fresh_optimizer=False,
+                   tracking=None) -> dict:
     """Start a continual phase from an annealed checkpoint (SPEC "continual phase").
 
     Restores model, optimizer state and data position; the new phase is anchored at the resume
@@ -477,10 +498,11 @@ def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=No
         d = config_mod.apply_overrides(cfg.to_dict(), overrides)
         cfg = config_mod.validate(config_mod.from_dict(d))
     check_same_run(src.config, cfg, allow_mismatch, None)
+    track.check(cfg.train.trackers)
     rt = setup_runtime(cfg)
     try:
         phase = cfg.schedule.phase(start_step=src.step)
-        trainer = _make_trainer(cfg, Path(out_dir), rt, None, publisher, progress, phase=phase, init_ckpt=src)
+        trainer = _make_trainer(cfg, Path(out_dir), rt, None, publisher, progress, phase=phase, init_ckpt=src, tracking=tracking)
         trainer.extra_meta = {"continued_from": str(source_label or src_path)}
         if fresh_optimizer:
             trainer.extra_meta["fresh_optimizer"] = True

@@ -63,6 +63,19 @@ GPUS = {
     "h200": GPU("H200 SXM 141GB", 143_771 * 2**20, 989.4e12),
     "a100": GPU("A100 SXM 80GB", 81_920 * 2**20, 312e12),
 }
+
+
+def mfu_scale(model, seq_len: int, device, world: int) -> float | None:
+    """MFU per token/s of training: ``flops_per_token()["train_total"] / (ranks x dense bf16
+    peak)`` (the training log's ``mfu`` = tok/s x this); None off a GPU named in ``GPUS`` (a CPU
+    has no meaningful peak)."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    peak = next((g.bf16_flops for k, g in GPUS.items() if k in name), None)
+    return model.flops_per_token(seq_len)["train_total"] / (world * peak) if peak else None
+
+
 HEADROOM = 0.90
 
 

@@ -267,6 +267,8 @@ def hf_config(src: dict, bounds, dtype: torch.dtype) -> dict:
                                             "tokens_in_phase", "train_val_bpb", BOUNDS_KEY)})
     if getattr(cfg, ROUTING_KEY, None) is not None:
         out[ROUTING_KEY] = getattr(cfg, ROUTING_KEY)
+    if isinstance(meta.get("tracking"), dict):  # the dashboard run that saved it (poelm.track), without its local dir
+        out["poelm_tracking"] = {k: v for k, v in meta["tracking"].items() if k != "dir"}
     return dict(sorted(out.items()))
 
 
