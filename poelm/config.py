@@ -64,6 +64,10 @@ class OptimConfig:
     # x (n_embd/768)**-0.5, NorMuon + Polar Express, momentum and weight decay on its schedule;
     # the adam_* and muon_momentum* keys above are then unused).
     optimizer: str = "poelm"
+    # nanochat optimizer only: multiplies every group's lr (the fixed smear lr 0.2 included). It is
+    # the reference's base_train ``batch_lr_scale = sqrt(total_batch_size / 2**19)``; `poelm import
+    # nanochat` derives it from the saved groups' initial_lr. 1.0 keeps the plain group rules.
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -250,6 +254,7 @@ def validate(cfg: Config) -> Config:
     _positive("optim.muon_momentum_warmup", o.muon_momentum_warmup, allow_zero=True)
     if not (0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1):
         raise ConfigError("optim.adam_beta1 and optim.adam_beta2 must be in [0, 1)")
+    _positive("optim.lr_scale", o.lr_scale)
     if o.optimizer not in ("poelm", "nanochat"):
         raise ConfigError(f"optim.optimizer must be \"poelm\" or \"nanochat\", got {o.optimizer!r}")
     s = cfg.schedule

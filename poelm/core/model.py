@@ -339,7 +339,15 @@ class PoEGPT(nn.Module):
             total = ces[-1]
         else:
             total = torch.stack(ces).sum() / (K ** (1.0 - cfg.alpha_train))
+        if cfg.backout:
+            total = total + self._backout_touch()
         return total, torch.stack([c.detach() for c in ces])
+
+    def _backout_touch(self) -> torch.Tensor:
+        # The reference adds ``0.0 * backout_lambda.sum()`` to its PoE loss (jaepil/nanochat
+        # gpt.py, 276c2ac) so the unused scalar gets a zero gradient and its AdamW step count
+        # advances with the others: exact optimizer-state parity, no numerical effect on the loss.
+        return 0.0 * self.backout_lambda.sum()
 
     def backward_local(self, idx, targets, scale: float = 1.0, ignore_index: int = -1, autocast=None):
         """Forward and backward of the local-learning loss one stage at a time; returns
@@ -372,6 +380,8 @@ class PoEGPT(nn.Module):
             ces.append(ce.detach())
             x = h.detach()
         x0.backward(x0_leaf.grad)
+        if self.config.backout:
+            self._backout_touch().backward()  # see _backout_touch
         ces = torch.stack(ces)
         return ces.sum() / (K ** (1.0 - self.config.alpha_train)), ces
 

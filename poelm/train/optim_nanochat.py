@@ -7,8 +7,9 @@ The card's checkpoints were trained by jaepil/nanochat (``GPT.setup_optimizer`` 
 files, written anew) and converts their checkpointed optimizer state to and from poelm's
 world-size independent one, so a continued run is the same experiment.
 
-Groups, in the reference's order (``s = (n_embd / 768) ** -0.5``; lrs are at lrm 1 and every
-group's lr is ``initial_lr x lrm``):
+Groups, in the reference's order (``s = (n_embd / 768) ** -0.5``; lrs are at lrm 1, each times
+``optim.lr_scale`` (base_train's ``batch_lr_scale``, default 1), and every group's lr is
+``initial_lr x lrm``):
 
 =================  =====  ======================================  =======================  ===============  =====
 group              rule   parameters (poelm names)                lr                       betas            wd
@@ -127,6 +128,7 @@ def reference_param_groups(param_names_shapes: dict[str, tuple], optim_cfg=None)
     group count and order match the reference's); an unknown name or a non-2-D block parameter
     is a PoelmError."""
     o = {k: float(getattr(optim_cfg, k)) for k in SETUP_DEFAULTS} if optim_cfg is not None else dict(SETUP_DEFAULTS)
+    scale = float(getattr(optim_cfg, "lr_scale", 1.0)) if optim_cfg is not None else 1.0  # base_train's batch_lr_scale
     width = param_names_shapes.get("wte.weight") or param_names_shapes.get("lm_head.weight")
     if width is None or len(width) != 2:
         raise PoelmError("the reference optimizer scales AdamW lrs by n_embd: the model needs wte.weight or lm_head.weight")
@@ -137,7 +139,7 @@ def reference_param_groups(param_names_shapes: dict[str, tuple], optim_cfg=None)
         placed.setdefault(group, []).append((key, name))
     groups = []
     for name, lr_key, scaled, factor, betas, wd in ADAMW_GROUPS:
-        lr = (o[lr_key] * (s if scaled else 1.0) * factor) if lr_key else factor
+        lr = ((o[lr_key] * (s if scaled else 1.0) * factor) if lr_key else factor) * scale
         params = [n for _, n in sorted(placed.get(name, []))]
         groups.append(dict(name=name, kind="adamw", params=params, lr=lr, betas=betas, eps=EPS, weight_decay=wd))
     matrices = [n for _, n in sorted(placed.get("matrix", []))]
@@ -146,7 +148,7 @@ def reference_param_groups(param_names_shapes: dict[str, tuple], optim_cfg=None)
             raise PoelmError(f"Muon parameter {n} has shape {tuple(param_names_shapes[n])}: Muon needs a 2-D matrix")
     for shape in sorted({tuple(param_names_shapes[n]) for n in matrices}):
         params = [n for n in matrices if tuple(param_names_shapes[n]) == shape]
-        groups.append(dict(name=muon_group_name(shape), kind="muon", params=params, lr=o["matrix_lr"], momentum=MUON_MOMENTUM,
+        groups.append(dict(name=muon_group_name(shape), kind="muon", params=params, lr=o["matrix_lr"] * scale, momentum=MUON_MOMENTUM,
                            ns_steps=MUON_NS_STEPS, beta2=MUON_BETA2, weight_decay=o["weight_decay"]))
     return groups
 

@@ -14,13 +14,21 @@ never a prediction target), keeps bf16 tensors as fp32 master weights (exact), g
 optimizer shards into poelm's world-size-independent state (``train/optim_nanochat.py``) and
 writes a poelm checkpoint (``train/checkpoint.py``). What poelm does not model is kept so the
 way back is exact: the padding rows (weights and optimizer state) in ``nanochat_padding.safetensors``,
-the source dtypes and the reference's own meta JSON in ``meta.json["nanochat"]``; the source
-files' sha256 and the step in the manifest's ``provenance``.
+the source dtypes (model and optimizer-state tensors) and the reference's own meta JSON in
+``meta.json["nanochat"]``; the source files' sha256 and the step in the manifest's ``provenance``.
+
+Optimizer lrs: the reference's base_train multiplies every lr by ``batch_lr_scale =
+sqrt(total_batch_size / 2**19)`` (and rescales weight decay) while ``user_config`` keeps the
+unscaled CLI values, so with optimizer shards the imported ``optim`` config is derived from the
+saved groups' ``initial_lr`` (``optim_nanochat.optim_from_groups``: ``lr_scale`` from the smear
+group, the rest by inverting the group rules; every group's lr is reproduced to rounding) and
+Muon's base weight decay from its saved scheduled value. A weights-only import (no shards) and a
+``--preset`` import keep ``user_config``'s / the preset's values.
 
 Export writes the reference's folder back: ``model``, ``meta`` and a rank-0 optimizer file
 (world size 1), padding rows restored (zeros for a checkpoint that never had any), each tensor in
-its source dtype when that is exact (bf16 ``wte`` / value embeddings of a GPU run) and fp32
-otherwise. ``import(export(x))`` equals ``x`` bitwise and ``export(import(ref))`` gives ``ref``'s
+its source dtype when that is exact (bf16 ``wte`` / value embeddings of a GPU run and their
+optimizer state) and fp32 otherwise. ``import(export(x))`` equals ``x`` bitwise and ``export(import(ref))`` gives ``ref``'s
 tensors bitwise (tests/trajectory/test_nanochat.py).
 
 Every check runs before anything is written: a bad folder, step, shard set, tensor name, stage
@@ -327,15 +335,21 @@ def import_nanochat(directory, out, step: int | None = None, tokenizer=None, sta
                 padding[f"model/{name}"] = t[V:]
             t = t[:V]
         state[name] = t.float()  # bf16 -> fp32 is exact
-    optim_state, world = None, len(ref.optim)
+    optim_state, world, optim_dtypes = None, len(ref.optim), {}
+    optim_note = {"lrs": "user_config / preset (weights-only import: no saved lrs)"}
     if ref.optim:
         from poelm.train import optim_nanochat
 
         shapes = {n: tuple(sd[names[n]].shape) for n in shell.state_dict()}  # padded rows: the shards' layout
         ranks = [_read_optim(p) for p in ref.optim]
         tensors, ometa = optim_nanochat.gather_reference_state(ranks, shapes, world)
+        optim_dtypes = {k: _dtype_name(t) for k, t in tensors.items()}  # restored on export (bf16 state on GPU runs)
         tensors = _crop_optim(tensors, ometa, V, vpad, padding)
         optim_state = (tensors, ometa)
+        from poelm.train.nanochat_lrs import apply_saved_optim
+
+        optim_note = apply_saved_optim(cfg.optim, ometa["groups"], shapes, ref.step, cfg.schedule.steps)
+        cfg = config_mod.validate(cfg)
     # The checked shell takes the tensors as they are (assign): no random init of a second model,
     # no copy (the rotary tables are non-persistent buffers: the saved state never holds them).
     shell.load_state_dict(state, strict=True, assign=True)
@@ -346,6 +360,7 @@ def import_nanochat(directory, out, step: int | None = None, tokenizer=None, sta
     provenance = {
         "source": "nanochat", "dir": str(ref.dir.resolve()), "step": ref.step, "world_size": world,
         "optimizer": f"gathered from {world} rank shard(s)" if world else "none: weights-only import (continue needs --fresh-optimizer)",
+        "optim_config": optim_note,
         "tokenizer": {"path": str(tok_path), "sha256": sha256_file(tok_path if tok_path.is_file() else tok_path / "tokenizer.json")},
         "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
     }
@@ -356,7 +371,7 @@ def import_nanochat(directory, out, step: int | None = None, tokenizer=None, sta
         "tokens_per_step": tps, "train_val_bpb": ref.meta.get("val_bpb"), "train_val_bpb_stages": None, "loader_state": None,
         "world_size": world or 1, "autocast_dtype": "bf16" if "bfloat16" in dtypes.values() else "fp32",
         "weights_only": not world,
-        "nanochat": {"dtypes": dtypes, "prefixed": prefixed, "padded_vocab": vpad, "meta": ref.meta},
+        "nanochat": {"dtypes": dtypes, "optim_dtypes": optim_dtypes, "prefixed": prefixed, "padded_vocab": vpad, "meta": ref.meta},
     }
     extra = {PADDING_FILE: padding} if padding else None
     path = ckpt_mod.save(out, ref.step, model, cfg, tok, meta, optim_state=optim_state, extra_tensors=extra, provenance=provenance)
@@ -397,8 +412,9 @@ def _restore(t: torch.Tensor, key: str, padding: dict, vpad: int, dtype: str | N
         if pad is None or list(pad.shape) != [rows, *t.shape[1:]]:
             pad = torch.zeros(rows, *t.shape[1:], dtype=t.dtype)
         t = torch.cat([t, pad.to(t.dtype)])
-    if dtype == "bfloat16":
-        low = t.to(torch.bfloat16)
+    low_dtype = getattr(torch, dtype, None) if dtype in ("bfloat16", "float16") else None
+    if low_dtype is not None:
+        low = t.to(low_dtype)
         if torch.equal(low.float(), t.float()):  # exact: keep the reference's storage dtype
             return low
     return t.float() if t.is_floating_point() else t
@@ -423,7 +439,7 @@ def export_nanochat(ckpt_dir, out) -> dict:
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file: give a folder for the nanochat checkpoint")
     padding = ckpt_mod._load_safetensors(src / PADDING_FILE, "padding rows") if (src / PADDING_FILE).is_file() else {}
-    vpad, dtypes = padded_vocab(cfg.vocab_size), nano.get("dtypes") or {}
+    vpad, dtypes, odtypes = padded_vocab(cfg.vocab_size), nano.get("dtypes") or {}, nano.get("optim_dtypes") or {}
     model_sd = {}
     for name, t in ck.model_state.items():
         rname = to_ref_name(name)
@@ -438,7 +454,7 @@ def export_nanochat(ckpt_dir, out) -> dict:
         tensors = {}
         for key, t in ck.optim_tensors.items():
             pname = key.rsplit("/", 1)[0]
-            tensors[key] = _restore(t, f"optim/{key}", padding, vpad if PADDED_RE.fullmatch(pname) else 0, None)
+            tensors[key] = _restore(t, f"optim/{key}", padding, vpad if PADDED_RE.fullmatch(pname) else 0, odtypes.get(key))
         shapes = {n: tuple(t.shape) for n, t in ck.model_state.items()}
         shapes.update({n: (vpad, *shapes[n][1:]) for n in shapes if PADDED_RE.fullmatch(n)})
         ometa = json.loads(json.dumps(ck.optim_meta))

@@ -167,16 +167,39 @@ def make_full_state(seed=1, cfg=CFG, step=7) -> dict:
     return full
 
 
-def shard_by_hand(full: dict, world: int, cfg=CFG, lrs=None) -> list[dict]:
+# base_train's setup_optimizer call: its CLI lrs (the meta's user_config below), each x batch_lr_scale.
+USER_LRS = dict(unembedding_lr=0.004, embedding_lr=0.3, matrix_lr=0.015, scalar_lr=0.5)
+BATCH_LR_SCALE = 0.7  # != 1, and not a power of two: user_config's lrs are not the saved ones
+LRM = 0.5  # the lr multiplier the saved lrs were last set at
+
+
+def group_options(cfg=CFG, lr_scale=BATCH_LR_SCALE, lrs=None, muon_wd=0.0) -> list[dict]:
+    """setup_optimizer's group options in order (facts page: lr, betas, weight decay per group;
+    ``s = (n_embd / 768) ** -0.5``), every lr x ``lr_scale``, as base_train saves them
+    (``initial_lr``; ``lr = initial_lr x LRM``; Muon ``weight_decay`` the scheduled ``muon_wd``)."""
+    o = {**USER_LRS, **(lrs or {})}
+    s = (cfg["n_embd"] / 768) ** -0.5
+    adamw = [(o["unembedding_lr"] * s, (0.8, 0.96), 0.01), (o["embedding_lr"] * s, (0.8, 0.995), 0.001),
+             (o["embedding_lr"] * s * 0.5, (0.8, 0.995), 0.01), (o["scalar_lr"] * 0.01, (0.8, 0.95), 0.05),
+             (o["scalar_lr"], (0.96, 0.95), 0.0), (0.2, (0.8, 0.95), 0.0)]
+    out = [dict(kind="adamw", lr=lr * lr_scale * LRM, betas=b, eps=1e-10, weight_decay=wd, initial_lr=lr * lr_scale) for lr, b, wd in adamw]
+    muon = dict(kind="muon", lr=o["matrix_lr"] * lr_scale * LRM, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=muon_wd,
+                initial_lr=o["matrix_lr"] * lr_scale)
+    return out + [dict(muon) for kind, _ in reference_groups(cfg) if kind == "muon"]
+
+
+def shard_by_hand(full: dict, world: int, cfg=CFG, options=None, dtype=None) -> list[dict]:
     """DistMuonAdamW's per-rank state dicts, written from the sharding rule: AdamW tensors of
     >= 1024 elements split by rows (rank r keeps rows [r n/W, (r+1) n/W)), smaller ones whole on
     every rank; a Muon group's K parameters in chunks of ceil(K/W) (zero padding past K), the
-    group's state on its first parameter."""
+    group's state on its first parameter. ``options``: the groups' options (``group_options()``);
+    ``dtype``: the AdamW state tensors of >= 1024 elements in that dtype (a GPU run's bf16)."""
     shapes = dict(ref_names(cfg))
+    opts = group_options(cfg) if options is None else options
     out = []
     for r in range(world):
         state, groups, idx = {}, [], 0
-        for kind, names in reference_groups(cfg):
+        for gi, (kind, names) in enumerate(reference_groups(cfg)):
             ids = list(range(idx, idx + len(names)))
             idx += len(names)
             if kind == "adamw":
@@ -185,10 +208,10 @@ def shard_by_hand(full: dict, world: int, cfg=CFG, lrs=None) -> list[dict]:
                     if math.prod(shapes[n]) >= 1024:
                         rows = shapes[n][0] // world
                         sl = slice(r * rows, (r + 1) * rows)
-                        state[i] = {"step": st["step"], "exp_avg": st["exp_avg"][sl].clone(), "exp_avg_sq": st["exp_avg_sq"][sl].clone()}
+                        state[i] = {"step": st["step"], **{k: st[k][sl].clone().to(dtype or st[k].dtype) for k in ("exp_avg", "exp_avg_sq")}}
                     else:
                         state[i] = {"step": st["step"], "exp_avg": st["exp_avg"].clone(), "exp_avg_sq": st["exp_avg_sq"].clone()}
-                groups.append(dict(kind="adamw", lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, initial_lr=0.01, params=ids))
+                groups.append({**opts[gi], "params": ids})
             else:
                 K = len(names)
                 chunk = -(-K // world)
@@ -201,7 +224,7 @@ def shard_by_hand(full: dict, world: int, cfg=CFG, lrs=None) -> list[dict]:
                         mom[j] = full[n]["momentum_buffer"]
                         sec[j] = full[n]["second_momentum_buffer"]
                 state[ids[0]] = {"momentum_buffer": mom, "second_momentum_buffer": sec}
-                groups.append(dict(kind="muon", lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0, initial_lr=0.02, params=ids))
+                groups.append({**opts[gi], "params": ids})
         out.append({"state": state, "param_groups": groups})
     return out
 
@@ -224,7 +247,7 @@ def write_folder(d: Path, step=1200, world=2, prefixed=False, cfg=CFG, weights=N
     d.mkdir(parents=True, exist_ok=True)
     sd = make_weights(cfg=cfg) if weights is None else weights
     torch.save({("_orig_mod." + k if prefixed else k): v for k, v in sd.items()}, d / f"model_{step:06d}.pt")
-    meta = {"step": step, "val_bpb": 1.234, "model_config": dict(cfg), "user_config": {"matrix_lr": 0.015, "embedding_lr": 0.3},
+    meta = {"step": step, "val_bpb": 1.234, "model_config": dict(cfg), "user_config": dict(USER_LRS),
             "device_batch_size": 2, "max_seq_len": cfg["sequence_len"], "total_batch_size": 2 * cfg["sequence_len"],
             "dataloader_state_dict": {"pq_idx": 3, "rg_idx": 5}, "loop_state": {"min_val_bpb": 1.2}}
     meta.update(meta_extra or {})
