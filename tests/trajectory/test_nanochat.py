@@ -210,6 +210,98 @@ def test_export_then_import_is_bitwise(ref, tmp_path):
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
+def _imported_optimizer(ckpt):
+    """The imported run's model and nanochat optimizer (built from the imported config) with the
+    imported state loaded."""
+    from poelm.core.model import PoEGPT
+    from poelm.train.optim import build_optimizer
+
+    ck = ckpt_mod.load(ckpt)
+    model = PoEGPT(ck.config.model)
+    model.load_state_dict(ck.model_state)
+    opt = build_optimizer(model, ck.config.optim)
+    opt.load_full_state_dict(ck.optim_tensors, ck.optim_meta)
+    return ck, model, opt
+
+
+def test_imported_lrs_are_the_saved_initial_lrs_not_user_config(ref):
+    from poelm.train.nanochat_rules import adamw_update, muon_update
+
+    ck, model, opt = _imported_optimizer(ref["ckpt"])
+    saved = fx.group_options()  # what the shards carry: user_config's lrs x batch_lr_scale 0.7
+    assert ck.config.optim.lr_scale == pytest.approx(fx.BATCH_LR_SCALE, rel=1e-12)
+    assert ck.config.optim.embedding_lr == pytest.approx(fx.USER_LRS["embedding_lr"], rel=1e-12)
+    assert len(opt.groups) == len(saved)
+    for g, want in zip(opt.groups.values(), saved):
+        assert g.base_lr == pytest.approx(want["initial_lr"], rel=1e-6, abs=0), g.name
+        assert g.lr == pytest.approx(want["lr"], rel=1e-6, abs=0), g.name  # lrm 0.5 as saved
+    # one step equals the rules' step at the saved lrs (AdamW step 7 -> 8; Muon at its saved options)
+    params = dict(model.named_parameters())
+    torch.manual_seed(5)
+    for p in params.values():
+        p.grad = torch.randn_like(p) * 1e-2
+    names = {"wte.weight": 1, "lm_head.weight": 0, "x0_lambdas": 4, "blocks.0.attn.c_q.weight": None}
+    want = {}
+    for n, gi in names.items():
+        p, g = params[n].detach().clone(), params[n].grad.clone()
+        if gi is None:
+            o = next(o for o in saved if o["kind"] == "muon")
+            buf, sec = ck.optim_tensors[f"{n}/momentum_buffer"].clone(), ck.optim_tensors[f"{n}/second_momentum_buffer"].clone()
+            muon_update(p, g, buf, sec, o["lr"], o["momentum"], o["weight_decay"], o["ns_steps"], o["beta2"])
+        else:
+            o = saved[gi]
+            m, v = ck.optim_tensors[f"{n}/exp_avg"].clone(), ck.optim_tensors[f"{n}/exp_avg_sq"].clone()
+            adamw_update(p, g, m, v, 8, o["lr"], o["betas"], o["eps"], o["weight_decay"])
+        want[n] = p
+    opt.step()
+    for n, p in want.items():
+        assert torch.allclose(params[n].detach(), p, rtol=1e-6, atol=1e-9), n
+        assert not torch.equal(params[n].detach(), ck.model_state[n]), n
+
+
+def test_muon_base_weight_decay_comes_from_the_saved_schedule(ref, tmp_path):
+    import math
+
+    from poelm.config import ScheduleConfig
+
+    base, step, steps = 0.28, 1200, ScheduleConfig().steps
+    factor = 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))  # base_train's last set value before the save
+    shards = fx.shard_by_hand(fx.make_full_state(), 2, options=fx.group_options(muon_wd=base * factor))
+    fx.write_folder(tmp_path / "ref", step=step, shards=shards)
+    res = nanochat.import_nanochat(tmp_path / "ref", tmp_path / "imp", tokenizer=ref["tok"])
+    ck = ckpt_mod.load(res["path"])
+    assert ck.config.optim.weight_decay == pytest.approx(base, rel=1e-9)
+    prov = json.loads((Path(res["path"]) / "manifest.json").read_text())["provenance"]
+    assert prov["optim_config"]["weight_decay"] == pytest.approx(base, rel=1e-9)
+    # a group whose lr the rules cannot give: one error line naming it, nothing written
+    opts = fx.group_options()
+    opts[2]["initial_lr"] *= 1.01  # value_embedding no longer embedding_lr x s x 0.5
+    fx.write_folder(tmp_path / "bad", step=step, shards=fx.shard_by_hand(fx.make_full_state(), 2, options=opts))
+    r = cli("import", "nanochat", tmp_path / "bad", tmp_path / "imp2", "--tokenizer", ref["tok"])
+    assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "value_embedding" in r.stderr and not (tmp_path / "imp2").exists()
+
+
+def test_bf16_optimizer_state_round_trips_with_its_dtype(ref, tmp_path):
+    full = fx.make_full_state()
+    fx.write_folder(tmp_path / "ref", shards=fx.shard_by_hand(full, 2, dtype=torch.bfloat16))
+    res = nanochat.import_nanochat(tmp_path / "ref", tmp_path / "imp", tokenizer=ref["tok"])
+    nanochat.export_nanochat(res["path"], tmp_path / "nc")
+    got = torch.load(tmp_path / "nc" / "optim_001200_rank0.pt", weights_only=True)["state"]
+    want = fx.shard_by_hand(full, 1, dtype=torch.bfloat16)[0]["state"]
+    assert got.keys() == want.keys()
+    kinds = set()
+    for i, st in want.items():
+        assert got[i].keys() == st.keys(), i
+        for k, t in st.items():
+            if torch.is_tensor(t):
+                assert got[i][k].dtype == t.dtype and torch.equal(got[i][k], t), (i, k)
+                kinds.add(t.dtype)
+            else:
+                assert got[i][k] == t
+    assert kinds == {torch.bfloat16, torch.float32}  # both kinds were in the source
+
+
 # ----------------------------------------------------------------------------- continue
 def test_continue_resumes_the_imported_optimizer_state(ref, tmp_path):
     r = cli("continue", "--from", ref["out"], "--steps", "2", "--out", tmp_path / "run", "--quiet",
@@ -221,6 +313,9 @@ def test_continue_resumes_the_imported_optimizer_state(ref, tmp_path):
     # the seed save carries the imported state unchanged; two steps later the AdamW counts moved 7 -> 9
     assert all(torch.equal(seed.optim_tensors[k], src.optim_tensors[k]) for k in src.optim_tensors)
     assert end.optim_meta["params"]["wte.weight"]["step"] == 9
+    # every AdamW parameter advanced, backout_lambda included (the reference touches it with 0 x sum)
+    adamw = {n: r["step"] for n, r in end.optim_meta["params"].items() if end.optim_meta["groups"][r["group"]]["kind"] == "adamw"}
+    assert adamw["backout_lambda"] == 9 and set(adamw.values()) == {9}
     assert not torch.equal(end.model_state["lm_head.weight"], src.model_state["lm_head.weight"])
     # a poelm-trained step goes back to nanochat and returns bitwise (fp32 now: bf16 would round)
     nanochat.export_nanochat(end.path, tmp_path / "nc")
