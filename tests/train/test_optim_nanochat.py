@@ -471,3 +471,33 @@ def test_bf16_compute_path_as_on_cuda():
         sec = torch.zeros(4, 1)
         normuon_scale(torch.full((4, 3), 0.5, dtype=dt), sec, 0.9)
         assert torch.equal(sec, torch.full((4, 1), 0.25 * w, dtype=torch.float32))
+
+
+def test_lr_scale_multiplies_every_group():
+    plain = reference_param_groups(SHAPES, OptimConfig(**CFG))
+    scaled = reference_param_groups(SHAPES, OptimConfig(**CFG, lr_scale=0.7))
+    assert [g["lr"] for g in reference_param_groups(SHAPES, OptimConfig(**CFG, lr_scale=1.0))] == [g["lr"] for g in plain]
+    for a, b in zip(plain, scaled):
+        assert b["lr"] == pytest.approx(a["lr"] * 0.7, rel=1e-15), a["name"]  # smear's fixed 0.2 included
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_backout_lambda_step_count_advances_like_the_reference(local):
+    # The reference adds 0 x backout_lambda.sum() to its loss: the scalar gets a zero gradient, so
+    # its AdamW step count advances with every other parameter's (and it never moves).
+    torch.manual_seed(0)
+    m = PoEGPT(ModelConfig(vocab_size=300, depth=4, n_embd=32, n_head=2, n_kv_head=1, intermediate=64, max_seq_len=32,
+                           stage_layers=(2, 2), backout=True))
+    opt = build_optimizer(m, OptimConfig(optimizer="nanochat"))
+    idx = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(1))
+    before = m.backout_lambda.detach().clone()
+    for _ in range(2):
+        if local:
+            m.backward_local(idx[:, :-1], idx[:, 1:])
+        else:
+            m.loss(idx[:, :-1], idx[:, 1:])[0].backward()
+        opt.step()
+        opt.zero_grad()
+    steps = {s.name: opt.param_steps[s.index] for s in opt.slots if s.kind == "adamw"}
+    assert steps["backout_lambda"] == 2 and set(steps.values()) == {2}
+    assert torch.equal(m.backout_lambda.detach(), before)
