@@ -57,7 +57,7 @@ def optim_lrs_from_groups(saved: dict, param_names_shapes: dict) -> dict:
             raise CheckpointError(f"the optimizer shards have no group {g['name']}: not this model's reference optimizer")
         if not _close(g["lr"], want):
             raise CheckpointError(f"optimizer group {g['name']}'s initial_lr {want!r} cannot be expressed by the nanochat group rules "
-                                  f"(they give {g['lr']!r} from the other groups' lrs): import with --preset and set optim lrs by hand")
+                                  f"(they give {g['lr']!r} from the other groups' lrs): this optimizer state cannot be continued exactly; import the folder without its optim_*_rank*.pt files (weights-only) and set optim lrs by hand")
     return out
 
 

@@ -20,10 +20,11 @@ the source dtypes (model and optimizer-state tensors) and the reference's own me
 Optimizer lrs: the reference's base_train multiplies every lr by ``batch_lr_scale =
 sqrt(total_batch_size / 2**19)`` (and rescales weight decay) while ``user_config`` keeps the
 unscaled CLI values, so with optimizer shards the imported ``optim`` config is derived from the
-saved groups' ``initial_lr`` (``optim_nanochat.optim_from_groups``: ``lr_scale`` from the smear
-group, the rest by inverting the group rules; every group's lr is reproduced to rounding) and
-Muon's base weight decay from its saved scheduled value. A weights-only import (no shards) and a
-``--preset`` import keep ``user_config``'s / the preset's values.
+saved groups' ``initial_lr`` (``train/nanochat_lrs.py``: ``lr_scale`` from the smear group, the
+rest by inverting the group rules; every group's lr is reproduced to rounding; this wins over a
+``--preset``'s lrs) and Muon's base weight decay from its saved scheduled value (else user_config's,
+as the manifest's ``provenance.optim_config`` says). A weights-only import (no shards) keeps
+``user_config``'s (or the preset's) values.
 
 Export writes the reference's folder back: ``model``, ``meta`` and a rank-0 optimizer file
 (world size 1), padding rows restored (zeros for a checkpoint that never had any), each tensor in
