@@ -1,5 +1,6 @@
-"""The timing protocol (measure/timing.py): per-round ratios, median and min-max, the implied
-speculative speedup by hand, and route mode thresholding the calibrated confidence kind."""
+"""The timing protocol (measure/timing.py): ratios over (round, prompt) cells with crossed-bootstrap
+intervals, the implied speculative speedup by hand, and route mode thresholding the calibrated
+confidence kind."""
 
 import pytest
 import torch
@@ -42,40 +43,39 @@ def test_interval_is_median_and_min_max():
 
 
 def test_protocol_ratios_and_implied_speedup_by_hand(monkeypatch):
+    """Issue 22's protocol: modes back to back on each prompt (rotated), speedup = sum T(full) /
+    sum T(mode) over every (round, prompt) cell, a crossed-bootstrap interval inside the range of
+    the per-cell ratios, the implied speculative speedup from teacher-forced rounds and the
+    measured stage-0 cost share."""
     clock = [0.0]
     monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(timing, "teacher_forced_agreement", lambda model, x, y: ([True] * len(y), 0))
     # per-token cost of each mode in each of the 3 rounds (the warm-up call is the first entry)
     costs = {"full": [9.0, 1.0, 1.0, 1.2], "stage0": [9.0, 0.4, 0.5, 0.4], "speculative": [9.0, 0.5, 0.8, 0.6],
              "wand": [9.0, 1.0, 0.5, 2.0]}
-    spec = {"accepted": 6, "proposed": 8, "rounds": 2, "row_rounds": 2, "new_tokens": 10, "accept_hist": [0, 0, 1, 0, 1]}
-    wand = {"new_tokens": 10, "depth_hist": [6, 4], "stage_positions": [20, 20]}
-    eng = FakeEngine(clock, costs, {"speculative": spec, "wand": wand, "full": {"new_tokens": 10}})
-
-    class Tok:
-        bos_id = 0
-
-        def encode(self, text):
-            return [1, 2]
-
-    prompts = [{"prompt": "a"}, {"prompt": "b"}]
-    out = timing.timed_generation(FakeModel(), Tok(), prompts, eng, m=4, bounds=[1.0], n_prompts=2, n_tokens=5, repeats=3)
-    # rounds rotate the mode order: round r starts with mode r % 4
-    assert eng.calls[:4] == ["full", "stage0", "speculative", "wand"]
-    assert eng.calls[4:6] == ["full", "full"] and eng.calls[12:14] == ["stage0", "stage0"]
+    spec = {"accepted": 6, "proposed": 8, "rounds": 2, "row_rounds": 2, "new_tokens": 5, "accept_hist": [0, 0, 1, 0, 1]}
+    wand = {"new_tokens": 5, "depth_hist": [3, 2], "stage_positions": [10, 10]}
+    eng = FakeEngine(clock, costs, {"speculative": spec, "wand": wand, "full": {"new_tokens": 5}})
+    prompts = [[0, 1, 2], [0, 3, 4]]
+    out = timing.timed_generation(FakeModel(), prompts, eng, m=4, bounds=[1.0], n_prompts=2, n_tokens=5, repeats=3, samples=400)
+    names = ["full", "stage0", "speculative", "wand"]
+    assert eng.calls[:4] == names  # warm-up, every mode once
+    assert eng.calls[4:8] == names and eng.calls[8:12] == names[1:] + names[:1]  # round 0: prompt 0, then prompt 1 rotated
     s = out["spec"]
     assert s["speedup"]["repeats"] == pytest.approx([2.0, 1.25, 2.0])  # T(full) / T(spec), round by round
-    assert s["speedup"]["value"] == pytest.approx(2.0) and s["speedup"]["ci"] == pytest.approx([1.25, 2.0])
-    # stats of one prompt are reused for both: N = 10, P = 2, proposed = 16, rounds = 4 over the two prompts
-    c = [0.4, 0.5, 0.4 / 1.2]
-    want = [10 / (2 + (16 + 4) * x + 4 * (1 - x)) for x in c]
-    assert s["implied_speedup"]["repeats"] == pytest.approx(want) and s["c0_time"]["repeats"] == pytest.approx(c)
-    assert s["acceptance"] == pytest.approx(0.75) and s["accept_hist"] == [0, 0, 2, 0, 2]
+    assert s["speedup"]["value"] == pytest.approx((1.0 + 1.0 + 1.2) / (0.5 + 0.8 + 0.6))  # every cell: 5 tokens
+    lo, hi = s["speedup"]["ci"]
+    assert 1.25 - 1e-9 <= lo < s["speedup"]["value"] < hi <= 2.0 + 1e-9  # a mediant of the cell ratios; not degenerate
+    # teacher-forced rounds of 5 new tokens, all agreeing, m=4: one round drafting 3 -> per prompt 3 proposed, 1 round
+    c = (0.4 + 0.5 + 0.4) / (1.0 + 1.0 + 1.2)
+    assert s["c0_time"]["value"] == pytest.approx(c)
+    assert s["implied_speedup"]["value"] == pytest.approx(10 / (2 + (6 + 2) * c + 2 * (1 - c)))
+    assert s["accept_hist"] == [0, 0, 2, 0, 2] and s["identical_outputs"] == 2
+    assert s["engine_check"]["acceptance"] == pytest.approx(12 / 16) and s["engine_check"]["teacher_forced"] == 1.0
     w = out["wand"]
-    assert w["speedup"]["repeats"] == pytest.approx([1.0, 2.0, 0.6])
-    assert w["agreement"] == pytest.approx(0.2) and w["identical"] == 0  # 1 of 5 tokens equal per prompt
-    assert w["mean_depth"] == pytest.approx((12 + 2 * 8) / 20) and w["depth_hist"] == [12, 8]
+    assert w["repeats"] == pytest.approx([1.0, 2.0, 0.6]) and w["value"] == pytest.approx(3.2 / 3.5)
     assert out["route"] is None and out["timing"]["repeats"] == 3 and out["timing"]["new_tokens"] == 10
+    assert out["timing"]["prompts"] == 2 and out["timing"]["modes"] == names
 
 
 def test_route_generation_thresholds_the_calibrated_confidence_kind():
