@@ -95,6 +95,10 @@ class RandomRows:
         mine = rows[rank * per:(rank + 1) * per]
         return mine[:, :-1].contiguous(), mine[:, 1:].contiguous()
 
+    def batch_hash(self):
+        """None: random rows are no data ``poelm batch`` could re-derive a hash from."""
+        return None
+
     def state_dict(self):
         return {}
 
@@ -380,6 +384,9 @@ def section_measure(a, deadline: float) -> dict:
     V, T = trunk["vocab_size"], trunk["max_seq_len"]
     # 4 rows of 2048: the [K, rows, T, V] fp32 stage log-probs of one batch are then 4.3 GB
     split, cal, B = (2048, 512, 4) if a.tiny else (262_144, 131_072, 4)
+    # the generation prompt set (genset) must fit max_seq_len: 32 tiny rows leave room for 8 new
+    # tokens after a 16-token context; at 2048 measure's defaults fit
+    gen = dict(gen_prompts=4, gen_tokens=8, gen_context=16) if a.tiny else {}
     tokens = torch.randint(1, V, (split + cal + 2,), generator=torch.Generator().manual_seed(0))
     tokens[::200] = 0
     tok = mc.ByteCounts(V)
@@ -392,7 +399,7 @@ def section_measure(a, deadline: float) -> dict:
 
     def run_measure():
         measure.measure(model, tok, {}, tokens=tokens, split_tokens=split, calib_tokens=cal, batch_size=B, seq_len=T,
-                        probe_set=None, progress=False, dtype="bf16" if a.device == "cuda" else "fp32")
+                        probe_set=None, progress=False, dtype="bf16" if a.device == "cuda" else "fp32", **gen)
 
     def timed(f):
         _sync(a.device)
