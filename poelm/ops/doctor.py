@@ -58,20 +58,20 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def checkpoint_bytes(model_cfg) -> dict:
-    """Bytes of one checkpoint of ``model_cfg``: fp32 weights + fp32 optimizer state (see module
-    docstring). The model is built on the meta device, so a 3B config costs no memory."""
+def checkpoint_bytes(model_cfg, optimizer: str = "poelm") -> dict:
+    """Bytes of one checkpoint of ``model_cfg``: fp32 weights + fp32 optimizer state of
+    ``optimizer`` (``optim.optimizer``: the reference's also keeps Muon's factored second moment;
+    counted by ``plan.optimizer_state_numel``, one rank holding everything as a save gathers it).
+    The model is built on the meta device, so a 3B config costs no memory."""
     import torch
 
     from poelm.core.model import PoEGPT
-    from poelm.train.optim import STATE_KEYS, group_of
+    from poelm.train.plan import optimizer_state_numel
 
     with torch.device("meta"):
         model = PoEGPT(model_cfg)
-    params = optim = 0
-    for name, p in model.named_parameters():
-        params += p.numel()
-        optim += p.numel() * len(STATE_KEYS[group_of(name)[1]])
+    params = sum(p.numel() for p in model.parameters())
+    optim = optimizer_state_numel(model, 1, model_cfg.objective, optimizer)[0]
     return {"params": params, "model": 4 * params, "optim": 4 * optim, "total": 4 * (params + optim) + SMALL_FILES}
 
 
@@ -175,7 +175,7 @@ def _check_write(workdir: Path) -> Check:
 
 
 def _check_disk(cfg, workdir: Path) -> list[Check]:
-    size = checkpoint_bytes(cfg.model)
+    size = checkpoint_bytes(cfg.model, cfg.optim.optimizer)
     n = planned_checkpoints(cfg)
     target = workdir
     while not target.exists() and target != target.parent:
