@@ -6,6 +6,7 @@ cleanly"."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -113,7 +114,13 @@ def build_bad_inputs(fx: Fixture, root: Path) -> list[Case]:
     (root / "empty.txt").write_text("")
     (root / "nanochat-empty").mkdir()
     cases.append(Case("nanochat folder without a model file", ["import", "nanochat", root / "nanochat-empty", root / "imp"], r"holds no model_XXXXXX\.pt"))
-    cases.append(Case("nanochat export of a model without the reference's ops", ["export", "--format", "nanochat", good, root / "nc"],
+    plain = _copy_ckpt(good, root / "plain-ops" / "step-00004")  # the same weights under poelm's qk scale
+    cfg_path = plain / "config.json"
+    cfg_json = json.loads(cfg_path.read_text())
+    cfg_json["model"]["qk_scale"] = 1.0
+    cfg_path.write_text(json.dumps(cfg_json))
+    _rewrite_manifest(plain)
+    cases.append(Case("nanochat export of a model without the reference's ops", ["export", "--format", "nanochat", plain, root / "nc"],
                       r"model\.qk_scale = 1\.0, the reference needs 1\.2"))
     cases.append(Case("empty corpus file", ["train", *T, "--set", f"data.path={root / 'empty.txt'}", "--out", root / "o6", "--quiet"], r"the training split is empty"))
     (root / "binary.txt").write_bytes(bytes(range(256)) * 64)
