@@ -57,8 +57,9 @@ def _where(rec, phase) -> str:
 
 def _delta_text(nt) -> str:
     d6 = fmt_signed(6)
-    ci = f" [{d6(nt['ci'][0])}, {d6(nt['ci'][1])}]" if nt["ci"] else " (no paired interval)"
-    return f"Δ {d6(nt['delta'])}{ci}"
+    ci = nt.get("ci")
+    ci = f" [{d6(ci[0])}, {d6(ci[1])}]" if ci and None not in ci else " (no paired interval)"  # [None, None]: not measured paired
+    return f"Δ {d6(nt['delta'])}{ci}" if nt.get("delta") is not None else "Δ not measured"
 
 
 def best_index(recs, seed_i) -> int | None:

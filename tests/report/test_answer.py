@@ -95,3 +95,13 @@ def test_legend_says_the_underpowered_sentence_once(tmp_path):
     assert md.count("the smallest attainable p is") == 1  # once, in the legend, not per figure
     assert "With 3 saves the smallest attainable p is 0.333" in md
     assert md.count("drifting down, τ -1.00 p 0.333†") == 3  # full K BPB, s0 and s1
+
+
+def test_delta_text_without_a_paired_interval():
+    """A noise test whose paired interval was not measured ([None, None], e.g. records of
+    `poelm eval` only) reads as such instead of failing to format."""
+    from poelm.report.answer import _delta_text
+
+    assert _delta_text({"delta": -0.0123456, "ci": [None, None]}) == "Δ -0.012346 (no paired interval)"
+    assert _delta_text({"delta": -0.0123456, "ci": [-0.02, -0.01]}) == "Δ -0.012346 [-0.020000, -0.010000]"
+    assert _delta_text({"delta": None, "ci": None}) == "Δ not measured"
