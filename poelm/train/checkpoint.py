@@ -215,6 +215,21 @@ def latest(run_dir) -> Path | None:
     return max(cands)[1] if cands else None
 
 
+def save_dir(path) -> Path:
+    """The one folder a "save" names: a checkpoint dir or an exported folder as given, a run dir as
+    its newest checkpoint. One home for the rule (load_model, export, average all take a save);
+    CheckpointError when it names nothing."""
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint not found: {d} (give a step-XXXXX checkpoint dir, a run dir or an exported folder)")
+    if not (d / "model.safetensors").is_file():
+        newest = latest(d)
+        if newest is None:
+            raise CheckpointError(f"{d} holds no checkpoint (no model.safetensors and no step-XXXXX checkpoints)")
+        d = newest
+    return d
+
+
 def prune(run_dir, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (0 keeps all)."""
     if keep_last <= 0:
@@ -244,14 +259,7 @@ def load_model(path, device="cpu", check: bool = True):
     metadata, ``poe_wand_p99_bounds_per_stage_head``)."""
     from poelm.data.tokenizer import Tokenizer
 
-    d = Path(path)
-    if not d.exists():
-        raise CheckpointError(f"not found: {d} (give a checkpoint dir, a run dir or an exported folder)")
-    if d.is_dir() and not (d / "model.safetensors").is_file():
-        newest = latest(d)
-        if newest is None:
-            raise CheckpointError(f"{d} holds no checkpoint (no model.safetensors and no step-XXXXX checkpoints)")
-        d = newest
+    d = save_dir(path)
     if is_hf_export(d):
         hf = read_json(d / "config.json", "export config")
         mcfg = ModelConfig.from_dict(hf)

@@ -64,14 +64,7 @@ def describe(path) -> dict:
     ``poelm_config``, ``meta``, ``tokenizer`` (fingerprint), ``tokenizer_json``."""
     from poelm.data.tokenizer import Tokenizer
 
-    d = Path(path)
-    if not d.is_dir():
-        raise CheckpointError(f"checkpoint not found: {d} (give a step-XXXXX checkpoint dir, a run dir or an exported folder)")
-    if not (d / "model.safetensors").is_file():
-        newest = checkpoint.latest(d)
-        if newest is None:
-            raise CheckpointError(f"{d} holds no checkpoint (no model.safetensors and no step-XXXXX checkpoints)")
-        d = newest
+    d = checkpoint.save_dir(path)
     if checkpoint.is_hf_export(d):
         hf = checkpoint.read_json(d / "config.json", "export config")
         cfg, prefix = hf.get("poelm_config"), "model."

@@ -66,14 +66,7 @@ def read_source(ckpt_dir) -> dict:
     """What an export needs from a checkpoint dir (or a run dir: its newest checkpoint; or an
     earlier export, so a checked-out branch can be re-published): model config dict, poelm config
     dict, meta, state dict (unprefixed), tokenizer.json text, bounds (or None)."""
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        raise CheckpointError(f"checkpoint not found: {d} (give a step-XXXXX checkpoint dir or an exported folder)")
-    if not (d / "model.safetensors").is_file():
-        newest = checkpoint.latest(d)
-        if newest is None:
-            raise CheckpointError(f"{d} holds no checkpoint (no model.safetensors and no step-XXXXX checkpoints)")
-        d = newest
+    d = checkpoint.save_dir(ckpt_dir)
     tok_path = d / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"{d} has no tokenizer.json; a checkpoint must carry its tokenizer")
