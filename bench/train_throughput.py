@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import llama_peer  # noqa: E402
 
 from poelm import config  # noqa: E402
-from poelm.core.model import ModelConfig, PoEGPT  # noqa: E402
+from poelm.core.model import ModelConfig, PoEGPT, attention_context  # noqa: E402
 from poelm.train.optim import build_optimizer  # noqa: E402
 
 
@@ -61,7 +61,7 @@ class LlamaRun:
     def __init__(self, cfg: ModelConfig):
         self.model = llama_peer.llama_like(cfg).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.flops = llama_peer.flops_per_token(cfg, cfg.max_seq_len / 2)
+        self.flops = llama_peer.flops_per_token(cfg, attention_context(None, seq_len=cfg.max_seq_len))
 
     def fwd_bwd(self, x, y):
         self.model(input_ids=x, labels=y).loss.backward()

@@ -97,7 +97,9 @@ class TrainConfig:
     save_every: int = 0  # steps; 0 = only at the end
     log_every: int = 10
     keep_last: int = 0  # checkpoints kept in the run dir; 0 keeps all
-    compile: bool = False  # torch.compile every block (train/loop.py); numbers to fp32 rounding
+    # torch.compile (train/runtime.py apply_compile): "model" (each stage one graph), "blocks"
+    # (every block alone), false; "auto" = "model" on CUDA, off on CPU; numbers to fp32 rounding
+    compile: bool | str = "auto"
     trackers: list = field(default_factory=list)  # live dashboards: wandb, tensorboard, trackio (poelm/track.py)
 
 
@@ -273,8 +275,8 @@ def validate(cfg: Config) -> Config:
         _positive(f"train.{key}", getattr(t, key))
     for key in ("tokens_per_step", "eval_every", "save_every", "log_every", "keep_last", "seq_len"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
-    if not isinstance(t.compile, bool):
-        raise ConfigError(f"train.compile must be true or false, got {t.compile!r}")
+    if not (isinstance(t.compile, bool) or t.compile in ("auto", "model", "blocks")):
+        raise ConfigError(f"train.compile must be \"model\", \"blocks\", \"auto\" or false, got {t.compile!r}")
     if t.dtype not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}")
     if not isinstance(t.trackers, (list, tuple)) or not all(isinstance(n, str) for n in t.trackers):

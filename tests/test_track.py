@@ -328,7 +328,7 @@ def test_mfu_scale_is_flops_per_token_over_ranks_times_the_gpu_peak(monkeypatch)
     cfg = tiny()
     with torch.device("meta"):
         model = PoEGPT(cfg.model)
-    flops = model.flops_per_token(cfg.seq_len)["train_total"]
+    flops = model.flops_per_token(seq_len=cfg.seq_len)["train_total"]
     assert mfu_scale(model, cfg.seq_len, "cpu", 1) is None  # no meaningful peak on a CPU
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
     assert mfu_scale(model, cfg.seq_len, "cuda:0", 2) == flops / (2 * GPUS["h100"].bf16_flops)

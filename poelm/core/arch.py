@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 REFERENCE_OPS = {"qk_scale": 1.2, "ve_gate_scale": 3.0, "ve_gate_channels": 12, "smear": True, "smear_channels": 24,
                  "window_pattern": "SSSL", "rope_base": 100000.0, "backout": True, "init": "nanochat"}
 INITS = ("poelm", "nanochat")
+ATTN_IMPLS = ("sdpa", "flex")  # core/attention.py (arch.py stays pure Python: the names only)
 
 
 @dataclass
@@ -45,6 +46,10 @@ class ModelConfig:
     short_window: int = 0  # S's window in keys; 0 = the reference's ceil(max_seq_len / 4 / 128) * 128
     backout: bool = False  # keep the reference's ``backout_lambda`` (stage logits never use it)
     init: str = "poelm"  # "poelm" or "nanochat" (the reference's init_weights)
+    # The attention kernel (core/attention.py): "sdpa" (masked SDPA for window layers and padded
+    # batches) or "flex" (flex_attention block masks: window layers cost T x (W+1), not T x T).
+    # Same numbers to fp32 rounding; a pure speed/memory choice, so old configs mean "sdpa".
+    attn_impl: str = "sdpa"
 
     def __post_init__(self):
         self.stage_layers = tuple(int(x) for x in self.stage_layers)
@@ -61,6 +66,8 @@ class ModelConfig:
         if not isinstance(pat, str) or not pat or any(c not in "SL" for c in pat.upper()):
             raise ValueError(f"model.window_pattern must be a non-empty string of S (short window) and L (full context) letters, "
                              f"e.g. 'SSSL' or 'L', got {pat!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"model.attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {self.attn_impl!r}")
         if self.init not in INITS:
             raise ValueError(f"model.init must be one of {', '.join(INITS)}, got {self.init!r}")
         # The gate reads min(ve_gate_channels, n_embd) channels (poelm's models narrower than 32

@@ -5,7 +5,8 @@ nanochat lineage (github.com/karpathy/nanochat ``gpt.py``); the reference's knob
 (jaepil/nanochat, ``../shared/reference/nanochat-poe.md``) are ``ModelConfig`` fields read here:
 ``qk_scale`` (q and k multiplied after QK-norm: a sharper softmax at the same ``1/sqrt(hd)``
 SDPA scale), ``ve_gate_scale`` / ``ve_gate_channels`` (the value-embedding gate) and the
-per-layer window that ``PoEGPT.run_stage`` turns into a mask. Imports torch only; shipped
+per-layer window that ``PoEGPT.run_stage`` turns into an ``AttnPlan`` (core/attention.py: the
+kernel, ``attn_impl``, and its mask). Imports torch only; shipped
 verbatim with ``model.py`` in every export.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .attention import AttnPlan, attend
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -43,11 +46,9 @@ class Attention(nn.Module):
         self.ve_gate_channels = min(int(cfg.ve_gate_channels), d)
         self.ve_gate = nn.Linear(self.ve_gate_channels, cfg.n_kv_head, bias=False) if cfg.has_value_embed(layer) else None
 
-    def forward(self, x, ve, cos, sin, cache, pos: int, mask: torch.Tensor | None = None, window: int | None = None):
-        """``cos``/``sin``: ``[1 or B, T, 1, D/2]``; ``mask``: None (causal over the filled slots)
-        or a boolean SDPA mask built by ``run_stage`` (padding and/or a sliding window).
-        ``window``: with ``mask`` None and one query, attend to the last ``window + 1`` keys only
-        (the unpadded decoding step of a sliding-window layer: a slice, no mask)."""
+    def forward(self, x, ve, cos, sin, cache, pos: int, plan: AttnPlan):
+        """``cos``/``sin``: ``[1 or B, T, 1, D/2]``; ``plan``: the layer's mask and kernel, built
+        by ``PoEGPT.run_stage`` (core/attention.py: causal, sliding window, padding, cached chunk)."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -64,19 +65,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(self.layer, pos, k, v)
-        Tk = k.size(2)
-        if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        elif T == 1:
-            if window is not None and Tk > window + 1:
-                k, v = k[:, :, Tk - window - 1 :], v[:, :, Tk - window - 1 :]
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        elif Tk == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # a chunk of T new queries after Tk - T cached positions
-            qpos = torch.arange(Tk - T, Tk, device=x.device)
-            mask = torch.arange(Tk, device=x.device)[None, :] <= qpos[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = attend(q, k, v, plan)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.c_proj(y)
 
@@ -97,6 +86,6 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, ve, cos, sin, cache, pos, mask=None, window=None):
-        x = x + self.attn(norm(x), ve, cos, sin, cache, pos, mask, window)
+    def forward(self, x, ve, cos, sin, cache, pos, plan):
+        x = x + self.attn(norm(x), ve, cos, sin, cache, pos, plan)
         return x + self.mlp(norm(x))

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from .arch import REFERENCE_OPS, ModelConfig
 from .cache import KVCache
 from .head import fused_stage_ce
-from .inputs import attention_mask, positions_from_mask, previous_slots, window_mask
+from .attention import AttnPlan
+from .inputs import positions_from_mask, previous_slots
 from .layers import Block, apply_rotary, norm
 from .poe import aggregate, softcap
 
@@ -211,33 +212,19 @@ class PoEGPT(nn.Module):
             if int(positions.max()) >= self.cos.size(1):
                 raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.cos.size(1)}")
             cos, sin = self.cos[0, positions].to(x.dtype), self.sin[0, positions].to(x.dtype)  # [B, T, 1, D/2]
-        masks = {}  # per distinct window: (mask, window) for Attention, built once per call
+        plans = {}  # per distinct window: the layers' AttnPlan (kernel + mask), built once per call
         Tk = pos + T if cache is not None else T
         a, b = self.config.stage_bounds(k)
         for i in range(a, b):
             W = self.windows[i]
-            if W not in masks:
-                masks[W] = self._layer_mask(W, T, Tk, valid, x.device)
+            if W not in plans:
+                plans[W] = AttnPlan(self.config.attn_impl, W, T, Tk, valid, x.device)
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            x = self.blocks[i](x, ve, cos, sin, cache, pos, *masks[W])
+            x = self.blocks[i](x, ve, cos, sin, cache, pos, plans[W])
             if collect is not None:
                 collect.append(x)
         return x
-
-    @staticmethod
-    def _layer_mask(W, T: int, Tk: int, valid, device):
-        """``(mask, window)`` for one layer's attention over T queries in the last T of Tk slots.
-        Padded rows: ``attention_mask`` (with the window over real positions). Unpadded: None
-        when the window cannot bind (L layers, or every key within W): the plain causal kernels;
-        one query: the slice of its last W+1 keys; otherwise the causal window mask."""
-        if valid is not None:
-            return attention_mask(valid, T, W), None
-        if W is None or Tk - 1 <= W:
-            return None, None
-        if T == 1:
-            return None, W
-        return window_mask(T, Tk, W, device), None
 
     def train(self, mode: bool = True):
         # Optimizers (and ZeRO-2 collectives) write weights through .data / in-place
@@ -408,18 +395,18 @@ class PoEGPT(nn.Module):
         out["total"] = sum(v for v in out.values() if isinstance(v, int))
         return out
 
-    def flops_per_token(self, context: float | None = None, seq_len: int | None = None) -> dict:
+    def flops_per_token(self, *, context: float | None = None, seq_len: int | None = None) -> dict:
         """Forward FLOPs per token, per stage (its blocks plus its head) and in total.
 
         Matmuls cost 2 FLOPs per weight; attention adds ``4 * n_head * head_dim * c`` per layer
-        (scores and weighted sum), ``c`` the keys a query sees. By default ``c`` is the mean over
-        a full row of ``seq_len`` positions (default ``max_seq_len``): ``seq_len / 2`` for a
-        full-context layer, and for a sliding-window layer (window W, ``window_sizes``) that
-        binds, the mean of ``min(i+1, W+1)`` (``window_mean_context``). A given ``context`` (keys
-        before a decoded position) is taken as is, capped at W+1 on window layers. Embedding and
+        (scores and weighted sum), ``c`` the keys a query sees (``attention_context``): by
+        default the mean over a full row of ``seq_len`` positions (default ``max_seq_len``), or,
+        given ``context`` (the keys before a decoded position), that count, each capped at the
+        layer's window W+1. Keyword-only: a positional number could mean either. Embedding and
         value-embedding lookups and the smear's gate are free. The full model runs every stage,
         so its cost is the sum (SPEC routing's c0 is stage 0's share). Training costs 3x forward
-        (the usual 6N rule)."""
+        (the usual 6N rule). The training log's MFU, ``poelm plan``, the routing projection and
+        ``bench/gpu.py`` all read this one count."""
         cfg = self.config
         T = seq_len or cfg.max_seq_len
         head = 2 * cfg.n_embd * cfg.vocab_size
@@ -430,18 +417,18 @@ class PoEGPT(nn.Module):
             for i in range(a, b):
                 blk = self.blocks[i]
                 mat = sum(p.numel() for name, p in blk.named_parameters() if "ve_gate" not in name)
-                W = self.windows[i]
-                if context is not None:
-                    c = context if W is None else min(context, W + 1)
-                else:
-                    c = T / 2 if W is None or W >= T - 1 else window_mean_context(T, W)
-                f += 2 * mat + 4 * cfg.n_head * cfg.head_dim * c
+                f += 2 * mat + 4 * cfg.n_head * cfg.head_dim * attention_context(self.windows[i], seq_len=T, context=context)
             per_stage.append(f + head)
         return {"per_stage": per_stage, "total": sum(per_stage), "train_total": 3 * sum(per_stage)}
 
 
-def window_mean_context(T: int, W: int) -> float:
-    """Mean keys per query over a full row of T positions under window W:
-    ``(1/T) sum_{i<T} min(i+1, W+1)``, in closed form."""
-    n = min(T, W + 1)  # positions 0..n-1 see i+1 keys, the rest W+1
-    return (n * (n + 1) / 2 + (T - n) * (W + 1)) / T
+def attention_context(window: int | None, *, seq_len: int, context: float | None = None) -> float:
+    """Keys one query of a layer with window W (None: full context) sees, the one definition of
+    the FLOPs count. Given ``context`` (keys before a decoded position): ``min(context, W+1)``.
+    Otherwise the row mean over ``seq_len`` positions, position i seeing ``min(i+1, W+1)`` keys:
+    ``(1/T) sum_{i<T} min(i+1, W+1)`` in closed form, which is ``(T+1)/2`` without a binding window."""
+    if context is not None:
+        return context if window is None else min(context, window + 1)
+    T = seq_len
+    n = T if window is None else min(T, window + 1)  # positions 0..n-1 see i+1 keys, the rest W+1
+    return (n * (n + 1) / 2 + (T - n) * ((window or 0) + 1)) / T

@@ -301,7 +301,7 @@ def _record(model, tokenizer, meta, ev, ref_ev, ref, *, t0, K, cfg, T, dev, dtyp
     """The record from the merged accumulators (bootstrap, routing, WAND exits), plus the probe
     and the speculative statistics (generation: one process)."""
     figs = figure_intervals(ev["blocks"], K, ALPHAS, samples, seed, level)
-    flops = model.flops_per_token(T)
+    flops = model.flops_per_token(seq_len=T)  # routing c0: the slice rows' mean context
     c0 = flops["per_stage"][0] / flops["total"]
     rec = {
         "schema": 1,

@@ -6,7 +6,7 @@ Layout of ``RUN_DIR/step-XXXXX/`` (nanoGPT's "plain dict" idea, split into safe 
 - ``optim.safetensors`` + ``optim.json``  optimizer state in a world-size-independent layout
   (``"<param>/<state>"`` tensors, see ``optim.full_state_dict``) so a run can resume on another
   number of ranks;
-- ``rng.safetensors``  torch CPU (and CUDA) generator states;
+- ``rng.safetensors``  torch CPU and CUDA generator states, every rank's (``runtime.rng_states``);
 - ``meta.json``  step, phase, rel_step, lrm, tokens, tokens_in_phase, train_val_bpb, loader state;
 - ``config.json``  the resolved config (``Config.to_dict``);
 - ``tokenizer.json``;
@@ -34,6 +34,7 @@ from poelm import config as config_mod
 from poelm.core.errors import CheckpointError, ConfigError
 from poelm.fsio import atomic_dir, atomic_write_json, atomic_write_text, recover_swaps, sha256_file, sweep_temps
 from poelm.core.model import ModelConfig, PoEGPT
+from poelm.train.runtime import rng_states
 
 STEP_RE = re.compile(r"^step-(\d{5,})$")
 
@@ -63,18 +64,19 @@ def write_manifest(d: Path, provenance: dict | None = None) -> dict:
 
 
 def save(run_dir, step: int, model: PoEGPT, cfg, tokenizer, meta: dict, optim_state=None, extra_tensors=None,
-         provenance=None) -> Path:
+         provenance=None, rng=None) -> Path:
     """Write ``run_dir/step-XXXXX`` atomically and point ``run_dir/latest`` at it.
 
     ``optim_state`` is ``optimizer.full_state_dict()`` = (tensors, meta), gathered beforehand
     (a collective under torch.distributed: every rank gathers, only rank 0 saves; see ``train``).
     ``extra_tensors`` ``{file name: {key: tensor}}``: more safetensors files of the checkpoint
-    (covered by the manifest); ``provenance``: a json-able dict stored in the manifest."""
+    (covered by the manifest); ``provenance``: a json-able dict stored in the manifest; ``rng``:
+    the generator states (``runtime.rng_states``, every rank's), default this process's."""
     run_dir = Path(run_dir)
     final = run_dir / step_name(step)
     model_sd = _state_for_save(model.state_dict())
     try:
-        _write(final, model_sd, optim_state, cfg, tokenizer, meta, step, extra_tensors, provenance)
+        _write(final, model_sd, optim_state, cfg, tokenizer, meta, step, extra_tensors, provenance, rng)
     except OSError as e:
         newest = latest(run_dir)
         raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; nothing was replaced (newest complete checkpoint: {newest})") from None
@@ -82,18 +84,14 @@ def save(run_dir, step: int, model: PoEGPT, cfg, tokenizer, meta: dict, optim_st
     return final
 
 
-def _write(final: Path, model_sd, opt, cfg, tokenizer, meta, step, extra=None, provenance=None):
+def _write(final: Path, model_sd, opt, cfg, tokenizer, meta, step, extra=None, provenance=None, rng=None):
     with atomic_dir(final, overwrite=True) as tmp:
         save_file(model_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if opt is not None:
             tensors, ometa = opt
             save_file(_state_for_save(tensors), str(tmp / "optim.safetensors"), metadata={"format": "pt"})
             atomic_write_json(tmp / "optim.json", ometa)
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda{i}"] = s
-        save_file(rng, str(tmp / "rng.safetensors"))
+        save_file(rng if rng is not None else rng_states(None), str(tmp / "rng.safetensors"))
         atomic_write_json(tmp / "meta.json", {**meta, "step": step})
         atomic_write_json(tmp / "config.json", cfg.to_dict())
         tokenizer.save(tmp)

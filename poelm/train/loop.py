@@ -42,7 +42,7 @@ from poelm.core import poe
 from poelm.core.errors import CheckpointError, ConfigError, PoelmError
 from poelm.fsio import append_line
 from poelm.core.model import PoEGPT
-from poelm.train.runtime import Runtime, _all_sum, _broadcast_text, setup_runtime, teardown_runtime  # noqa: F401
+from poelm.train.runtime import Runtime, _all_sum, _broadcast_text, apply_compile, compile_mode, restore_rng, rng_states, setup_runtime, teardown_runtime  # noqa: F401
 from poelm.schedule import Cooldown, Phase, lrm
 from poelm.train.continual import check_same_run, continual_phase_config  # noqa: F401  (their home; re-exported)
 from poelm.data.mixture import TrainLoader
@@ -91,13 +91,7 @@ def _build_model(cfg, rt: Runtime) -> PoEGPT:
     model = PoEGPT(cfg.model)
     model.to(rt.device)
     model.init_weights(seed=cfg.train.seed)
-    if cfg.train.compile:
-        # Every block compiled in place (``nn.Module.compile``: parameter names and state_dict
-        # keys stay as they are, so checkpoints, the optimizer groups and exports are unchanged).
-        # ``backward_local`` calls blocks and heads, not ``forward``, so compiling the blocks is
-        # what reaches the trunk; the fused head (core/head.py) stays eager.
-        for block in model.blocks:
-            block.compile()
+    apply_compile(model, compile_mode(cfg.train.compile, rt.device))  # train.compile (runtime.apply_compile)
     return model
 
 
@@ -168,6 +162,7 @@ class Trainer:
         self._mfu_scale = mfu_scale(model, cfg.seq_len, rt.device, rt.world)
         self.after_save = None  # callable(trainer, ckpt path or None), e.g. a cooldown probe (cooldown.py)
         self.tracker = None  # poelm.track.Run on rank 0 when trackers are asked for: gets every log record
+        self.compiled = compile_mode(cfg.train.compile, rt.device)  # what _build_model compiled (runtime.apply_compile)
 
     # -- helpers
     def val_tokens(self):
@@ -229,11 +224,12 @@ class Trainer:
             where = f"the last good checkpoint is {good}" if good else "no checkpoint was saved yet"
             raise PoelmError(f"validation BPB became {val['full']} at step {self.step}; this checkpoint was not saved; {where} (lower the learning rates and resume from it)")
         meta = self.meta()
-        # full_state_dict is a collective: every rank calls it; rank 0 writes.
+        # full_state_dict and rng_states are collectives: every rank calls them; rank 0 writes.
         opt_state = self.optimizer.full_state_dict()
+        rng = rng_states(self.rt)
         path = None
         if self.rt.master:
-            path = ckpt_mod.save(self.out_dir, self.step, self.model, self.cfg, self.tokenizer, meta, optim_state=opt_state)
+            path = ckpt_mod.save(self.out_dir, self.step, self.model, self.cfg, self.tokenizer, meta, optim_state=opt_state, rng=rng)
             if self.publisher is not None:
                 self.publisher.submit(path)
             else:  # with a publisher, pruning waits until every queued save is published (_finish)
@@ -262,7 +258,7 @@ class Trainer:
         model.train()
         rows = cfg.train.device_batch_size * rt.world
         last_loss = float("nan")
-        first = True
+        first = first_step = True
         t_start = time.time()
         while self.step < end:
             t0 = time.time()
@@ -298,21 +294,30 @@ class Trainer:
             self.tokens += self.tokens_per_step
             self.tokens_in_phase += self.tokens_per_step
             dt = time.time() - t0
-            tps = self.tokens_per_step / max(dt, 1e-9)
+            # The first step of a compiled model is mostly compilation: logged as its own record
+            # and left out of tokens/s (and MFU), which then describe the compiled kernels.
+            compiling = first_step and self.compiled is not None
+            if compiling:
+                self.log({"kind": "compile", "step": self.step, "mode": self.compiled, "first_step_s": dt})
+            first_step = False
+            tps = None if compiling else self.tokens_per_step / max(dt, 1e-9)
             if self.step % max(1, cfg.train.log_every) == 0 or self.step == end:
                 rec = {"kind": "train", "step": self.step, "loss": last_loss, "stage_ce": stats[1:].tolist(), "lrm": m,
-                       "grad_norm": grad_norm, "tokens": self.tokens, "tok_per_s": tps, "step_s": dt,
+                       "grad_norm": grad_norm, "tokens": self.tokens, "step_s": dt,
                        "lr": {name: g.lr for name, g in self.optimizer.groups.items()}}
-                if self._mfu_scale is not None:  # GPUs with a known bf16 peak (poelm.train.plan.GPUS)
+                if tps is not None:
+                    rec["tok_per_s"] = tps
+                if self._mfu_scale is not None and tps is not None:  # GPUs with a known bf16 peak (poelm.train.plan.GPUS)
                     rec["mfu"] = tps * self._mfu_scale
                 if len(self.loader.sources) > 1:  # realised mixture proportions since the run began
                     rec["mix"] = self.loader.proportions()
                 self.log(rec)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.3f}", lrm=f"{m:.3f}", tok_s=f"{tps:,.0f}")
+                speed = "compiling" if tps is None else f"{tps:,.0f} tok/s"
+                bar.set_postfix(loss=f"{last_loss:.3f}", lrm=f"{m:.3f}", speed=speed)
                 if line_every and ((end - self.step) % line_every == 0 or self.step == end):
-                    print(f"{self.phase.name} step {self.step}/{end}  loss {last_loss:.3f}  lrm {m:.3f}  {tps:,.0f} tok/s",
+                    print(f"{self.phase.name} step {self.step}/{end}  loss {last_loss:.3f}  lrm {m:.3f}  {speed}",
                           file=sys.stderr, flush=True)
             saving = self.step == end or (cfg.train.save_every and self.step % cfg.train.save_every == 0)
             if saving:
@@ -368,8 +373,7 @@ def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publishe
             raise CheckpointError(f"checkpoint {src.path} has no optimizer state; it cannot be resumed exactly")
         if src.meta.get("loader_state") is not None:
             loader.load_state_dict(src.meta["loader_state"])
-        if src.rng is not None and "cpu" in src.rng:
-            torch.set_rng_state(src.rng["cpu"])
+        restore_rng(src.rng, rt)  # CPU and this rank's CUDA generator
         step, tokens = int(src.meta["step"]), int(src.meta.get("tokens", 0))
         if resume is not None:
             phase = _phase_from(src.meta["phase"])

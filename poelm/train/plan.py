@@ -73,7 +73,7 @@ def mfu_scale(model, seq_len: int, device, world: int) -> float | None:
         return None
     name = torch.cuda.get_device_name(device).lower()
     peak = next((g.bf16_flops for k, g in GPUS.items() if k in name), None)
-    return model.flops_per_token(seq_len)["train_total"] / (world * peak) if peak else None
+    return model.flops_per_token(seq_len=seq_len)["train_total"] / (world * peak) if peak else None
 
 
 HEADROOM = 0.90

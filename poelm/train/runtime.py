@@ -161,3 +161,99 @@ def join_group(device: str) -> str:
     if rt.owns_group:
         atexit.register(teardown_runtime, rt)
     return str(rt.device)
+
+
+# ----------------------------------------------------------------------------- RNG states (exact resume)
+def rng_states(rt: Runtime | None) -> dict:
+    """Every rank's generator states, for a checkpoint's ``rng.safetensors`` (a collective under
+    torch.distributed: each rank calls it, rank 0 gets them all).
+
+    ``cpu`` / ``cuda{i}``: rank 0's CPU state and its CUDA state of every visible device (the
+    layout checkpoints always had); ``cpu_rank{r}`` / ``cuda_rank{r}``: rank r's CPU state and
+    that of its own device (``cuda:LOCAL_RANK``), which is the generator rank r's kernels draw from.
+    A process's CUDA generator lives in that process, so rank 0 cannot read rank r's: each rank
+    sends its own (``all_gather``; every rank's state has the same size)."""
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda{i}"] = s
+    world = rt.world if rt is not None else 1
+    own = {"cpu": out["cpu"]}
+    if rt is not None and rt.device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(rt.device)
+    for kind, state in own.items():
+        if world == 1:
+            out[f"{kind}_rank0"] = state.clone()  # safetensors stores no shared tensors
+            continue
+        dev = rt.device if rt.device.type == "cuda" else torch.device("cpu")  # NCCL moves device tensors only
+        parts = [torch.empty_like(state, device=dev) for _ in range(world)]
+        dist.all_gather(parts, state.to(dev))
+        for r, p in enumerate(parts):
+            out[f"{kind}_rank{r}"] = p.cpu()
+    return out
+
+
+def restore_rng(rng: dict | None, rt: Runtime | None) -> list[str]:
+    """Set this rank's generators from a checkpoint's states (``rng_states``); returns the keys
+    used. Rank r takes ``cpu_rank{r}`` and, on a GPU, ``cuda_rank{r}`` onto its device; a
+    checkpoint written before per-rank states (or by another world size) falls back to ``cpu``
+    and ``cuda{device index}``. A CUDA state with no GPU here (a GPU run resumed on CPU) is not
+    used: CPU kernels never draw from it."""
+    if not rng:
+        return []
+    rank = rt.rank if rt is not None else 0
+    used = []
+    cpu = f"cpu_rank{rank}" if f"cpu_rank{rank}" in rng else "cpu"
+    if cpu in rng:
+        torch.set_rng_state(rng[cpu])
+        used.append(cpu)
+    dev = rt.device if rt is not None else torch.device("cpu")
+    if dev.type == "cuda" and torch.cuda.is_available():
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        key = next((k for k in (f"cuda_rank{rank}", f"cuda{index}") if k in rng), None)
+        if key is not None:
+            torch.cuda.set_rng_state(rng[key], dev)
+            used.append(key)
+    return used
+
+
+# ----------------------------------------------------------------------------- torch.compile
+COMPILE_MODES = ("model", "blocks")
+
+
+def compile_mode(setting, device) -> str | None:
+    """``train.compile`` resolved for ``device``: ``"auto"`` is ``"model"`` on CUDA and off
+    elsewhere (on CPU inductor's C++ compile takes longer than the short runs it would speed up);
+    ``true`` is ``"model"``; ``false`` off."""
+    if setting == "auto":
+        return "model" if torch.device(device).type == "cuda" else None
+    if setting is True:
+        return "model"
+    return setting or None
+
+
+def apply_compile(model, mode: str | None) -> None:
+    """``torch.compile`` the trunk in place; parameter names, state_dict keys, checkpoints, the
+    optimizer groups and exports are unchanged, and the numbers equal eager ones to fp32 rounding.
+
+    ``"model"``: each stage as one graph (nanochat compiles its whole model; under local
+    learning ``backward_local`` runs stage by stage, so a stage, blocks, x0 mixing and masks, is
+    the largest piece a graph can hold): ``model.run_stage`` is replaced by its compiled version,
+    specialised per stage index (K graphs, times train / eval). ``"blocks"``: every block
+    compiled alone (``nn.Module.compile``), the setting before ``"model"`` existed. The fused
+    stage head (core/head.py) stays eager in both: it computes its gradients chunk by chunk."""
+    if mode is None:
+        return
+    if mode == "blocks":
+        for block in model.blocks:
+            block.compile()
+        return
+    import torch._dynamo
+
+    # one specialisation per stage and grad mode (training, evaluation): K x 2 entries in all
+    need = 2 * model.config.n_stages + 2
+    for name in ("recompile_limit", "cache_size_limit"):  # recompile_limit from torch 2.6 on
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), need))
+            break
+    model.run_stage = torch.compile(model.run_stage)

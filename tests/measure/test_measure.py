@@ -121,7 +121,7 @@ def test_one_pass_matches_slow_reference(tok, tokens):
     assert all(a <= b <= c <= d for a, b, c, d in zip(w["p50"], w["p90"], w["p99"], w["max"]))
     r = rec["routing"]
     assert r["projected_speedup"] == pytest.approx(1 / (r["fraction"] * r["c0"] + 1 - r["fraction"]))
-    assert r["c0"] == pytest.approx(model.flops_per_token(T)["per_stage"][0] / model.flops_per_token(T)["total"])
+    assert r["c0"] == pytest.approx(model.flops_per_token(seq_len=T)["per_stage"][0] / model.flops_per_token(seq_len=T)["total"])
     # held-out routing at the calibrated tau, recomputed from per-position stage-0 max probabilities
     assert r["metric"] == "agreement" and r["confidence"] == "maxprob"
     routed = (conf.double() * 10000).floor() >= round(r["tau"] * 10000)

@@ -161,7 +161,7 @@ def test_plan_counts_sliding_window_attention():
     """``model.window_pattern``: S layers cost attention over their window's mean context."""
     full = planmod.plan(small_cfg(0), world=1)
     win = planmod.plan(small_cfg(0, 'model.window_pattern="SSL"', "model.short_window=31"), world=1)
-    # S layers 0, 1, 3, 4 of depth 6 (SSL tiled: S S L S S L); a 128-row: mean keys (32*33/2 + 96*32)/128 instead of 64
+    # S layers 0, 1, 3, 4 of depth 6 (SSL tiled: S S L S S L); a 128-row: mean keys (32*33/2 + 96*32)/128 instead of 129/2
     per_key = 4 * 4 * 32
-    assert full["flops_per_token"] - win["flops_per_token"] == pytest.approx(3 * 4 * per_key * (64 - (32 * 33 / 2 + 96 * 32) / 128))
+    assert full["flops_per_token"] - win["flops_per_token"] == pytest.approx(3 * 4 * per_key * (64.5 - (32 * 33 / 2 + 96 * 32) / 128))
     assert "4 sliding-window layers of 31 keys" in planmod.format_plan(win, "small") and "sliding" not in planmod.format_plan(full, "small")
