@@ -98,6 +98,8 @@ class TrainConfig:
     log_every: int = 10
     keep_last: int = 0  # checkpoints kept in the run dir; 0 keeps all
     compile: bool = False  # torch.compile every block (train/loop.py); numbers to fp32 rounding
+    skip_spikes: float = 0.0  # k: skip an update whose loss or grad norm exceeds k sigma of the window (train/spikes.py); 0 = off
+    spike_window: int = 50  # steps in the rolling window of the spike guard
     trackers: list = field(default_factory=list)  # live dashboards: wandb, tensorboard, trackio (poelm/track.py)
 
 
@@ -273,6 +275,9 @@ def validate(cfg: Config) -> Config:
         _positive(f"train.{key}", getattr(t, key))
     for key in ("tokens_per_step", "eval_every", "save_every", "log_every", "keep_last", "seq_len"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    _positive("train.skip_spikes", t.skip_spikes, allow_zero=True)
+    if isinstance(t.spike_window, bool) or not isinstance(t.spike_window, int) or t.spike_window < 2:
+        raise ConfigError(f"train.spike_window must be an integer >= 2 (steps), got {t.spike_window!r}")
     if not isinstance(t.compile, bool):
         raise ConfigError(f"train.compile must be true or false, got {t.compile!r}")
     if t.dtype not in ("auto", "fp32", "bf16"):

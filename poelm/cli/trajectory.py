@@ -113,12 +113,15 @@ def _run_branches(args):
     from poelm.trajectory import publish
 
     rows = publish.list_branches(targets.repository(args.repo)[0], cooldowns=True)
-    fmt = "{:<14} {:>9} {:>14} {:>8} {:<10} {:>9} {}"
-    print(fmt.format("branch", "step", "tokens", "lrm", "phase", "bpb", ""))
+    fmt = "{:<14} {:>9} {:>14} {:>8} {:<10} {:>9} {:<6} {:<30} {}"
+    print(fmt.format("branch", "step", "tokens", "lrm", "phase", "bpb", "state", "tokens per source", ""))
     for r in rows:
         lrm = "-" if r["lrm"] is None else f"{r['lrm']:.4f}"
         bpb = "-" if r["bpb"] is None else f"{r['bpb']:.6f}"
-        print(fmt.format(r["branch"], r["step"], "-" if r["tokens"] is None else r["tokens"], lrm, r["phase"] or "-", bpb, "<- main" if r["main"] else ""))
+        per = ", ".join(f"{n} {t}" for n, t in (r.get("tokens_by_source") or {}).items()) or "-"
+        state = "optim" if r.get("with_state") else "-"  # published --with-optimizer: continuable exactly
+        print(fmt.format(r["branch"], r["step"], "-" if r["tokens"] is None else r["tokens"], lrm, r["phase"] or "-", bpb, state, per,
+                         "<- main" if r["main"] else ""))
     return 0
 
 

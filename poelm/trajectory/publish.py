@@ -155,6 +155,8 @@ def list_branches(repo, api=None, cooldowns: bool = False) -> list[dict]:
             "branch": b, "step": branch_step(b), "tokens": man.get("tokens"), "lrm": man.get("lrm"),
             "phase": man.get("phase"), "rel_step": man.get("rel_step"), "bpb": bpb,
             "main": bool(main) and main.get("step") == branch_step(b), "commit": refs[b],
+            "tokens_by_source": (man.get("provenance") or {}).get("tokens_by_source"),
+            "with_state": isinstance(man.get("train_state"), dict),
         })
     return rows
 
@@ -200,6 +202,10 @@ def read_records(repo, api=None) -> list[dict]:
     for probe in _branch_records(backend, cooldown_branches(refs)) if out else []:
         host = by_step.get(cooldown_of(probe["branch"])[0])
         (host or out[0]).setdefault("cooldown_probes" if host else "cooldown_probes_unmatched", []).append(probe)
+    for r in out:  # the data each save saw, for the report's Branches table (train/provenance.py)
+        prov = (read_json(backend, r["branch"], MANIFEST) or {}).get("provenance") or {}
+        if prov.get("tokens_by_source") is not None:
+            r.setdefault("tokens_by_source", prov["tokens_by_source"])
     for avg in _branch_records(backend, average_branches(refs)) if out else []:  # the same for weight averages
         host = by_step.get(average_of(avg["branch"])[0])
         (host or out[0]).setdefault("averages" if host else "averages_unmatched", []).append(avg)
