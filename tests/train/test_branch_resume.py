@@ -125,3 +125,18 @@ def test_branch_without_state_is_one_line_pointing_to_fresh_optimizer(run, tmp_p
     with pytest.raises(P.PublishError, match="no optimizer state"):
         P.publish(co, tmp_path / "r2", with_optimizer=True)
     assert not (tmp_path / "r2").exists()
+
+
+# ----------------------------------------------------------------------------- provenance
+def test_manifest_records_tokens_per_source_and_batch_hashes(run, capsys):
+    out, repo = run
+    man = P.read_json(P.open_repo(repo), "step-00006", P.MANIFEST)
+    prov = man["provenance"]
+    rows = {s["name"]: s["rows"] for s in json.loads((out / "step-00006" / "meta.json").read_text())["loader_state"]["sources"]}
+    assert prov["tokens_by_source"] == {n: r * 32 for n, r in rows.items()} and sum(prov["tokens_by_source"].values()) == man["tokens"]
+    assert prov["tokens_by_source_in_phase"] == prov["tokens_by_source"]  # the base phase began at step 0
+    hashes = {r["step"]: r["hash"] for r in _records(out, "batch")}
+    assert prov["batch_hashes"] == [[s, hashes[s]] for s in (4, 5, 6)]  # since the previous save (step 3)
+    assert cli.main(["branches", str(repo)]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step-00006")][0]
+    assert "optim" in line and all(f"{n} {t}" in line for n, t in prov["tokens_by_source"].items())
