@@ -303,11 +303,8 @@ class Trainer:
             else:
                 grad_norm = float("nan")
             self.optimizer.zero_grad(set_to_none=True)
-            if guard is not None:
-                guard.done(self.step + 1, last_loss, grad_norm, reason is not None)
-                if reason is not None:
-                    self.log({"kind": "skip", "step": self.step + 1, "loss": last_loss, "grad_norm": grad_norm, "reason": reason,
-                              "skipped": len(guard.skipped)})
+            if guard is not None and (skip_rec := guard.done(self.step + 1, last_loss, grad_norm, reason)):
+                self.log(skip_rec)
             if first:
                 self._log_layout()
                 first = False

@@ -54,13 +54,14 @@ class SpikeGuard:
         self.reason = self._spike(self.norms, float(norm), "grad norm")
         return self.reason is not None
 
-    def done(self, step: int, loss: float, norm: float, skipped: bool) -> None:
-        """After step ``step`` (1-based: the update just judged)."""
-        if skipped:
-            self.skipped.append(int(step))
-        else:
+    def done(self, step: int, loss: float, norm: float, reason: str | None) -> dict | None:
+        """After step ``step`` (1-based: the update just judged); the log record of a skip."""
+        if reason is None:
             self.losses.append(float(loss))
             self.norms.append(float(norm))
+            return None
+        self.skipped.append(int(step))
+        return {"kind": "skip", "step": int(step), "loss": loss, "grad_norm": norm, "reason": reason, "skipped": len(self.skipped)}
 
     def state_dict(self) -> dict:
         return {"k": self.k, "window": self.window, "losses": list(self.losses), "norms": list(self.norms),

@@ -84,10 +84,10 @@ def test_guard_arithmetic_and_config():
     g = SpikeGuard(3, 50)
     for i in range(MIN_HISTORY - 1):
         assert g.judge_loss(5.0 + 0.01 * (i % 3)) is None
-        g.done(i + 1, 5.0 + 0.01 * (i % 3), 1.0, False)
+        g.done(i + 1, 5.0 + 0.01 * (i % 3), 1.0, None)
     assert g.judge_loss(50.0) is None  # too little history to judge by sigma
     assert g.judge_loss(math.nan) == "loss is nan"  # non-finite: always
-    g.done(MIN_HISTORY, 5.0, 1.0, False)
+    assert g.done(MIN_HISTORY, 5.0, 1.0, None) is None
     assert g.judge_loss(5.03) is None and g.judge_loss(5.2).startswith("loss 5.2 > mean")
     assert g.judge_norm(torch.tensor(float("inf"))) and not g.judge_norm(torch.tensor(1.0))
     for bad in ("train.skip_spikes=-1", "train.spike_window=1"):
