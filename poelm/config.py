@@ -100,6 +100,8 @@ class TrainConfig:
     # torch.compile (train/runtime.py apply_compile): "model" (each stage one graph), "blocks"
     # (every block alone), false; "auto" = "model" on CUDA, off on CPU; numbers to fp32 rounding
     compile: bool | str = "auto"
+    skip_spikes: float = 0.0  # k: skip an update whose loss or grad norm exceeds k sigma of the window (train/spikes.py); 0 = off
+    spike_window: int = 50  # steps in the rolling window of the spike guard
     trackers: list = field(default_factory=list)  # live dashboards: wandb, tensorboard, trackio (poelm/track.py)
 
 
@@ -275,6 +277,9 @@ def validate(cfg: Config) -> Config:
         _positive(f"train.{key}", getattr(t, key))
     for key in ("tokens_per_step", "eval_every", "save_every", "log_every", "keep_last", "seq_len"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    _positive("train.skip_spikes", t.skip_spikes, allow_zero=True)
+    if isinstance(t.spike_window, bool) or not isinstance(t.spike_window, int) or t.spike_window < 2:
+        raise ConfigError(f"train.spike_window must be an integer >= 2 (steps), got {t.spike_window!r}")
     if not (isinstance(t.compile, bool) or t.compile in ("auto", "model", "blocks")):
         raise ConfigError(f"train.compile must be \"model\", \"blocks\", \"auto\" or false, got {t.compile!r}")
     if t.dtype not in ("auto", "fp32", "bf16"):

@@ -4,7 +4,9 @@
 2. a base phase with a full warmup / hold / warmdown cycle (``configs/embedded.toml``);
 3. a continual phase with the card's B2 shape (half peak, warmdown 55%, final 0) anchored at the
    base phase's last step, saving every ``save_every`` steps; every save, the seed first, is
-   published as a ``step-XXXXX`` branch of a local git repository (``main`` = newest);
+   published as a ``step-XXXXX`` branch of a local git repository (``main`` = newest), the seed
+   with its training state (``--with-optimizer``: continuable exactly from the branch); the phase
+   runs with the spike guard (``train.skip_spikes``) and reports how many updates it skipped;
 4. every branch is measured (BPB per stage / prefix, accuracy, alpha sweep, WAND bounds written
    into its config.json, routing, self-speculative decoding, sample probe) against the seed;
 5. two peak-phase saves get a short cooldown probe (``poelm.train.cooldown``: the LR decays to 0
@@ -24,6 +26,8 @@ from pathlib import Path
 
 from poelm import config as config_mod
 from poelm.core.errors import PoelmError
+
+SPIKE_SIGMA = 6  # the continual phase's spike guard (OLMo-core's SkipStepAdamW default sigma_factor)
 
 
 def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual_steps=None, save_every=None,
@@ -62,9 +66,18 @@ def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual
     n = continual_steps or max(2, cfg.schedule.steps // 2)
     every = save_every or max(1, n // 6)
     log(f"[2/4] continual B2 phase: {n} steps from step {base['step']}, saving every {every}, publishing to {repo}")
-    ov = [f"train.save_every={every}"]
-    cont = train.continue_phase(seed_ckpt, work / "continual", steps=n, publisher=partial(publish.Publisher, str(repo)), progress=progress,
-                                overrides=ov, tracking={**opts, "run_name": f"{prefix}-continual"})
+    # The guard for the re-warm shock (train/spikes.py) on the phase whose LR comes back up, at
+    # OLMo-core's default of 6 sigma; the seed branch carries the training state (continuable
+    # exactly: `poelm continue --from REPO@step-XXXXX`), the phase's later saves the weights only.
+    ov = [f"train.save_every={every}", f"train.skip_spikes={SPIKE_SIGMA}"]
+    seed_first = iter([True])
+
+    def publish_seed_with_state(ckpt, repo, **kw):
+        return publish.publish(ckpt, repo, with_optimizer=next(seed_first, False), **kw)
+
+    cont = train.continue_phase(seed_ckpt, work / "continual", steps=n, publisher=partial(publish.Publisher, str(repo), publish_fn=publish_seed_with_state),
+                                progress=progress, overrides=ov, tracking={**opts, "run_name": f"{prefix}-continual"})
+    log(f"      spike guard (train.skip_spikes = {SPIKE_SIGMA}): {cont['skipped_steps']} of {n} updates skipped")
 
     from poelm.measure import run as measure
 

@@ -1,7 +1,10 @@
 """What a TARGET string means, for every verb that takes one (the one home of that grammar).
 
 ``generate``, ``measure``, ``export``, ``checkout``, ``branches``, ``report``, ``eval``,
-``train --resume`` and ``continue --from`` all resolve their TARGET here, before any compute:
+``train --resume`` and ``continue --from`` all resolve their TARGET here, before any compute. A
+branch published with ``--with-optimizer`` is also a full training checkpoint (``want =
+"checkpoint"``): its ``train_state/`` is checked out and rebuilt into a local checkpoint
+(``trajectory/trainstate.py``), so ``train --resume REPO@step-XXXXX`` continues it exactly.
 
 ===============================  =======================================================
 TARGET                           means
@@ -36,7 +39,7 @@ from pathlib import Path
 
 from poelm.core.errors import PoelmError
 from poelm.train import checkpoint
-from poelm.trajectory import publish
+from poelm.trajectory import publish, trainstate
 
 HUB = publish.HUB_PREFIX
 REVISION = re.compile(r"main|step-\d{5,}|cooldown-\d{5,}-[1-9]\d*|avg-\d{5,}-[1-9]\d*")
@@ -163,13 +166,30 @@ def resolve(text: str, workdir=None, *, want: str = "model", api=None, hint: str
     branch = resolve_branch(where, rev or "main", text, api)
     if want == "repo":
         return Target(text, "repo", None, where, branch)
+    work = Path(workdir or tempfile.mkdtemp(prefix="poelm-target-"))
     if want == "checkpoint":
-        raise TargetError(f"{text}: a published branch holds weights only (no optimizer state or loader position); "
-                          + (hint or "resume from the run's checkpoint dir, or start a new phase with `poelm continue --from`"))
-    out = Path(workdir or tempfile.mkdtemp(prefix="poelm-target-")) / branch
+        return _branch_checkpoint(text, where, branch, work, api, hint)
+    out = work / branch
     if out.is_dir() and checkpoint.is_hf_export(out):
         return Target(text, "branch", out, where, branch)
     return Target(text, "branch", publish.checkout(where, branch, out, api=api), where, branch)
+
+
+def _branch_checkpoint(text: str, where: str, branch: str, work: Path, api, hint: str | None) -> Target:
+    """A branch published with its training state (``--with-optimizer``) as a local training
+    checkpoint under ``work`` (``trainstate.rebuild``); one line for a branch without it."""
+    backend = publish.open_repo(where, api=api)
+    man = publish.read_json(backend, branch, publish.MANIFEST) or {}
+    if not isinstance(man.get("train_state"), dict):
+        raise TargetError(f"{text}: the branch carries no optimizer state or loader position (published without --with-optimizer); "
+                          + (hint or f"start a new phase from its weights with `poelm continue --from {text} --fresh-optimizer`, "
+                                     "or resume from the run's checkpoint dir"))
+    folder = publish.checkout(where, branch, work / branch, api=api, with_state=True)
+    try:
+        ckpt = trainstate.rebuild(folder, work / "checkpoint" / branch, f"{where}@{branch}")
+    except PoelmError as e:
+        raise TargetError(f"{text}: its training state cannot be read: {e}") from None
+    return Target(text, "checkpoint", ckpt, where, branch)
 
 
 def _folder(text: str, p: Path, want: str, hint: str | None = None) -> Target:

@@ -27,6 +27,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert out["branches"] == ["step-00006", "step-00008", "step-00010"]  # the seed first, then every save
     rows = publish.list_branches(out["trajectory"])
     assert [r["main"] for r in rows] == [False, False, True]
+    assert [r["with_state"] for r in rows] == [True, False, False]  # the seed is continuable exactly from its branch
+    assert f"spike guard (train.skip_spikes = 6): {out['continual']['skipped_steps']} of 4 updates skipped" in "\n".join(lines)
     assert all(r["bpb"] is not None for r in rows)
     assert verify.verify(out["trajectory"]) == []
     for b in out["branches"]:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from poelm.cli.common import add_tracker_flags, tracker_override, tracking
+from poelm.cli.trajectory import WITH_OPTIMIZER_HELP
 
 
 # ----------------------------------------------------------------------------- train / continue
@@ -16,9 +17,11 @@ def _add_train(sub):
     p.add_argument("--steps", type=int, help="override schedule.steps")
     p.add_argument("--save-every", type=int, help="override train.save_every")
     p.add_argument("--out", default="runs/embedded", help="run directory (checkpoints, log.jsonl)")
-    p.add_argument("--resume", metavar="TARGET", help="checkpoint dir or run dir (its newest save) to continue exactly from")
+    p.add_argument("--resume", metavar="TARGET", help="checkpoint dir, run dir (its newest save) or REPO@step-XXXXX published --with-optimizer, "
+                   "to continue exactly from (a branch's run goes to --out)")
     p.add_argument("--publish", help="publish every save as a step branch of this repo (path or hf://org/name)")
     p.add_argument("--publish-dtype", choices=["bf16", "fp16", "fp32"], help="weights of the published branches (default: bf16 for a bf16-autocast run, else fp32); the checkpoints keep fp32")
+    p.add_argument("--with-optimizer", action="store_true", default=None, help=WITH_OPTIMIZER_HELP)
     p.add_argument("--device", help="override train.device")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_tracker_flags(p)
@@ -36,6 +39,7 @@ def _add_continue(sub):
     p.add_argument("--out", required=True, help="run directory for the new phase")
     p.add_argument("--publish", help="publish every save (the seed first) as step branches of this repo")
     p.add_argument("--publish-dtype", choices=["bf16", "fp16", "fp32"], help="weights of the published branches (default: bf16 for a bf16-autocast run, else fp32)")
+    p.add_argument("--with-optimizer", action="store_true", default=None, help=WITH_OPTIMIZER_HELP)
     p.add_argument("--allow-mismatch", action="store_true", help="allow a different architecture/tokenizer/data mix (not a continual phase then)")
     p.add_argument("--fresh-optimizer", action="store_true", help="start AdamW/Muon from zero state (needed for a source without optimizer "
                    "state, e.g. a weights-only import; recorded in the saves' meta)")
@@ -83,7 +87,7 @@ def _run_cooldown(args):
         cool = cd.plan(ckpt, args.steps, args.shape, args.to_lrm)
         if args.out:
             out = Path(args.out)
-        elif src.kind == "checkpoint":
+        elif src.kind == "checkpoint" and src.repo is None:  # a rebuilt branch checkpoint lives in a temp dir
             out = cd.default_out(ckpt.path, ckpt.step, args.steps)
         else:
             out = Path("cooldowns") / cd.probe_name(ckpt.step, args.steps)
@@ -112,7 +116,7 @@ def _apply_cli_overrides(args) -> list[str]:
     return ov
 
 
-def _publisher(repo, dtype=None):
+def _publisher(repo, dtype=None, with_optimizer=None):
     """The factory training calls on rank 0 (the trajectory room sits above training)."""
     if not repo:
         return None
@@ -120,7 +124,7 @@ def _publisher(repo, dtype=None):
 
     from poelm.trajectory.publish import Publisher
 
-    return partial(Publisher, repo, dtype=dtype)
+    return partial(Publisher, repo, dtype=dtype, with_optimizer=with_optimizer)
 
 
 def _run_train(args):
@@ -132,18 +136,23 @@ def _run_train(args):
 
     names, opts = tracking(args)
     overrides = _apply_cli_overrides(args) + tracker_override(names)
+    publisher = _publisher(args.publish, args.publish_dtype, args.with_optimizer)
     if args.resume:
-        src = targets.resolve(args.resume, want="checkpoint").path
-        base = ckpt_mod.load(src, with_optim=False).config
+        import tempfile
+
         bad = [o for o in overrides if not o.startswith("train.")]
         if bad:
             raise ConfigError(f"--resume continues the run exactly; only train.* settings may change (got {bad[0]}); use 'poelm continue' for a new phase")
-        cfg = config_mod.validate(config_mod.from_dict(config_mod.apply_overrides(base.to_dict(), overrides)))
-        out = args.out if args.out != "runs/embedded" else str(Path(src).parent)
-        summary = train(cfg, out, resume=src, publisher=_publisher(args.publish, args.publish_dtype), progress=not args.quiet, tracking=opts)
+        with tempfile.TemporaryDirectory(prefix="poelm-resume-") as work:  # a branch's state is rebuilt here
+            target = targets.resolve(args.resume, work, want="checkpoint")
+            src = target.path
+            base = ckpt_mod.load(src, with_optim=False).config
+            cfg = config_mod.validate(config_mod.from_dict(config_mod.apply_overrides(base.to_dict(), overrides)))
+            out = args.out if args.out != "runs/embedded" or target.repo else str(Path(src).parent)
+            summary = train(cfg, out, resume=src, publisher=publisher, progress=not args.quiet, tracking=opts)
     else:
         cfg = config_mod.load(args.config, overrides)
-        summary = train(cfg, args.out, publisher=_publisher(args.publish, args.publish_dtype), progress=not args.quiet, tracking=opts)
+        summary = train(cfg, args.out, publisher=publisher, progress=not args.quiet, tracking=opts)
     _print_summary(summary)
     return 0
 
@@ -173,9 +182,11 @@ def _run_continue(args):
             raise ConfigError("--cooldown-every K and --cooldown-steps N go together")
         prober = Prober(args.cooldown_every, args.cooldown_steps, args.cooldown_shape)
     with tempfile.TemporaryDirectory(prefix="poelm-continue-") as work:
-        src = targets.resolve(args.source, work)
+        # Without --fresh-optimizer the source must carry optimizer state and loader position: a
+        # checkpoint, or a branch published --with-optimizer (rebuilt into one under ``work``).
+        src = targets.resolve(args.source, work, want="model" if args.fresh_optimizer else "checkpoint", hint=CONTINUE_HINT)
         summary = continue_phase(src.path, args.out, phase_cfg, steps=args.steps, tokens_budget=tokens,
-                                 publisher=_publisher(args.publish, args.publish_dtype), progress=not args.quiet,
+                                 publisher=_publisher(args.publish, args.publish_dtype, args.with_optimizer), progress=not args.quiet,
                                  allow_mismatch=args.allow_mismatch, overrides=ov, source_label=src.label, after_save=prober,
                                  fresh_optimizer=args.fresh_optimizer, tracking=opts)
     _print_summary(summary)
@@ -184,6 +195,10 @@ def _run_continue(args):
         print(f"cooldown probes: {len(prober.probes)} x {prober.steps} steps, {spent:.1f}s of {summary['elapsed_s']:.1f}s "
               f"({100 * spent / max(summary['elapsed_s'], 1e-9):.1f}% of the phase's wall time)")
     return 0
+
+
+CONTINUE_HINT = ("pass --fresh-optimizer to start AdamW/Muon from zero state on its weights, or continue from the run's checkpoint dir "
+                 "(publish with --with-optimizer to make a branch continuable exactly)")
 
 
 def _print_summary(s: dict):

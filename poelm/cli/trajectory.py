@@ -85,13 +85,20 @@ def _add_publish(sub):
     p.add_argument("repo", metavar="REPO", help="local path (git repo, created if absent) or hf://org/name")
     p.add_argument("--force", action="store_true", help="replace the branch if it exists")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights dtype of the branch (default: bf16 for a bf16-autocast run, else fp32)")
+    p.add_argument("--with-optimizer", action="store_true", default=None, help=WITH_OPTIMIZER_HELP)
     return p
+
+
+WITH_OPTIMIZER_HELP = ("also publish the training state (optimizer state shards, loader position, RNG) in the branch's train_state/ folder, "
+                       "so `poelm continue --from REPO@step-XXXXX` / `train --resume` continue it exactly; once a repository's main carries "
+                       "it, later publishes do too")
 
 
 def _run_publish(args):
     from poelm.trajectory import publish
 
-    print(f"published {publish.publish(args.ckpt, args.repo, force=args.force, dtype=args.dtype)} to {args.repo}")
+    branch = publish.publish(args.ckpt, args.repo, force=args.force, dtype=args.dtype, with_optimizer=args.with_optimizer)
+    print(f"published {branch} to {args.repo}")
     return 0
 
 
@@ -106,12 +113,15 @@ def _run_branches(args):
     from poelm.trajectory import publish
 
     rows = publish.list_branches(targets.repository(args.repo)[0], cooldowns=True)
-    fmt = "{:<14} {:>9} {:>14} {:>8} {:<10} {:>9} {}"
-    print(fmt.format("branch", "step", "tokens", "lrm", "phase", "bpb", ""))
+    fmt = "{:<14} {:>9} {:>14} {:>8} {:<10} {:>9} {:<6} {:<30} {}"
+    print(fmt.format("branch", "step", "tokens", "lrm", "phase", "bpb", "state", "tokens per source", ""))
     for r in rows:
         lrm = "-" if r["lrm"] is None else f"{r['lrm']:.4f}"
         bpb = "-" if r["bpb"] is None else f"{r['bpb']:.6f}"
-        print(fmt.format(r["branch"], r["step"], "-" if r["tokens"] is None else r["tokens"], lrm, r["phase"] or "-", bpb, "<- main" if r["main"] else ""))
+        per = ", ".join(f"{n} {t}" for n, t in (r.get("tokens_by_source") or {}).items()) or "-"
+        state = "optim" if r.get("with_state") else "-"  # published --with-optimizer: continuable exactly
+        print(fmt.format(r["branch"], r["step"], "-" if r["tokens"] is None else r["tokens"], lrm, r["phase"] or "-", bpb, state, per,
+                         "<- main" if r["main"] else ""))
     return 0
 
 
@@ -119,6 +129,7 @@ def _add_checkout(sub):
     p = sub.add_parser("checkout", help="materialise one branch of a trajectory repo as a folder")
     p.add_argument("repo", metavar="TARGET", help="REPO@step-XXXXX, REPO@main or REPO (= main); or REPO BRANCH DIR")
     p.add_argument("rest", nargs="+", metavar="[BRANCH] DIR", help="new or empty folder (BRANCH: step-XXXXX or main)")
+    p.add_argument("--with-optimizer", action="store_true", help="also the branch's train_state/ folder (left out by default: the model loads without it)")
     return p
 
 
@@ -131,7 +142,7 @@ def _run_checkout(args):
     text = f"{args.repo}@{args.rest[0]}" if len(args.rest) == 2 else args.repo
     repo, branch = targets.repository(text)
     branch = branch or targets.resolve_branch(repo, "main", text)
-    print(f"checked out {branch} to {publish.checkout(repo, branch, args.rest[-1])}")
+    print(f"checked out {branch} to {publish.checkout(repo, branch, args.rest[-1], with_state=args.with_optimizer)}")
     return 0
 
 

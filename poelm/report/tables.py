@@ -158,6 +158,11 @@ def _note(recs, i, seed_i, phase) -> str:
     return "; ".join(parts) or "no shared measurement with the seed"
 
 
+def _per_source(r: dict) -> str:
+    """``alpha 1.2M · beta 0.8M``: tokens seen per mixture source up to this save."""
+    return " · ".join(f"{_esc(n)} {_tokens(t)}" for n, t in (r.get("tokens_by_source") or {}).items()) or NM
+
+
 def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     """``(heading, description, table)`` for every card table."""
     seed_i, phase, K = seed_position(recs), phase_of(recs), _k(recs)
@@ -165,17 +170,19 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     split = _newest_value(recs, "split_tokens")
     out = []
 
+    per_source = any(r.get("tokens_by_source") for r in recs)  # the branch manifests' provenance (train/provenance.py)
     rows = [[f"`{branch_name(r)}`", f"{int(r['step']):,}", _position(r, phase, i == seed_i),
-             NM if r.get("lrm") is None else f"{r['lrm']:.4f}", _esc(_note(recs, i, seed_i, phase))]
+             NM if r.get("lrm") is None else f"{r['lrm']:.4f}"] + ([_per_source(r)] if per_source else []) + [_esc(_note(recs, i, seed_i, phase))]
             for i, r in enumerate(recs)]
     if main:
-        rows.append(["main", "latest", "tracks newest published step", "", f"currently `{branch_name(recs[-1])}`"])
+        rows.append(["main", "latest", "tracks newest published step", ""] + ([""] if per_source else []) + [f"currently `{branch_name(recs[-1])}`"])
     desc = "Every save is a `step-XXXXX` branch; `main` tracks the newest."
     if phase is not None:
         desc += (f" Phase {phase.name}: {phase.steps:,} steps from step {phase.start_step:,}, warmup {phase.warmup:,} "
                  f"(lrm 0 → {phase.peak:g}), peak until rel_it {phase.warmdown_start:,}, then warmdown to "
                  f"{phase.final:g} (warmdown_ratio {phase.warmdown_ratio:g}).")
-    out.append(("Branches", desc, _table(["Branch", "Step", "Phase position", "lrm", "Notes"], rows)))
+    head = ["Branch", "Step", "Phase position", "lrm"] + (["Tokens per source"] if per_source else []) + ["Notes"]
+    out.append(("Branches", desc, _table(head, rows)))
 
     rel = lambda r: NM if rel_step(r, phase) is None else f"{rel_step(r, phase):,}"  # noqa: E731
     out.append(("Per-checkpoint val BPB",

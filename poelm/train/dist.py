@@ -311,15 +311,19 @@ class ShardedOptimizer:
 
     # ------------------------------------------------------------------------- the step
     @torch.no_grad()
-    def step(self) -> torch.Tensor:
+    def step(self, skip=None) -> torch.Tensor:
         """Average gradients over ranks, clip (if configured), update the owned parameters and
         state, share the result. Returns the global L2 norm of the averaged gradient (before
-        clipping) as a 0-d fp32 tensor. Parameters without a gradient on every rank are skipped."""
+        clipping) as a 0-d fp32 tensor. Parameters without a gradient on every rank are skipped.
+        ``skip``: a predicate of that norm (``train/spikes.py``); when it says True nothing is
+        updated (parameters, state, step counts), as if the step had not been taken."""
         has = self.comm.any_rank([s.param.grad is not None for s in self.slots], self.device)
         active = [s for s, h in zip(self.slots, has) if h]
         grads = {s.index: s.param.grad if s.param.grad is not None else torch.zeros_like(s.param) for s in active}
         owned = self.comm.reduce_grads(active, grads)
         norm = self._global_norm(active, owned)
+        if skip is not None and skip(norm):
+            return norm
         coef = None
         if self.grad_clip > 0:
             coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)

@@ -46,6 +46,7 @@ from poelm.train.runtime import Runtime, _all_sum, _broadcast_text, apply_compil
 from poelm.schedule import Cooldown, Phase, lrm
 from poelm.train.continual import check_same_run, continual_phase_config  # noqa: F401  (their home; re-exported)
 from poelm.data.mixture import TrainLoader
+from poelm.train import provenance, spikes
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -163,6 +164,8 @@ class Trainer:
         self.after_save = None  # callable(trainer, ckpt path or None), e.g. a cooldown probe (cooldown.py)
         self.tracker = None  # poelm.track.Run on rank 0 when trackers are asked for: gets every log record
         self.compiled = compile_mode(cfg.train.compile, rt.device)  # what _build_model compiled (runtime.apply_compile)
+        self.provenance = provenance.Provenance(cfg.seq_len, None)  # set by _make_trainer
+        self.spikes = None  # spikes.SpikeGuard when train.skip_spikes > 0 (set by _make_trainer)
 
     # -- helpers
     def val_tokens(self):
@@ -199,6 +202,7 @@ class Trainer:
                   "optim_state_numel": per_rank.tolist(), "optim_state_numel_unsharded": full})
 
     def meta(self) -> dict:
+        loader_state = self.loader.state_dict()
         return {
             "step": self.step,
             "phase": _phase_dict(self.phase),
@@ -209,7 +213,9 @@ class Trainer:
             "tokens_per_step": self.tokens_per_step,
             "train_val_bpb": self.last_val["full"] if self.last_val else None,
             "train_val_bpb_stages": self.last_val["single"] if self.last_val else None,
-            "loader_state": self.loader.state_dict(),
+            "loader_state": loader_state,
+            "provenance": self.provenance.block(loader_state),  # tokens per source, batch hashes (provenance.py)
+            **({"spike_guard": self.spikes.state_dict()} if self.spikes is not None else {}),
             "world_size": self.rt.world,
             # what the forward ran in: an export publishes bf16 weights for a bf16-autocast run
             "autocast_dtype": "bf16" if self.rt.dtype == torch.bfloat16 else "fp32",
@@ -224,6 +230,7 @@ class Trainer:
             where = f"the last good checkpoint is {good}" if good else "no checkpoint was saved yet"
             raise PoelmError(f"validation BPB became {val['full']} at step {self.step}; this checkpoint was not saved; {where} (lower the learning rates and resume from it)")
         meta = self.meta()
+        self.provenance.saved()  # the next save lists the batches after this one
         # full_state_dict and rng_states are collectives: every rank calls them; rank 0 writes.
         opt_state = self.optimizer.full_state_dict()
         rng = rng_states(self.rt)
@@ -280,17 +287,27 @@ class Trainer:
             stats = torch.cat([loss_sum, ce_sum]) / (self.accum * rt.world)
             _all_sum(stats, rt)
             last_loss = stats[0].item()
-            if not math.isfinite(last_loss):
+            guard = self.spikes  # train.skip_spikes (spikes.py): a spike's update is dropped, its data still consumed
+            reason = guard.judge_loss(last_loss) if guard is not None else None
+            if not math.isfinite(last_loss) and guard is None:
                 good = ckpt_mod.latest(self.out_dir)
                 where = f"the last good checkpoint is {good}" if good else "no checkpoint was saved yet"
                 raise PoelmError(f"training loss became {last_loss} at step {self.step}; stopped without updating the model; {where} (lower the learning rates and resume from it)")
-            grad_norm = self.optimizer.step().item()  # pre-clip norm of the rank-averaged gradient
+            if reason is None:
+                grad_norm = self.optimizer.step(skip=guard.judge_norm if guard is not None else None).item()  # pre-clip norm
+                reason = guard.reason if guard is not None else None
+            else:
+                grad_norm = float("nan")
             self.optimizer.zero_grad(set_to_none=True)
+            if guard is not None and (skip_rec := guard.done(self.step + 1, last_loss, grad_norm, reason)):
+                self.log(skip_rec)
             if first:
                 self._log_layout()
                 first = False
             self.step += 1
-            self.log({"kind": "batch", "step": self.step, "hash": self.loader.batch_hash()})  # `poelm batch` re-derives it
+            bh = self.loader.batch_hash()
+            self.log({"kind": "batch", "step": self.step, "hash": bh})  # `poelm batch` re-derives it
+            self.provenance.note(self.step, bh)
             self.tokens += self.tokens_per_step
             self.tokens_in_phase += self.tokens_per_step
             dt = time.time() - t0
@@ -307,6 +324,8 @@ class Trainer:
                        "lr": {name: g.lr for name, g in self.optimizer.groups.items()}}
                 if tps is not None:
                     rec["tok_per_s"] = tps
+                if self.spikes is not None:  # updates the guard dropped so far (spikes.py)
+                    rec["skipped"] = len(self.spikes.skipped)
                 if self._mfu_scale is not None and tps is not None:  # GPUs with a known bf16 peak (poelm.train.plan.GPUS)
                     rec["mfu"] = tps * self._mfu_scale
                 if len(self.loader.sources) > 1:  # realised mixture proportions since the run began
@@ -327,7 +346,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         return {"step": self.step, "loss": last_loss, "val_bpb": self.last_val, "elapsed_s": time.time() - t_start,
-                "out": str(self.out_dir), "tokens": self.tokens}
+                "out": str(self.out_dir), "tokens": self.tokens,
+                "skipped_steps": None if self.spikes is None else len(self.spikes.skipped)}
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -386,6 +406,11 @@ def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publishe
     publisher = publisher_factory() if publisher_factory is not None and rt.master else None
     trainer = Trainer(cfg, out_dir, rt, model, tokenizer, optimizer, loader, phase, step, tokens, tokens_in_phase,
                       publisher=publisher, progress=progress, extra_meta=extra)
+    # A resume keeps the phase's start and the spike window it saved; a new phase starts both here.
+    prior = (src.meta if src is not None and resume is not None else {})
+    start_rows = (prior.get("provenance") or {}).get("phase_start_rows") if resume is not None else provenance.source_rows(loader.state_dict())
+    trainer.provenance = provenance.Provenance(cfg.seq_len, start_rows)
+    trainer.spikes = spikes.make(cfg.train, prior.get("spike_guard"))
     if rt.master and cfg.train.trackers:  # rank 0 alone logs (poelm.track: resume, group, cooldown tag)
         trainer.tracker = track.start(cfg.train.trackers, out_dir, cfg.to_dict(), opts=tracking,
                                       prior=src.meta.get("tracking") if src is not None else None, resume=resume is not None,

@@ -26,7 +26,9 @@ The folder holds:
   card, ``poelm.report.tables.render_card``, once a branch is measured), else a minimal card written
   here. The export never imports the report room: the card reaches it as an argument;
 - ``poelm_manifest.json``: step, tokens, lrm, phase and the sha256 and size of every other file
-  (written last), so a published trajectory can be audited (``poelm verify``).
+  (written last), so a published trajectory can be audited (``poelm verify``), and the data's
+  ``provenance`` (tokens per mixture source, cumulative and in the phase; the batch hashes since
+  the previous save; the steps the spike guard skipped).
 
 The folder is built under a temporary name and renamed into place (``fsio.atomic_dir``).
 """
@@ -74,6 +76,8 @@ def read_source(ckpt_dir) -> dict:
         hf = checkpoint.read_json(d / "config.json", "export config")
         model = {k: hf[k] for k in ModelConfig.__dataclass_fields__ if k in hf}
         meta = {k: hf.get(k) for k in ("step", "rel_step", "phase", "lrm", "tokens", "tokens_in_phase", "train_val_bpb")}
+        if (d / MANIFEST).is_file():  # a re-published branch keeps the data provenance it records
+            meta["provenance"] = checkpoint.read_json(d / MANIFEST, "export manifest").get("provenance")
         poelm_config = hf.get("poelm_config")
         bounds = hf.get(BOUNDS_KEY)
         routing = hf.get(ROUTING_KEY)
@@ -323,13 +327,16 @@ def minimal_card(cfg: dict) -> str:
     return "\n".join(lines)
 
 
-def write_manifest(folder: Path, info: dict) -> dict:
-    """``poelm_manifest.json``: trajectory metadata and the sha256/size of every other file."""
+def write_manifest(folder: Path, info: dict, provenance: dict | None = None) -> dict:
+    """``poelm_manifest.json``: trajectory metadata and the sha256/size of every other file;
+    ``provenance``: the data the save has seen (``poelm.train.provenance``)."""
     files = {}
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.name != MANIFEST:
             files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     manifest = manifest_dict(info, files)
+    if provenance:
+        manifest["provenance"] = provenance
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
 
@@ -407,5 +414,15 @@ def export(ckpt_dir, out_dir, bounds=None, readme: str | None = None, dtype: str
         for path in code:
             shutil.copyfile(path, tmp / path.name)
         atomic_write_text(tmp / "README.md", readme if readme is not None else minimal_card(cfg))
-        write_manifest(tmp, cfg)
+        write_manifest(tmp, cfg, provenance_of(meta))
     return out
+
+
+def provenance_of(meta: dict) -> dict | None:
+    """The manifest's ``provenance``: tokens per source, batch hashes since the previous save
+    (``poelm.train.provenance``) and the updates the spike guard skipped (``train/spikes.py``)."""
+    prov = dict(meta.get("provenance") or {})
+    prov.pop("phase_start_rows", None)  # bookkeeping of the run, not of the branch
+    if isinstance(meta.get("spike_guard"), dict):
+        prov["skipped_steps"] = list(meta["spike_guard"].get("skipped_steps", []))
+    return prov or None

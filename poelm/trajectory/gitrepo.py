@@ -45,7 +45,7 @@ _ENV = {
 
 
 class GitRepo:
-    """A local git repository holding one flat folder per branch."""
+    """A local git repository holding one folder per branch (flat, plus ``train_state/`` when published with it)."""
 
     def __init__(self, path, create: bool = False):
         self.path = Path(path)
@@ -82,8 +82,9 @@ class GitRepo:
         return dict(line.split(" ", 1) for line in out.splitlines() if line)
 
     def tree(self, rev: str) -> dict[str, str]:
-        """File name -> blob id of the (flat) tree of ``rev``."""
-        out = self.git("ls-tree", "-z", rev, what=f"reading {rev}").decode()
+        """File path -> blob id of ``rev`` (recursive: ``train_state/...`` for a branch published
+        with its training state, ``trainstate.py``)."""
+        out = self.git("ls-tree", "-r", "-z", rev, what=f"reading {rev}").decode()
         entries = {}
         for item in out.split("\0"):
             if item:
@@ -111,9 +112,13 @@ class GitRepo:
             proc.kill()
             proc.wait()
 
-    def materialise(self, rev: str, out: Path) -> None:
-        """Write every file of ``rev`` into the existing directory ``out``."""
+    def materialise(self, rev: str, out: Path, skip: str | None = None) -> None:
+        """Write every file of ``rev`` into the existing directory ``out`` (those under the folder
+        ``skip`` left out)."""
         for name, sha in self.tree(rev).items():
+            if skip and name.startswith(skip + "/"):
+                continue
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
             with open(out / name, "wb") as f:
                 proc = subprocess.run(["git", f"--git-dir={self.git_dir}", "cat-file", "blob", sha], stdout=f, env=self._env())
             if proc.returncode != 0:
@@ -133,8 +138,19 @@ class GitRepo:
         return self.git(*STORE, "hash-object", "-w", "--no-filters", "--stdin", input=data, what="git hash-object").decode().strip()
 
     def mktree(self, entries: dict[str, str]) -> str:
-        data = "".join(f"100644 blob {sha}\t{name}\0" for name, sha in sorted(entries.items())).encode()
-        return self.git("mktree", "-z", input=data).decode().strip()
+        """The tree of ``{path: blob id}``; a path with ``/`` goes into a subtree (one level per
+        folder, built first)."""
+        blobs, folders = {}, {}
+        for name, sha in entries.items():
+            head, sep, rest = name.partition("/")
+            if sep:
+                folders.setdefault(head, {})[rest] = sha
+            else:
+                blobs[name] = sha
+        lines = [f"100644 blob {sha}\t{name}" for name, sha in blobs.items()]
+        lines += [f"040000 tree {self.mktree(sub)}\t{name}" for name, sub in folders.items()]
+        # (git mktree puts the entries in git's tree order itself)
+        return self.git("mktree", "-z", input="".join(line + "\0" for line in lines).encode()).decode().strip()
 
     def commit(self, tree: str, parents: list[str], message: str) -> str:
         args = ["commit-tree", tree]
@@ -156,9 +172,10 @@ class GitRepo:
     # ------------------------------------------------------------------ branches
     def write_branch(self, folder: Path, branch: str, parent: str | None, old: str | None, move_main: bool,
                      main_old: str | None, message: str) -> str:
-        """Commit the flat ``folder`` as ``branch`` (child of ``parent``); move ``main`` with it
-        when ``move_main``. ``old``/``main_old``: the values the refs must still hold."""
-        names = sorted(p.name for p in folder.iterdir() if p.is_file())
+        """Commit ``folder`` (its files, and those of its sub-folders) as ``branch`` (child of
+        ``parent``); move ``main`` with it when ``move_main``. ``old``/``main_old``: the values
+        the refs must still hold."""
+        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         tree = self.mktree(dict(zip(names, self.hash_files([folder / n for n in names]))))
         commit = self.commit(tree, [parent] if parent else [], message)
         updates = [(branch, commit, old)]

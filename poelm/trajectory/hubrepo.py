@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from poelm.core.errors import PublishError
+from poelm.trajectory.trainstate import STATE_DIR
 
 STAGING = "poelm-staging-"
 
@@ -54,7 +55,8 @@ class HubRepo:
 
     def tree(self, rev: str) -> dict[str, str | None]:
         files = self._call(f"listing {rev}", self.api.list_repo_files, self.repo_id, revision=rev, repo_type="model")
-        return {name: None for name in files if "/" not in name and name != ".gitattributes"}
+        # the branch's flat files and its training state folder (trainstate.py); nothing else nested
+        return {name: None for name in files if ("/" not in name or name.startswith(STATE_DIR + "/")) and name != ".gitattributes"}
 
     def _download(self, rev: str, name: str) -> str:
         return self._call(f"downloading {name}@{rev}", self.api.hf_hub_download, self.repo_id, name, revision=rev, repo_type="model")
@@ -69,8 +71,11 @@ class HubRepo:
         with open(self._download(rev, name), "rb") as f:
             yield f
 
-    def materialise(self, rev: str, out: Path) -> None:
+    def materialise(self, rev: str, out: Path, skip: str | None = None) -> None:
         for name in self.tree(rev):
+            if skip and name.startswith(skip + "/"):
+                continue  # not downloaded at all: the optimizer state is the bulk of such a branch
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self._download(rev, name), out / name)
 
     # ------------------------------------------------------------------ writing

@@ -34,6 +34,7 @@ import threading
 from pathlib import Path
 
 from poelm.trajectory import export as export_mod
+from poelm.trajectory import trainstate
 from poelm.core.errors import PublishError
 from poelm.fsio import atomic_dir, atomic_write_json, sha256_file
 from poelm.trajectory.gitrepo import GitRepo
@@ -154,6 +155,8 @@ def list_branches(repo, api=None, cooldowns: bool = False) -> list[dict]:
             "branch": b, "step": branch_step(b), "tokens": man.get("tokens"), "lrm": man.get("lrm"),
             "phase": man.get("phase"), "rel_step": man.get("rel_step"), "bpb": bpb,
             "main": bool(main) and main.get("step") == branch_step(b), "commit": refs[b],
+            "tokens_by_source": (man.get("provenance") or {}).get("tokens_by_source"),
+            "with_state": isinstance(man.get("train_state"), dict),
         })
     return rows
 
@@ -199,15 +202,21 @@ def read_records(repo, api=None) -> list[dict]:
     for probe in _branch_records(backend, cooldown_branches(refs)) if out else []:
         host = by_step.get(cooldown_of(probe["branch"])[0])
         (host or out[0]).setdefault("cooldown_probes" if host else "cooldown_probes_unmatched", []).append(probe)
+    for r in out:  # the data each save saw, for the report's Branches table (train/provenance.py)
+        prov = (read_json(backend, r["branch"], MANIFEST) or {}).get("provenance") or {}
+        if prov.get("tokens_by_source") is not None:
+            r.setdefault("tokens_by_source", prov["tokens_by_source"])
     for avg in _branch_records(backend, average_branches(refs)) if out else []:  # the same for weight averages
         host = by_step.get(average_of(avg["branch"])[0])
         (host or out[0]).setdefault("averages" if host else "averages_unmatched", []).append(avg)
     return out
 
 
-def checkout(repo, branch: str, out_dir, api=None) -> Path:
+def checkout(repo, branch: str, out_dir, api=None, with_state: bool = False) -> Path:
     """Materialise ``branch`` as a plain folder (transformers loads it) and check it against the
-    branch manifest; the folder appears complete or not at all."""
+    branch manifest; the folder appears complete or not at all. ``with_state``: also its
+    ``train_state/`` folder (optimizer state, loader position, RNG; ``trainstate.py``), which is
+    left out otherwise (the model loads without it)."""
     check_branch(branch)
     backend = open_repo(repo, api=api)
     if branch not in backend.refs():
@@ -216,23 +225,24 @@ def checkout(repo, branch: str, out_dir, api=None) -> Path:
     if out.exists() and any(out.iterdir()):
         raise PublishError(f"{out} exists and is not empty; check out into a new folder")
     with atomic_dir(out, overwrite=True) as tmp:
-        backend.materialise(branch, tmp)
-        problems = _check_folder(tmp, branch)
+        backend.materialise(branch, tmp, skip=None if with_state else trainstate.STATE_DIR)
+        problems = _check_folder(tmp, branch, with_state)
         if problems:
             raise PublishError(problems[0])
     return out
 
 
-def _check_folder(folder: Path, branch: str) -> list[str]:
+def _check_folder(folder: Path, branch: str, with_state: bool = True) -> list[str]:
     man_path = folder / MANIFEST
     if not man_path.is_file():
         return [f"{branch}: no {MANIFEST}"]
     man = json.loads(man_path.read_text())
     problems = []
-    files = {p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST}
-    for name in sorted(files ^ set(man.get("files", {}))):
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    listed = {n for n in man.get("files", {}) if with_state or not n.startswith(trainstate.STATE_DIR + "/")}
+    for name in sorted(files ^ listed):
         problems.append(f"{branch}: {name} is {'not in the manifest' if name in files else 'missing'}")
-    for name in sorted(files & set(man.get("files", {}))):
+    for name in sorted(files & listed):
         if sha256_file(folder / name) != man["files"][name]["sha256"]:
             problems.append(f"{branch}: {name} does not match its manifest sha256")
     return problems
@@ -246,24 +256,35 @@ def main_step_of(backend, refs) -> int | None:
     return None if man is None or man.get("step") is None else int(man["step"])
 
 
-def publish(ckpt_dir, repo, force: bool = False, readme: str | None = None, api=None, dtype: str | None = None) -> str:
+def publish(ckpt_dir, repo, force: bool = False, readme: str | None = None, api=None, dtype: str | None = None,
+            with_optimizer: bool | None = None, shard_bytes: int = trainstate.SHARD_BYTES) -> str:
     """Export ``ckpt_dir`` and publish it as branch ``step-XXXXX`` of ``repo``; return the branch.
 
     ``main`` moves to it when its step is >= the step main holds. Refused (``PublishError``) when
     the branch exists, unless ``force``. The checkpoint itself is only read. A write error (disk
     full ...) is one ``PublishError`` line; the refs are untouched then (they move last).
-    ``dtype``: the branch's weights, bf16 | fp16 | fp32 (default: ``export.default_dtype``)."""
+    ``dtype``: the branch's weights, bf16 | fp16 | fp32 (default: ``export.default_dtype``).
+    ``with_optimizer``: the branch also carries the training state (``trainstate.py``); None: the
+    repository's setting, i.e. what its ``main`` was published with (off for a new repository),
+    so the choice, once made, holds for every later save of the trajectory."""
     export_mod.check_dtype(dtype)
     try:
-        return _publish(ckpt_dir, repo, force, readme, api, dtype)
+        return _publish(ckpt_dir, repo, force, readme, api, dtype, with_optimizer, shard_bytes)
     except OSError as e:
         raise PublishError(f"cannot publish {ckpt_dir} to {repo}: {e.strerror or e}; the repository is unchanged and the checkpoint is kept") from None
 
 
-def _publish(ckpt_dir, repo, force, readme, api, dtype=None) -> str:
+def repo_with_state(backend, refs) -> bool:
+    """The repository-level setting: whether its ``main`` carries the training state."""
+    return "main" in refs and isinstance((read_json(backend, "main", MANIFEST) or {}).get("train_state"), dict)
+
+
+def _publish(ckpt_dir, repo, force, readme, api, dtype=None, with_optimizer=None, shard_bytes=trainstate.SHARD_BYTES) -> str:
     cool = _cooldown_source(ckpt_dir)
     if cool is not None:  # a cooldown probe: its own kind of branch, never a step branch, never main
         return _publish_cooldown(ckpt_dir, repo, force, readme, api, dtype, *cool)
+    if with_optimizer:
+        trainstate.check_source(ckpt_dir)  # before the repository is created
     backend = open_repo(repo, create=True, api=api)
     with tempfile.TemporaryDirectory(prefix="poelm-publish-") as tmp:
         folder = Path(tmp) / "export"
@@ -271,6 +292,9 @@ def _publish(ckpt_dir, repo, force, readme, api, dtype=None) -> str:
         cfg = json.loads((folder / "config.json").read_text())
         branch = check_branch(branch_name(cfg["step"]), allow_main=False)
         refs = backend.refs()
+        if with_optimizer if with_optimizer is not None else repo_with_state(backend, refs):
+            exact = trainstate.weights_exact(ckpt_dir, folder / "model.safetensors")
+            trainstate.add_to_manifest(folder, MANIFEST, trainstate.write_state(ckpt_dir, folder, exact, shard_bytes))
         old = refs.get(branch)
         if old is not None and not force:
             raise PublishError(f"{branch} already exists in {repo}; pass --force to replace it")
@@ -370,7 +394,8 @@ def update_branch_files(repo, branch: str, files: dict[str, bytes], api=None) ->
     for name, data in files.items():
         entries[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     new_man = export_mod.manifest_dict({**cfg, "phase_name": cfg.get("phase_name", man.get("phase"))}, dict(sorted(entries.items())))
-    new_man.update({k: man[k] for k in ("kind", "cooldown", "average") if k in man})  # a cooldown / average branch stays one
+    # a cooldown / average branch stays one; the training state and provenance stay recorded
+    new_man.update({k: man[k] for k in ("kind", "cooldown", "average", "train_state", "provenance") if k in man})
     payload = dict(files)
     payload[MANIFEST] = (json.dumps(new_man, indent=2, sort_keys=True) + "\n").encode()
     if isinstance(backend, GitRepo):
@@ -389,9 +414,12 @@ class Publisher:
     A failure never touches the checkpoint directory and does not stop later publishes. The
     checkpoint must stay on disk until its publish ran (``close`` or ``pending == 0``)."""
 
-    def __init__(self, repo, force: bool = False, api=None, publish_fn=None, dtype: str | None = None):
+    def __init__(self, repo, force: bool = False, api=None, publish_fn=None, dtype: str | None = None,
+                 with_optimizer: bool | None = None):
         self.repo, self.force, self.api = repo, force, api
         self._kw = {"dtype": export_mod.check_dtype(dtype)} if dtype else {}  # the branches' weights dtype
+        if with_optimizer is not None:  # None: the repository's setting (publish)
+            self._kw["with_optimizer"] = with_optimizer
         self._publish = publish_fn or publish
         self._queue: queue.Queue = queue.Queue()
         self.published: list[str] = []

@@ -216,7 +216,7 @@ def test_bad_inputs_one_line_exit_2(run, tmp_path, capsys, monkeypatch):
     _cli_rejects(["cooldown", src, "--steps", "2", "--to-lrm", "1.5", *out], capsys, tmp_path,
                  "--to-lrm 1.5 is above the checkpoint's current lrm 1 (step 2)")
     _cli_rejects(["cooldown", f"{repo}@step-00002", "--steps", "2", *out], capsys, tmp_path,
-                 "a published branch holds weights only (no optimizer state or loader position); cool down from the run's checkpoint dir")
+                 "the branch carries no optimizer state or loader position (published without --with-optimizer); cool down from the run's checkpoint dir")
     exported = tmp_path.parent / f"{tmp_path.name}-export"
     publish.checkout(repo, "step-00002", exported)
     _cli_rejects(["cooldown", exported, "--steps", "2", *out], capsys, tmp_path, "pass --fresh-optimizer")

@@ -356,7 +356,7 @@ class FakeHub:
             raise ValueError("parent_commit is not the head")
         files = {} if delete_patterns == "*" else dict(self.commits[head])
         files[".gitattributes"] = self.commits[head].get(".gitattributes", b"")
-        files.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
+        files.update({p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()})
         self.branches[repo_id][revision] = oid = self._new(files)
         return SimpleNamespace(oid=oid)
 
