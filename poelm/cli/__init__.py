@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from poelm.cli.decode import TextStream, format_stats, mode_kwargs  # noqa: F401  (public helpers)
+from poelm.cli.decode import TextStream, format_stats  # noqa: F401  (public helpers)
 from poelm.cli.compare import _add_average, _add_compare, _run_average, _run_compare
 from poelm.cli.decode import _add_generate, _run_generate
 from poelm.cli.measure import _add_eval, _add_measure, _run_eval, _run_measure

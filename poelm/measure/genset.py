@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from poelm.infer.options import DecodeOptions
 from poelm.measure.bootstrap import bootstrap, interval, ratio_stat
 from poelm.measure.metrics import spec_rounds
 from poelm.measure.probe import full_greedy, teacher_forced_agreement
@@ -88,13 +89,13 @@ def untimed_figures(model, engine, prompts: list[list[int]], n_new: int, *, m: i
         cols.append([sr["accepted"], sr["proposed"], sr["rounds"], len(y)])
     modes = {}
     if engine is not None and bounds is not None:
-        modes["wand"] = {"mode": "wand", "bounds": [float(b) for b in bounds]}
+        modes["wand"] = DecodeOptions(mode="wand", bounds=[float(b) for b in bounds])
     if engine is not None and tau is not None:
-        modes["route"] = {"mode": "route", "tau": float(tau)} | ({"confidence": confidence} if confidence != "maxprob" else {})
+        modes["route"] = DecodeOptions(mode="route", tau=float(tau), confidence=confidence)
     gens = {}
     K = model.config.n_stages
-    for name, kw in modes.items():
-        res = engine.generate(prompts, n_new, **kw)
+    for name, opts in modes.items():
+        res = engine.generate(prompts, n_new, options=opts)
         gens[name] = res
         for row, (y, t) in enumerate(zip(full, res.tokens)):
             t = list(t)[:len(y)]

@@ -21,8 +21,8 @@ class FakeEngine:
     def __init__(self, clock, costs, stats):
         self.clock, self.costs, self.stats, self.calls = clock, costs, stats, []
 
-    def generate(self, ids, n, mode="full", **kw):
-        name = {"stage": "stage0"}.get(mode, mode)
+    def generate(self, ids, n, options):
+        name = {"stage": "stage0"}.get(options.mode, options.mode)
         self.calls.append(name)
         k = sum(c == name for c in self.calls) - 1  # this mode's call index: the warm-up, then 2 prompts a round
         self.clock[0] += self.costs[name][0 if k == 0 else (k - 1) // 2 + 1] * n
