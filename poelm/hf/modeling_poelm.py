@@ -370,13 +370,11 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
         if mode not in ENGINE_MODES and any(v is not None for v in (poe_bounds, poe_tau, poe_m, poe_draft)):
             raise ValueError(f"poe_bounds / poe_tau / poe_m / poe_draft apply to poe_mode wand / route / speculative, not {text!r}")
         self._check_generate(ids, gc, kwargs)
-        if mode == "stage":
-            kwargs["stages"] = parsed["stage"]
-        elif mode == "prefix":
-            kwargs["stages"] = range(parsed["prefix"])
-        if mode in ("stage", "prefix"):
-            _select(kwargs["stages"], self.model.config.n_stages)  # range check before compute
-        if mode not in ENGINE_MODES:
+        if mode not in ENGINE_MODES:  # full / stage / prefix: transformers' own loop over forward(stages=...)
+            stages = eng.stage_selection(text)[1]
+            if stages is not None:
+                _select(stages, self.model.config.n_stages)  # range check before compute
+                kwargs["stages"] = stages
             return super().generate(inputs, generation_config, **kwargs)
         # the poe_* keywords onto the engine's options; bounds / tau / confidence default to this
         # branch's calibration in config.json (the rule ``poelm generate`` applies to a checkpoint)

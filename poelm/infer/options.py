@@ -9,7 +9,8 @@ any compute as ``DecodeOptionError`` (a ``PoelmError`` for the CLI's ``error:`` 
 ``ValueError`` for Python callers and transformers users alike).
 
 ``parse_mode`` is the one reader of a mode string (``full | stage=K | prefix=K | wand | route |
-speculative``), used by the engine, the CLI, the HF face, the measurement and ``poelm eval``.
+speculative``), used by the engine, the CLI and the HF face; ``stage_selection`` reads the
+fixed-depth ones as ``forward``'s ``stages=`` (the HF face's transformers loop, ``poelm eval``).
 
 Imports the standard library and the core room's error type only; shipped verbatim with the rest of
 ``infer/`` in every export.
@@ -54,6 +55,28 @@ def parse_mode(text: str) -> dict:
         return {"mode": name, name: int(value)}
     except ValueError:
         raise DecodeOptionError(f"mode {text!r}: {name} must be an integer, e.g. {name}=1") from None
+
+
+def stage_selection(text) -> tuple[str, int | list[int] | None]:
+    """A fixed-depth mode (``full`` | ``stage=k`` | ``prefix=K'``; a bare ``k`` is ``stage=k``) as
+    ``(label, stages)``: the mode written out, and ``PoEGPT`` / ``forward``'s ``stages=`` (None: all
+    K stages; k: stage k alone; ``[0, ..., K'-1]``: a prefix). The range against a model's K is
+    the caller's check (it knows K)."""
+    text = "full" if text is None else str(text).strip()
+    kw = parse_mode(f"stage={text}" if text.isdigit() else text)
+    mode = kw["mode"]
+    if mode == "full":
+        return "full", None
+    if mode not in ("stage", "prefix") or mode not in kw:
+        raise DecodeOptionError(f"{text!r} is not a fixed depth: use full, k (stage k alone, e.g. 0), stage=k or prefix=K' (stages 0..K'-1)")
+    n = kw[mode]
+    if mode == "stage":
+        if n < 0:
+            raise DecodeOptionError(f"stage {n} out of range: stages count from 0")
+        return f"stage={n}", n
+    if n < 1:
+        raise DecodeOptionError(f"prefix {n} out of range: a prefix holds at least one stage (prefix=1 is stage 0 alone)")
+    return f"prefix={n}", list(range(n))
 
 
 def wand_bounds_from(meta: dict | None):

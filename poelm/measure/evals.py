@@ -44,6 +44,7 @@ from poelm import __version__, targets
 from poelm.config import DataConfig
 from poelm.core.errors import PoelmError
 from poelm.fsio import atomic_write_bytes
+from poelm.infer.options import stage_selection
 from poelm.measure.tasks import devils_cloze
 from poelm.train import checkpoint
 from poelm.trajectory import export as export_mod
@@ -83,19 +84,12 @@ def available() -> bool:
 
 # ----------------------------------------------------------------------------- stages
 def parse_stages(text) -> tuple[str, int | list[int] | None]:
-    """``"full"`` | ``"k"`` | ``"stage=k"`` | ``"prefix=K'"`` -> ``(label, forward's stages=)``."""
-    text = "full" if text is None else str(text).strip()
-    if text == "full":
-        return "full", None
-    name, _, num = text.rpartition("=") if "=" in text else ("stage", "", text)
-    if name not in ("stage", "prefix") or not num.strip().isdigit():
-        raise PoelmError(f"--stages {text!r}: use full, k (stage k alone, e.g. 0), stage=k or prefix=K' (stages 0..K'-1)")
-    n = int(num)
-    if name == "prefix":
-        if n < 1:
-            raise PoelmError(f"--stages {text!r}: a prefix holds at least one stage (prefix=1 is stage 0 alone)")
-        return f"prefix={n}", list(range(n))
-    return f"stage={n}", n
+    """``--stages`` (``full`` | ``k`` | ``stage=k`` | ``prefix=K'``) -> ``(label, forward's stages=)``
+    (``options.stage_selection``)."""
+    try:
+        return stage_selection(text)
+    except PoelmError as e:
+        raise PoelmError(f"--stages: {e}") from None
 
 
 def _check_stages(label: str, stages, K: int, where: str) -> None:
