@@ -51,7 +51,6 @@ from poelm.trajectory import export as export_mod
 from poelm.trajectory import publish
 
 INSTALL_HINT = "lm-evaluation-harness is not installed: install poelm[eval] (pip install 'poelm[eval]')"
-RECORD_NAME = publish.MEASURE
 KEY = "benchmarks"
 LOCAL_TASKS = {devils_cloze.NAME: devils_cloze}
 DEFAULT_BATCH_SIZE = 8
@@ -139,8 +138,8 @@ def plan(target: str, api=None) -> list[Unit]:
             info = {"model": cfg.get("model") or {}, "data": cfg.get("data") or {},
                     "meta": checkpoint.read_json(t.path / "meta.json", "checkpoint meta")}
         u = Unit(str(t.path), info, path=t.path, kind=t.kind)
-        if (t.path / RECORD_NAME).is_file():
-            u.record = checkpoint.read_json(t.path / RECORD_NAME, "measurement record")
+        if (t.path / publish.MEASURE).is_file():
+            u.record = checkpoint.read_json(t.path / publish.MEASURE, "measurement record")
         return [u]
     repo, branch = targets.repository(target, api=api)
     backend = publish.open_repo(repo, api=api)
@@ -153,7 +152,7 @@ def plan(target: str, api=None) -> list[Unit]:
         if not cfg:
             raise PoelmError(f"{repo}@{b} has no readable config.json; run `poelm verify {repo}`")
         u = Unit(f"{repo}@{b}", cfg, repo=repo, branch=b)
-        u.record = publish.read_json(backend, b, RECORD_NAME)
+        u.record = publish.read_json(backend, b, publish.MEASURE)
         units.append(u)
     return units
 
@@ -425,9 +424,9 @@ def run_eval(target: str, tasks: list[str], *, stages: str | None = None, batch_
 def _write(unit: Unit, rec: dict) -> None:
     body = _json_bytes(rec)
     if unit.repo:
-        publish.update_branch_files(unit.repo, unit.branch, {RECORD_NAME: body})
+        publish.update_branch_files(unit.repo, unit.branch, {publish.MEASURE: body})
     else:
-        atomic_write_bytes(unit.path / RECORD_NAME, body)
+        atomic_write_bytes(unit.path / publish.MEASURE, body)
 
 
 def demo_evals(repo, log=print, limit: int = 24, batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict] | None:
