@@ -136,11 +136,12 @@ def _ratio(num, den, samples, seed, level) -> dict:
     return out
 
 
-def timed_generation(model, prompts: list[list[int]], engine, *, m: int, bounds=None, tau=None, confidence="maxprob",
-                     n_prompts: int = DEFAULT_PROMPTS, n_tokens: int = DEFAULT_TOKENS, repeats: int = DEFAULT_REPEATS,
-                     samples: int = 1000, seed: int = 0, level: float = 0.95) -> dict | None:
+def timed_generation(model, prompts: list[list[int]], engine, modes: dict[str, DecodeOptions], *, n_prompts: int = DEFAULT_PROMPTS,
+                     n_tokens: int = DEFAULT_TOKENS, repeats: int = DEFAULT_REPEATS, samples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict | None:
     """The protocol on the first ``n_prompts`` prompts (token ids, BOS first), ``n_tokens`` new
-    tokens each; returns ``{"timing", "spec", "wand", "route"}`` timed figures (None: nothing to time)."""
+    tokens each, for every mode of ``modes`` (``modes_for``); returns ``{"timing", "spec", "wand",
+    "route"}`` timed figures (None: nothing to time)."""
     K = model.config.n_stages
     ids, ns = [], []
     for x in prompts[:n_prompts]:
@@ -150,7 +151,7 @@ def timed_generation(model, prompts: list[list[int]], engine, *, m: int, bounds=
             ns.append(n)
     if not ids or K < 2 or repeats < 1:
         return None
-    modes = modes_for(K, m, bounds, tau, confidence)
+    m = modes["speculative"].m
     res = time_modes(model, engine, ids, ns, modes, int(repeats))
     T, toks, st = res["times"], res["tokens"], res["stats"]
     N, P = sum(ns), len(ids)
@@ -209,12 +210,12 @@ def probe_and_timing(rec: dict, model, tokenizer, probe_set, max_new_tokens: int
     selects = r.get("tau") is not None and not r.get("cap_met_at_tau0") and (r.get("fraction_calib") or 0) > 0
     tau = r["tau"] if selects else None
     bk = dict(samples=samples, seed=seed, level=level)
-    un = untimed_figures(model, engine, list(gen_prompts), gen_tokens, m=m, bounds=w.get("bounds"), tau=tau, confidence=confidence, **bk)
+    modes = modes_for(rec["K"], m, w.get("bounds"), tau, confidence)
+    un = untimed_figures(model, engine, list(gen_prompts), gen_tokens, modes, **bk)
     if engine is None:
         out["spec"] = teacher_forced_spec(m, un)
         return out
-    got = timed_generation(model, list(gen_prompts), engine, m=m, bounds=w.get("bounds"), tau=tau, confidence=confidence,
-                           n_prompts=n_prompts, n_tokens=n_tokens, repeats=repeats, **bk)
+    got = timed_generation(model, list(gen_prompts), engine, modes, n_prompts=n_prompts, n_tokens=n_tokens, repeats=repeats, **bk)
     out["spec"] = {"m": m, "mode": "engine", "prompts": un["prompts"], "new_tokens": un["new_tokens"], **un["spec"]}
     if got is not None:
         out["timing"] = got["timing"]
