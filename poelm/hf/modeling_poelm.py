@@ -334,7 +334,10 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
         drafts of ``poe_m`` tokens, default 4, or ``"auto"``: chosen each round from the measured
         acceptance; ``poe_draft=J`` drafts with the PoE of stages 0..J-1). When not passed it is
         read from ``generation_config.poe_mode`` (transformers keeps unknown GenerationConfig
-        attributes, so a saved generation config or a pipeline can carry it).
+        attributes, so a saved generation config or a pipeline can carry it). The ``poe_*``
+        keywords are the engine's ``DecodeOptions`` fields ``mode`` / ``bounds`` / ``tau`` / ``m`` /
+        ``draft`` (``infer/options.py``, the one place they are checked); the generation config
+        supplies the rest (length, sampling, EOS, min length; ``infer/hfloop.py``).
 
         Why a keyword: the mode is this model's own decoding method, which no GenerationConfig
         field names. full / stage / prefix are transformers' own decoding loop over ``forward(stages=...)``

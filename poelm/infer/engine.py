@@ -71,7 +71,7 @@ else:  # an exported folder: core's files are flat siblings of this one. These `
     from .errors import PoelmError
 
 # Sibling modules of this room: the same relative form works inside poelm and in an export.
-from .options import BOUNDS_KEY, MODES, DecodeOptions, parse_mode, stage_selection, wand_bounds_from  # noqa: E402,F401  (re-exported)
+from .options import DecodeOptions, parse_mode, stage_selection, wand_bounds_from  # noqa: E402,F401  (the HF face reaches them here)
 from .sampler import Sampler  # noqa: E402
 from .state import DecodeState  # noqa: E402
 
