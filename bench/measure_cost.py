@@ -108,7 +108,7 @@ def main():
     if args.probe:
         from poelm.measure.probe import get_engine, load_prompt_set, run_probe
         from poelm.measure.genset import cut_prompts, untimed_figures
-        from poelm.measure.timing import timed_generation
+        from poelm.measure.timing import modes_for, timed_generation
 
         label, prompts = load_prompt_set("card")
         engine = get_engine(model)
@@ -117,9 +117,10 @@ def main():
         run_probe(model, tok, prompts, label, 60, engine)
         t1 = time.perf_counter()
         gen, _ = cut_prompts(tokens[:args.tokens + 1], 0)  # the generation set (genset defaults), BOS = 0 here
-        untimed_figures(model, engine, gen, 32, m=4, bounds=bounds, tau=0.5)
+        modes = modes_for(cfg.model.n_stages, 4, bounds, tau=0.5)
+        untimed_figures(model, engine, gen, 32, modes)
         t15 = time.perf_counter()
-        timed_generation(model, gen, engine, m=4, bounds=bounds, tau=0.5)
+        timed_generation(model, gen, engine, modes)
         t2 = time.perf_counter()
         print(f"generation part (fixed size, not per token of the slice): probe {t1 - t0:.2f}s, generation set (acceptance, "
               f"agreement, exit depths) {t15 - t1:.2f}s, timed decoding "

@@ -37,7 +37,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from poelm.core.errors import PoelmError
+from poelm.core.errors import CheckpointError, PoelmError
 from poelm.train import checkpoint
 from poelm.trajectory import publish, trainstate
 
@@ -195,13 +195,11 @@ def _branch_checkpoint(text: str, where: str, branch: str, work: Path, api, hint
 def _folder(text: str, p: Path, want: str, hint: str | None = None) -> Target:
     if want == "repo":
         raise TargetError(f"{text}: not a trajectory repository (no git repo there)")
-    d = p
-    if not (p / "model.safetensors").is_file():
-        newest = checkpoint.latest(p)
-        if newest is None:
-            have = sorted(x.name for x in p.iterdir())[:6]
-            raise TargetError(f"{text}: holds no checkpoint (no model.safetensors, no step-XXXXX checkpoints; it has {have or 'nothing'})")
-        d = newest
+    try:
+        d = checkpoint.save_dir(p)  # the save-folder rule's one home: the folder itself, or a run dir's newest save
+    except CheckpointError as e:
+        have = sorted(x.name for x in p.iterdir())[:6]
+        raise TargetError(f"{e}; it has {have or 'nothing'}") from None
     if checkpoint.is_hf_export(d):
         if want == "checkpoint":
             raise TargetError(f"{text}: an exported folder holds weights only (no optimizer state or loader position); "

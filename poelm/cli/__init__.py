@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from poelm.cli.decode import TextStream, format_stats, mode_kwargs  # noqa: F401  (public helpers)
+from poelm.cli.decode import TextStream, format_stats  # noqa: F401  (public helpers)
 from poelm.cli.compare import _add_average, _add_compare, _run_average, _run_compare
 from poelm.cli.decode import _add_generate, _run_generate
 from poelm.cli.measure import _add_eval, _add_measure, _run_eval, _run_measure
@@ -91,7 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rc = args._run(args)
+        sys.stdout.flush()  # a reader that went away surfaces here, in the handler below, not at interpreter exit
         return int(rc or 0)
+    except BrokenPipeError:  # before OSError, its base class: `poelm branches REPO | head -1` ends quietly
+        # Python's recipe (docs.python.org/3/library/signal.html, "Note on SIGPIPE"): point stdout at
+        # devnull so the final flush does not raise again. 141 = 128 + SIGPIPE, the status a shell
+        # reports for `yes | head -1`: the writer was cut off, nothing went wrong.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except PoelmError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -109,9 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

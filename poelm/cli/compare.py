@@ -88,6 +88,10 @@ def _run_compare(args):
     from poelm.measure import compare as cmp
     from poelm.report import compare as report
 
+    if args.labels is None:  # the TARGETs name the runs; the same one twice names nothing apart
+        twice = next((t for i, t in enumerate(args.targets) if t in args.targets[:i]), None)
+        if twice is not None:
+            raise PoelmError(f"TARGET {twice} is given twice: compare different runs, or name each with --labels (e.g. --labels A,B)")
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else list(args.targets)
     if len(labels) != len(args.targets) or not all(labels) or len(set(labels)) != len(labels):
         raise PoelmError(f"--labels needs {len(args.targets)} distinct comma-separated names, one per TARGET, got {args.labels!r}")

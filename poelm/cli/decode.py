@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from poelm.core.errors import PoelmError
-
-
 from poelm.cli.common import float_list as _float_list
 
 # ----------------------------------------------------------------------------- generate
@@ -37,23 +34,6 @@ class TextStream:
         if len(text) > self.shown:
             self.write(text[self.shown :])
             self.shown = len(text)
-
-
-def mode_kwargs(mode_text: str, meta: dict | None, bounds=None, tau=None) -> dict:
-    """``Engine.generate`` keywords for a CLI mode string; wand bounds default to the checkpoint's
-    ``poe_wand_p99_bounds_per_stage_head`` and are required."""
-    from poelm.infer.engine import BOUNDS_KEY, parse_mode, wand_bounds_from
-
-    kw = parse_mode(mode_text)
-    if kw["mode"] == "wand":
-        kw["bounds"] = bounds if bounds is not None else wand_bounds_from(meta)
-        if kw["bounds"] is None:
-            raise PoelmError(f"wand needs {BOUNDS_KEY}, which this checkpoint lacks: calibrate it with `poelm measure` or pass --bounds")
-    if kw["mode"] == "route":
-        routing = (meta or {}).get("poe_routing") or {}
-        kw["tau"] = tau if tau is not None else routing.get("tau")  # calibrated by `poelm measure`
-        kw["confidence"] = routing.get("confidence") or "maxprob"  # threshold the kind that was calibrated
-    return kw
 
 
 def format_stats(stats: dict) -> str:
@@ -87,16 +67,19 @@ def _run_generate(args):
     import tempfile
 
     from poelm import targets
-    from poelm.infer import engine as infer
+    from poelm.infer.engine import Engine
+    from poelm.infer.options import DecodeOptions, parse_mode
     from poelm.train import checkpoint
 
+    opts = DecodeOptions(max_new_tokens=args.max_new_tokens, mode=args.mode, bounds=args.bounds, tau=args.tau, m=args.m,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    parse_mode(opts.mode)  # a mistyped mode fails before the checkpoint loads
     with tempfile.TemporaryDirectory(prefix="poelm-generate-") as work:
         model, tok, meta = checkpoint.load_model(targets.resolve(args.target, work).path, device=args.device)
-    kw = mode_kwargs(args.mode, meta, bounds=args.bounds, tau=args.tau)
     stop = () if args.no_stop else (tok.bos_id,)
+    opts = DecodeOptions.of(opts.calibrated(meta), stop_tokens=stop)
     out = TextStream(tok, lambda s: (sys.stdout.write(s), sys.stdout.flush()), skip=stop)
-    res = infer.Engine(model).generate(tok.encode_doc(args.prompt), args.max_new_tokens, m=args.m, temperature=args.temperature,
-                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop, on_token=out, **kw)
+    res = Engine(model).generate(tok.encode_doc(args.prompt), options=opts, on_token=out)
     out.flush()
     print()
     print(format_stats(res.stats), file=sys.stderr)

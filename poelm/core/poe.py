@@ -94,14 +94,24 @@ def nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def bpb(nll_nats_sum: float, byte_sum: float) -> float:
-    """Bits per byte: ``sum NLL (nats) / (ln 2 * sum of UTF-8 bytes of the targets)``.
+LN2 = math.log(2.0)
+
+
+def bpb(nll_nats_sum, byte_sum):
+    """Bits per byte (SPEC "Bits per byte"): ``BPB = sum over target positions of NLL (nats) /
+    (ln 2 * sum of UTF-8 bytes of those target tokens)``; NaN where there are no bytes.
 
     Positions whose target is a special token carry 0 bytes and must be excluded from the NLL
-    sum by the caller (``bpb_sums`` does this)."""
-    if byte_sum <= 0:
-        return float("nan")
-    return float(nll_nats_sum) / (math.log(2) * float(byte_sum))
+    sum by the caller (``bpb_sums`` does this). The one home of the formula: training's
+    evaluation, the measurement, ``poelm compare`` and the tests call it. Scalars give a float;
+    arrays or tensors of sums (e.g. one per bootstrap resample) give BPB elementwise. The
+    bootstrap resamples it as a ratio of sums, never as a mean of per-block BPBs."""
+    if getattr(nll_nats_sum, "ndim", 0) == 0 and getattr(byte_sum, "ndim", 0) == 0:
+        return float(nll_nats_sum) / (LN2 * float(byte_sum)) if float(byte_sum) > 0 else float("nan")
+    empty = byte_sum <= 0
+    out = nll_nats_sum / (LN2 * (byte_sum + empty))  # numpy and torch alike, without importing numpy here
+    out[empty] = float("nan")
+    return out
 
 
 def bpb_sums(logp: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor):

@@ -334,7 +334,10 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
         drafts of ``poe_m`` tokens, default 4, or ``"auto"``: chosen each round from the measured
         acceptance; ``poe_draft=J`` drafts with the PoE of stages 0..J-1). When not passed it is
         read from ``generation_config.poe_mode`` (transformers keeps unknown GenerationConfig
-        attributes, so a saved generation config or a pipeline can carry it).
+        attributes, so a saved generation config or a pipeline can carry it). The ``poe_*``
+        keywords are the engine's ``DecodeOptions`` fields ``mode`` / ``bounds`` / ``tau`` / ``m`` /
+        ``draft`` (``infer/options.py``, the one place they are checked); the generation config
+        supplies the rest (length, sampling, EOS, min length; ``infer/hfloop.py``).
 
         Why a keyword: the mode is this model's own decoding method, which no GenerationConfig
         field names. full / stage / prefix are transformers' own decoding loop over ``forward(stages=...)``
@@ -365,36 +368,21 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
         gc = generation_config if generation_config is not None else self.generation_config
         text = poe_mode if poe_mode is not None else (getattr(gc, "poe_mode", None) or "full")
         eng = _engine_module()
-        try:
-            parsed = eng.parse_mode(text)
-        except eng.PoelmError as e:
-            raise ValueError(str(e)) from None
+        parsed = eng.parse_mode(text)  # a DecodeOptionError is a ValueError
         mode = parsed["mode"]
         if mode not in ENGINE_MODES and any(v is not None for v in (poe_bounds, poe_tau, poe_m, poe_draft)):
             raise ValueError(f"poe_bounds / poe_tau / poe_m / poe_draft apply to poe_mode wand / route / speculative, not {text!r}")
         self._check_generate(ids, gc, kwargs)
-        if mode == "stage":
-            kwargs["stages"] = parsed["stage"]
-        elif mode == "prefix":
-            kwargs["stages"] = range(parsed["prefix"])
-        if mode in ("stage", "prefix"):
-            _select(kwargs["stages"], self.model.config.n_stages)  # range check before compute
-        if mode not in ENGINE_MODES:
+        if mode not in ENGINE_MODES:  # full / stage / prefix: transformers' own loop over forward(stages=...)
+            stages = eng.stage_selection(text)[1]
+            if stages is not None:
+                _select(stages, self.model.config.n_stages)  # range check before compute
+                kwargs["stages"] = stages
             return super().generate(inputs, generation_config, **kwargs)
-        opts = {"mode": mode}
-        if mode == "wand":
-            opts["bounds"] = list(poe_bounds) if poe_bounds is not None else self.config.poe_wand_p99_bounds_per_stage_head
-            if opts["bounds"] is None:
-                raise ValueError("poe_mode='wand' needs bounds: this checkpoint is not calibrated (run `poelm measure`); pass poe_bounds=[...]")
-        elif mode == "route":
-            routing = getattr(self.config, "poe_routing", None) or {}
-            opts["tau"] = poe_tau if poe_tau is not None else routing.get("tau")
-            opts["confidence"] = routing.get("confidence") or "maxprob"  # threshold the kind that was calibrated
-            if opts["tau"] is None:
-                raise ValueError("poe_mode='route' needs tau: this checkpoint is not calibrated (run `poelm measure`); pass poe_tau=...")
-        else:
-            opts["m"] = 4 if poe_m is None else poe_m
-            opts["draft"] = 1 if poe_draft is None else poe_draft
+        # the poe_* keywords onto the engine's options; bounds / tau / confidence default to this
+        # branch's calibration in config.json (the rule ``poelm generate`` applies to a checkpoint)
+        given = {"bounds": poe_bounds, "tau": poe_tau, "m": poe_m, "draft": poe_draft}
+        poe = eng.DecodeOptions.of(mode=mode, **{k: v for k, v in given.items() if v is not None}).calibrated(self.config.to_dict())
         for key in ("output_attentions", "output_hidden_states"):
             if kwargs.get(key) or getattr(gc, key, False):
                 raise ValueError(f"{key} is not available with poe_mode={text!r} (the engine keeps its own cache); use poe_mode='full'")
@@ -403,7 +391,7 @@ class PoelmForCausalLM(PoelmPreTrainedModel, GenerationMixin):
                 raise ValueError(f"poe_mode={text!r} keeps its own KV cache: drop {key}= (continuing a cache needs poe_mode='full')")
         # transformers hands a callable custom_generate no streamer (5.x replaces the mode kwargs by
         # the callable's own new ones), so it travels in the partial.
-        decode = functools.partial(_engine_decode, poe=opts, poe_text=text, poe_streamer=kwargs.get("streamer"))
+        decode = functools.partial(_engine_decode, poe=poe, poe_streamer=kwargs.get("streamer"))
         return super().generate(inputs, generation_config, custom_generate=decode, **kwargs)
 
     def _check_generate(self, ids, gc, kwargs) -> None:
@@ -465,14 +453,14 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
 
 
 # ---------------------------------------------------------------------------- the engine as a decoding loop
-def _engine_decode(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None, poe=None, poe_text=None,
-                   poe_streamer=None, **model_kwargs):
+def _engine_decode(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None, poe=None, poe_streamer=None,
+                   **model_kwargs):
     """The decoding loop ``generate`` calls for wand / route / speculative (``custom_generate``):
     ``infer/hfloop.py`` runs poelm's engine on the values transformers resolved; here its result
     becomes transformers' output type."""
     loop = _hfloop_module()
     try:
-        sequences, res, scores = loop.decode(model.model, input_ids, logits_processor, stopping_criteria, generation_config, poe, poe_text,
+        sequences, res, scores = loop.decode(model.model, input_ids, logits_processor, stopping_criteria, generation_config, poe,
                                              poe_streamer, model_kwargs)
     except loop.PoelmError as e:
         raise ValueError(str(e)) from None
@@ -481,5 +469,5 @@ def _engine_decode(model, input_ids, logits_processor=None, stopping_criteria=No
         return sequences
     st = res.stats
     return PoelmGenerateOutput(sequences=sequences, scores=scores if gc.output_scores else None, logits=scores if gc.output_logits else None,
-                               poe_mode=poe_text, acceptance=st.get("acceptance"), accepted=res.accepted if poe["mode"] == "speculative" else None,
+                               poe_mode=poe.mode, acceptance=st.get("acceptance"), accepted=res.accepted if poe.mode == "speculative" else None,
                                exit_depths=res.depths, mean_depth=st.get("mean_depth"), poe_stats=st)

@@ -71,65 +71,14 @@ else:  # an exported folder: core's files are flat siblings of this one. These `
     from .errors import PoelmError
 
 # Sibling modules of this room: the same relative form works inside poelm and in an export.
+from .options import DecodeOptions, parse_mode, stage_selection, wand_bounds_from  # noqa: E402,F401  (the HF face reaches them here)
 from .sampler import Sampler  # noqa: E402
 from .state import DecodeState  # noqa: E402
 
-MODES = ("full", "stage", "prefix", "wand", "route", "speculative")
-BOUNDS_KEY = "poe_wand_p99_bounds_per_stage_head"
 # Speculative batches reserve this many rounds of draft slots for the holes that rows with fewer
 # accepted drafts leave; a repack (``DecodeState.compact``, one copy of the cache) runs when they
 # are used up, so a larger value trades memory for fewer repacks.
 SPEC_SLACK_ROUNDS = 8
-# m="auto": the draft length of each round is chosen in 1..AUTO_M_MAX (speculative.choose_m).
-AUTO_M_MAX = 8
-
-
-# ----------------------------------------------------------------------------- requests
-@dataclass
-class Request:
-    mode: str
-    max_new: int
-    stage: int | None = None
-    prefix: int | None = None
-    remaining_bounds: list | None = None  # wand: sum_{i=s..K-2} bound_i for s = 0..K-2
-    tau: float | None = None
-    confidence: str = "maxprob"  # route: stage-0 max probability, or top-1 minus top-2 probability ("margin")
-    m: int = 4
-    stop: frozenset = frozenset()
-    return_logprobs: bool = False
-    min_new: int = 0
-    draft: int = 1  # speculative: stages 0..draft-1 draft (their PoE), the rest verify
-    m_auto: bool = False  # speculative: m chosen each round from the measured acceptance (m = the largest allowed)
-
-
-def parse_mode(text: str) -> dict:
-    """``"full" | "stage=K" | "prefix=K" | "wand" | "route" | "speculative"`` -> keyword arguments
-    of ``Engine.generate`` (``mode``, and ``stage`` or ``prefix``)."""
-    name, _, value = str(text).partition("=")
-    name = name.strip()
-    if name not in MODES:
-        raise PoelmError(f"unknown mode {text!r}: use full, stage=K, prefix=K, wand, route or speculative")
-    if not value:
-        return {"mode": name}
-    if name not in ("stage", "prefix"):
-        raise PoelmError(f"mode {name!r} takes no value (got {text!r})")
-    try:
-        return {"mode": name, name: int(value)}
-    except ValueError:
-        raise PoelmError(f"mode {text!r}: {name} must be an integer, e.g. {name}=1") from None
-
-
-def wand_bounds_from(meta: dict | None):
-    """The checkpoint's ``poe_wand_p99_bounds_per_stage_head`` (top level of ``meta`` or of a
-    nested dict such as ``meta["config"]``), or None."""
-    if not meta:
-        return None
-    if meta.get(BOUNDS_KEY) is not None:
-        return list(meta[BOUNDS_KEY])
-    for v in meta.values():
-        if isinstance(v, dict) and v.get(BOUNDS_KEY) is not None:
-            return list(v[BOUNDS_KEY])
-    return None
 
 
 def _prompts(prompt_ids, V: int) -> list[list[int]]:
@@ -147,108 +96,40 @@ def _prompts(prompt_ids, V: int) -> list[list[int]]:
     return rows
 
 
-def build_request(model, prompts, max_new_tokens, mode, stage, prefix, bounds, tau, m, temperature, top_k, top_p, stop_tokens, return_logprobs,
-                  min_new_tokens: int = 0, confidence: str = "maxprob", draft: int = 1) -> Request:
-    """Validate one call; every problem is one ``PoelmError`` line."""
-    cfg = model.config
-    K = cfg.n_stages
-    parsed = parse_mode(mode)
-    mode = parsed["mode"]
-    for key, given in (("stage", stage), ("prefix", prefix)):
-        if key in parsed and given is not None and given != parsed[key]:
-            raise PoelmError(f"mode {key}={parsed[key]} contradicts {key}={given}")
-    stage = parsed.get("stage", stage)
-    prefix = parsed.get("prefix", prefix)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise PoelmError(f"max_new_tokens must be an integer >= 0 (got {max_new_tokens!r})")
-    longest = max(len(r) for r in prompts)
-    if longest + max_new_tokens > cfg.max_seq_len:
-        raise PoelmError(
-            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's max_seq_len {cfg.max_seq_len}: shorten one of them"
-        )
-    if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
-        raise PoelmError(f"min_new_tokens must be an integer >= 0 (got {min_new_tokens!r})")
-    req = Request(mode=mode, max_new=max_new_tokens, stop=frozenset(int(t) for t in stop_tokens), return_logprobs=return_logprobs,
-                  min_new=min_new_tokens)
-    if mode == "stage":
-        if not isinstance(stage, int) or not 0 <= stage < K:
-            raise PoelmError(f"stage {stage!r} out of range: this model has stages 0..{K - 1}")
-        req.stage = stage
-    elif mode == "prefix":
-        if not isinstance(prefix, int) or not 1 <= prefix <= K:
-            raise PoelmError(f"prefix {prefix!r} out of range: use prefix=1..{K}")
-        req.prefix = prefix
-    elif mode == "wand":
-        if bounds is None:
-            raise PoelmError(f"wand needs bounds: pass {K - 1} floats ({BOUNDS_KEY} of a calibrated checkpoint; run `poelm measure`)")
-        b = [float(x) for x in bounds]
-        if len(b) != K - 1:
-            raise PoelmError(f"wand needs {K - 1} bounds (one per stage transition), got {len(b)}")
-        if any(math.isnan(x) or x < 0 for x in b):
-            raise PoelmError(f"wand bounds must be >= 0 (inf allowed), got {b}")
-        req.remaining_bounds = [sum(b[s:]) for s in range(K - 1)]
-    elif mode == "route":
-        if tau is None:
-            raise PoelmError("route needs tau (the calibrated stage-0 max-probability threshold, from `poelm measure`)")
-        if not 0.0 <= float(tau) <= 1.0:
-            raise PoelmError(f"tau must be a probability in [0, 1], got {tau!r}")
-        req.tau = float(tau)
-        if confidence not in ("maxprob", "margin"):
-            raise PoelmError(f"route confidence must be maxprob or margin (the kind `poelm measure` calibrated), got {confidence!r}")
-        req.confidence = confidence
-    elif mode == "speculative":
-        if m == "auto":
-            req.m, req.m_auto = AUTO_M_MAX, True
-        elif not isinstance(m, int) or m < 1:
-            raise PoelmError(f"m (draft length) must be an integer >= 1 or 'auto', got {m!r}")
-        else:
-            req.m = m
-        if not isinstance(draft, int) or not 1 <= draft <= K:
-            raise PoelmError(f"draft (stages that draft) must be an integer in 1..{K}, got {draft!r}")
-        req.draft = draft
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise PoelmError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise PoelmError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not 0.0 < float(top_p) <= 1.0:
-        raise PoelmError(f"top_p must be in (0, 1], got {top_p!r}")
-    return req
-
-
 # ----------------------------------------------------------------------------- bookkeeping
 class Rows:
     """Per-row outputs of one batch: tokens, stop state, counts, depths and speculation counts."""
 
-    def __init__(self, B: int, req: Request, out: "GenerationResult", device, vocab: int):
+    def __init__(self, B: int, req: DecodeOptions, out: "GenerationResult", device, vocab: int):
         self.req, self.out, self.B = req, out, B
-        self._live = [req.max_new > 0] * B
+        self._live = [req.max_new_tokens > 0] * B
         self.active = torch.tensor(self._live, dtype=torch.bool, device=device)
         self.counts = [0] * B
         self._stop_mask = None
-        if req.min_new > 0 and req.stop:
+        if req.min_new_tokens > 0 and req.stop_tokens:
             self._stop_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
-            self._stop_mask[[t for t in req.stop if 0 <= t < vocab]] = True
+            self._stop_mask[[t for t in req.stop_tokens if 0 <= t < vocab]] = True
 
     def remaining(self) -> int:
         """The most new tokens any live row may still emit."""
-        return max((self.req.max_new - c for c, live in zip(self.counts, self._live) if live), default=0)
+        return max((self.req.max_new_tokens - c for c, live in zip(self.counts, self._live) if live), default=0)
 
     def remaining_per_row(self) -> list[int]:
         """New tokens each row may still emit (0 for a finished row)."""
-        return [self.req.max_new - c if live else 0 for c, live in zip(self.counts, self._live)]
+        return [self.req.max_new_tokens - c if live else 0 for c, live in zip(self.counts, self._live)]
 
     def done(self) -> bool:
         return not any(self._live)
 
     def ban(self, width: int | None = None) -> torch.Tensor | None:
-        """Where stop tokens are still banned by ``min_new``: ``[B]`` (the next token) or
+        """Where stop tokens are still banned by ``min_new_tokens``: ``[B]`` (the next token) or
         ``[B, width]`` (the next ``width`` tokens of each row), or None when nothing is."""
-        if self._stop_mask is None or min(self.counts) >= self.req.min_new:
+        if self._stop_mask is None or min(self.counts) >= self.req.min_new_tokens:
             return None
         c = torch.tensor(self.counts, device=self.active.device)
         if width is None:
-            return c < self.req.min_new
-        return (c[:, None] + torch.arange(width, device=c.device)[None, :]) < self.req.min_new
+            return c < self.req.min_new_tokens
+        return (c[:, None] + torch.arange(width, device=c.device)[None, :]) < self.req.min_new_tokens
 
     def banned(self, scores: torch.Tensor, ban: torch.Tensor | None) -> torch.Tensor:
         """``scores [B, (W,) V]`` with the stop tokens at -inf where ``ban`` says so."""
@@ -258,7 +139,7 @@ class Rows:
 
     def emit(self, tokens: torch.Tensor, depth, logp: torch.Tensor | None = None, which=None):
         """Append one token to every live row (or to the rows ``which`` names); yields
-        ``(row, token)`` events. A row ends at a stop token or at ``max_new`` tokens."""
+        ``(row, token)`` events. A row ends at a stop token or at ``max_new_tokens`` tokens."""
         toks = tokens.tolist()
         depths = depth.tolist() if isinstance(depth, torch.Tensor) else [depth] * len(toks)
         st = self.out.stats
@@ -272,9 +153,9 @@ class Rows:
             if logp is not None and self.req.return_logprobs:
                 self.out.logprobs[i].append(logp[i].detach().float().cpu())
             self.counts[i] += 1
-            if toks[i] in self.req.stop:
+            if toks[i] in self.req.stop_tokens:
                 self.out.stopped[i] = True
-            if toks[i] in self.req.stop or self.counts[i] >= self.req.max_new:
+            if toks[i] in self.req.stop_tokens or self.counts[i] >= self.req.max_new_tokens:
                 self._live[i] = False
                 self.active[i] = False
             yield i, toks[i]
@@ -317,16 +198,15 @@ class Engine:
         self.last_result: GenerationResult | None = None
         self.last_states: list = []  # [(rows, DecodeState)] of the last call (one batch), for inspection
 
-    def generate(self, prompt_ids, max_new_tokens: int, mode: str = "full", stage=None, prefix=None, bounds=None, tau=None, m: int = 4,
-                 temperature: float = 0.0, top_k=None, top_p=None, seed=None, stop_tokens=(), on_token=None,
-                 return_logprobs: bool = False, min_new_tokens: int = 0, confidence: str = "maxprob", draft: int = 1) -> GenerationResult:
+    def generate(self, prompt_ids, max_new_tokens: int | None = None, options: DecodeOptions | None = None, on_token=None,
+                 **fields) -> GenerationResult:
         """Generate ``max_new_tokens`` per row (fewer when a stop token ends it; stop tokens are
         banned before ``min_new_tokens``). ``prompt_ids``: one list of ids or a list of them, any
-        lengths (one left-padded batch). ``seed``: an int (a private seeded generator), None (fresh
-        entropy), or ``"global"`` (torch's global RNG, as transformers' ``generate`` draws, so
-        ``torch.manual_seed`` reproduces a run). Speculative: ``m`` drafts per round (``"auto"``:
-        chosen each round from the acceptance measured so far, ``speculative.choose_m``), drafted by
-        the PoE of stages ``0..draft-1`` (default 1: stage 0 alone).
+        lengths (one left-padded batch). ``options``: a ``DecodeOptions`` (``options.py``: the
+        mode, its parameters, sampling, seed, stop tokens); ``fields``: any of its field names,
+        replacing those of ``options`` (``generate(ids, 8, mode="wand", bounds=b)``).
+        Speculative: ``m`` drafts per round (``"auto"``: chosen each round from the acceptance
+        measured so far, ``speculative.choose_m``), drafted by the PoE of stages ``0..draft-1``.
 
         ``stats``: ``tokens_per_s`` (new tokens of all rows / wall time incl. prefill),
         ``mean_depth`` (stages whose heads decided a token, mean over tokens), ``acceptance``
@@ -336,40 +216,38 @@ class Engine:
         ``stage_positions`` (positions each stage processed, catch-up and rejected drafts included),
         ``compactions`` (speculative cache repacks), ``rejections`` (row-rounds whose draft run ended
         at a rejection), ``m_hist`` (rounds by draft length). Per row: ``result.depths`` and
-        ``result.accepted``."""
-        for row, tok in self.stream(prompt_ids, max_new_tokens, mode=mode, stage=stage, prefix=prefix, bounds=bounds, tau=tau, m=m,
-                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens,
-                                    return_logprobs=return_logprobs, min_new_tokens=min_new_tokens, confidence=confidence, draft=draft):
+        ``result.accepted``. ``on_token(row, token)`` is called as each token is produced."""
+        for row, tok in self.stream(prompt_ids, max_new_tokens, options, **fields):
             if on_token is not None:
                 on_token(row, tok)
         return self.last_result
 
-    def stream(self, prompt_ids, max_new_tokens: int, mode: str = "full", stage=None, prefix=None, bounds=None, tau=None, m: int = 4,
-               temperature: float = 0.0, top_k=None, top_p=None, seed=None, stop_tokens=(), return_logprobs: bool = False,
-               min_new_tokens: int = 0, confidence: str = "maxprob", draft: int = 1):
-        """Validate now, then return an iterator of ``(row, token)`` in production order;
-        ``self.last_result`` holds the ``GenerationResult`` once it is exhausted."""
+    def stream(self, prompt_ids, max_new_tokens: int | None = None, options: DecodeOptions | None = None, **fields):
+        """Validate now (``DecodeOptions.validate``), then return an iterator of ``(row, token)``
+        in production order; ``self.last_result`` holds the ``GenerationResult`` once it is exhausted."""
         model = self.model
+        if max_new_tokens is not None:
+            fields["max_new_tokens"] = max_new_tokens
+        opts = DecodeOptions.of(options, **fields)
         prompts = _prompts(prompt_ids, model.config.vocab_size)
-        req = build_request(model, prompts, max_new_tokens, mode, stage, prefix, bounds, tau, m, temperature, top_k, top_p, stop_tokens,
-                            return_logprobs, min_new_tokens, confidence=confidence, draft=draft)
+        req = opts.validate(model.config.n_stages, model.config.max_seq_len, max(len(r) for r in prompts))
         device = model.wte.weight.device
-        if seed == "global":
+        if req.seed == "global":
             gen = None  # torch's default generator for the device
         else:
             gen = torch.Generator(device=device)
-            if seed is None:
+            if req.seed is None:
                 gen.seed()
             else:
-                gen.manual_seed(int(seed))
-        sampler = Sampler(temperature, top_k, top_p, gen)
+                gen.manual_seed(int(req.seed))
+        sampler = Sampler(req.temperature, req.top_k, req.top_p, gen)
         return self._events(prompts, req, sampler)
 
-    def _events(self, prompts, req: Request, sampler: Sampler):
+    def _events(self, prompts, req: DecodeOptions, sampler: Sampler):
         model = self.model
         B = len(prompts)
-        stats = {"rounds": 0, "row_rounds": 0, "proposed": 0, "accepted": 0, "rejections": 0, "accept_hist": [0] * (req.m + 1),
-                 "m_hist": [0] * (req.m + 1), "depth_sum": 0, "depth_hist": [0] * model.config.n_stages}
+        stats = {"rounds": 0, "row_rounds": 0, "proposed": 0, "accepted": 0, "rejections": 0, "accept_hist": [0] * (req.draft_len + 1),
+                 "m_hist": [0] * (req.draft_len + 1), "depth_sum": 0, "depth_hist": [0] * model.config.n_stages}
         out = GenerationResult([[] for _ in range(B)], stats, [False] * B, [[] for _ in range(B)] if req.return_logprobs else None,
                                [[] for _ in range(B)], [[] for _ in range(B)])
         self.last_states = []
@@ -385,14 +263,14 @@ class Engine:
         self._finish(out, req, elapsed)
         self.last_result = out
 
-    def _batch(self, prompts, req: Request, sampler: Sampler, out: GenerationResult):
+    def _batch(self, prompts, req: DecodeOptions, sampler: Sampler, out: GenerationResult):
         B, L = len(prompts), max(len(p) for p in prompts)
         spec = req.mode == "speculative"
         # Slots: the prompt, the new tokens, and for speculation one round of drafts plus room for
         # the holes of rows that accepted fewer drafts than others (repacked when full; a repack
         # always leaves room for a round, see ``speculative.py``).
-        extra = (req.m + 1) * (1 + (SPEC_SLACK_ROUNDS if B > 1 else 0)) if spec else 0
-        st = DecodeState(self.model, B, L + max(req.max_new, 1) + extra)
+        extra = (req.draft_len + 1) * (1 + (SPEC_SLACK_ROUNDS if B > 1 else 0)) if spec else 0
+        st = DecodeState(self.model, B, L + max(req.max_new_tokens, 1) + extra)
         st.load(prompts)
         self.last_states.append((list(range(B)), st))
         tr = Rows(B, req, out, st.tok.device, self.model.config.vocab_size)
@@ -407,11 +285,11 @@ class Engine:
                 return
             t += 1
             if spec:
-                yield from _speculative()(st, tr, tok, t, req.m, sampler)
+                yield from _speculative()(st, tr, tok, t, req.draft_len, sampler)
                 return
             st.place(t, tok)
 
-    def _decide(self, st: DecodeState, t: int, req: Request, sampler: Sampler, active: torch.Tensor, rows: Rows):
+    def _decide(self, st: DecodeState, t: int, req: DecodeOptions, sampler: Sampler, active: torch.Tensor, rows: Rows):
         """The token at position t+1 for every row: (tokens [B], depth per row, log-probs or None).
 
         ``c_s`` is accumulated the same way in every mode (``z_0 + z_1 + ... `` then ``/ (s+1)``),
@@ -454,7 +332,7 @@ class Engine:
                 break
         return tok, depth, lp
 
-    def _finish(self, out: GenerationResult, req: Request, elapsed: float):
+    def _finish(self, out: GenerationResult, req: DecodeOptions, elapsed: float):
         st = out.stats
         n = sum(len(r) for r in out.tokens)
         spec = req.mode == "speculative"
@@ -480,14 +358,3 @@ def _speculative():
     from .speculative import decode
 
     return decode
-
-
-# ----------------------------------------------------------------------------- entry points for the HF class
-def generate_wand(model, prompt_ids, max_new_tokens: int, bounds, **kw) -> GenerationResult:
-    """WAND adaptive depth over a PoEGPT with the checkpoint's p99 bounds (K-1 floats)."""
-    return Engine(model).generate(prompt_ids, max_new_tokens, mode="wand", bounds=bounds, **kw)
-
-
-def generate_speculative(model, prompt_ids, max_new_tokens: int, m: int = 4, **kw) -> GenerationResult:
-    """Self-speculative decoding over a PoEGPT: stage-0 m-token draft, full-K verify."""
-    return Engine(model).generate(prompt_ids, max_new_tokens, mode="speculative", m=m, **kw)

@@ -11,23 +11,28 @@ before compute, so a generation option is never silently ignored.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .engine import Engine, PoelmError
+from .options import DecodeOptions
 
 _SAMPLING = {"TemperatureLogitsWarper": "temperature", "TopKLogitsWarper": "top_k", "TopPLogitsWarper": "top_p"}
 _STOPPING = ("MaxLengthCriteria", "EosTokenCriteria")
 
 
-def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, poe: dict, poe_text: str, streamer, model_kwargs: dict):
+def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, poe: DecodeOptions, streamer, model_kwargs: dict):
     """Run ``Engine(model)`` (``model``: a PoEGPT) as ``generate``'s decoding loop.
 
-    ``poe``: ``Engine.generate`` keywords of the mode (mode, bounds / tau / m); ``poe_text``: the
-    mode as the user wrote it (for messages); ``streamer``: transformers' streamer or None. Returns
+    ``poe``: the mode's ``DecodeOptions`` (mode, bounds / tau / m / draft), completed here with the
+    length, sampling, stop and min-length values transformers resolved; ``streamer``:
+    transformers' streamer or None. Returns
     ``(sequences [B, L + new], GenerationResult, scores)``: scores is a tuple of ``[B, V]`` per step
     (the mode's normalised log-probs, zeros for rows already ended) when the generation config asks
     for scores or logits, else None. Every refusal is a ``PoelmError`` raised before compute."""
     gc = generation_config
+    poe_text = poe.mode
     B, L = input_ids.shape
     if (gc.num_beams or 1) > 1 or (gc.num_return_sequences or 1) > 1:
         raise PoelmError(f"poe_mode={poe_text!r} decodes one sequence per prompt: drop num_beams / num_return_sequences (or use poe_mode='full')")
@@ -70,9 +75,10 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
         raise PoelmError("temperature must be > 0 when sampling (or use do_sample=False)")
     want_scores = bool(gc.output_scores or gc.output_logits) and gc.return_dict_in_generate
     eng = Engine(model)
-    events = eng.stream(rows, max_new, temperature=temperature, top_k=None if greedy else sampling["top_k"],
-                        top_p=None if greedy else sampling["top_p"], seed="global", stop_tokens=stop, return_logprobs=want_scores,
-                        min_new_tokens=min_new, **poe)
+    opts = replace(poe, max_new_tokens=max_new, temperature=temperature, top_k=None if greedy else sampling["top_k"],
+                   top_p=None if greedy else sampling["top_p"], seed="global", stop_tokens=stop, return_logprobs=want_scores,
+                   min_new_tokens=min_new)
+    events = eng.stream(rows, options=opts)
     streamer = _Columns(B, pad, streamer, stop, max_new) if streamer is not None else None
     for row, tok in events:
         if streamer is not None:

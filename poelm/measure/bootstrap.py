@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from poelm.measure.metrics import LN2, BlockSums
+from poelm.core.poe import LN2
+from poelm.measure.metrics import BlockSums
 
 DEFAULT_SAMPLES = 1000
 DEFAULT_LEVEL = 0.95
@@ -118,7 +119,7 @@ def figure_pairs(blocks: BlockSums, K: int, n_alpha: int, offset: int = 0) -> li
     figure: BPB = nll / (ln 2 bytes), accuracy / agreement / routed fraction = count / positions.
     ``offset`` shifts the columns (the reference's blocks sit after this model's)."""
     ix = lambda c: blocks.index[c] + offset  # noqa: E731
-    bpb = lambda col: (ix(col), ix("bytes"), 1.0 / LN2)  # noqa: E731
+    bpb = lambda col: (ix(col), ix("bytes"), 1.0 / LN2)  # noqa: E731  poe.bpb's formula as a ratio of column sums
     acc = lambda col: (ix(col), ix("count"), 1.0)  # noqa: E731
     out = [("bpb.full", bpb("nll.alpha.0"))]
     out += [(f"bpb.single.{k}", bpb(f"nll.single.{k}")) for k in range(K)]

@@ -46,7 +46,7 @@ from poelm import config as config_mod
 from poelm import targets
 from poelm.core.errors import PoelmError
 from poelm.measure.bootstrap import DEFAULT_LEVEL, DEFAULT_SAMPLES, bootstrap
-from poelm.measure.metrics import LN2
+from poelm.core.poe import bpb as bits_per_byte
 from poelm.train import checkpoint
 from poelm.trajectory import publish
 
@@ -255,9 +255,7 @@ class Comparison:
 
     def bpb(self, sums: np.ndarray, r: int, p: int, what="out") -> np.ndarray:
         """BPB of run r at point p (``what``: its output or stage k) from column sums ``[R, C]``."""
-        num, den = sums[:, self.columns[(r, p, what)]], sums[:, self.columns[(r, p, "bytes")]]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(den > 0, num / (LN2 * np.where(den > 0, den, 1.0)), np.nan)
+        return bits_per_byte(sums[:, self.columns[(r, p, what)]], sums[:, self.columns[(r, p, "bytes")]])
 
     def intervals(self, stats: list, samples: int = DEFAULT_SAMPLES, seed: int = 0, level: float = DEFAULT_LEVEL) -> dict:
         """``{name: (value, lo, hi)}`` of ``stats`` = ``[(name, fn(comparison, sums) -> [R])]``, all
@@ -306,7 +304,7 @@ def measure(runs: list[Run], keys: list, by: str = "step", split_tokens: int | N
                     cols[(ri, pi, what)] = base + j
                 n_blocks = b.n_blocks
                 if log:
-                    bpb = float(parts[-1][:, 0].sum() / (LN2 * parts[-1][:, 1].sum()))
+                    bpb = bits_per_byte(parts[-1][:, 0].sum(), parts[-1][:, 1].sum())
                     log(f"  {r.label} {by} {keys[pi]:,}: model BPB {bpb:.6f}")
                 del model
     sl = {"split_tokens": int(meas.numel() - 1), "seq_len": T, "block_tokens": int(block_tokens), "n_blocks": int(n_blocks),

@@ -44,13 +44,13 @@ from poelm import __version__, targets
 from poelm.config import DataConfig
 from poelm.core.errors import PoelmError
 from poelm.fsio import atomic_write_bytes
+from poelm.infer.options import stage_selection
 from poelm.measure.tasks import devils_cloze
 from poelm.train import checkpoint
 from poelm.trajectory import export as export_mod
 from poelm.trajectory import publish
 
 INSTALL_HINT = "lm-evaluation-harness is not installed: install poelm[eval] (pip install 'poelm[eval]')"
-RECORD_NAME = publish.MEASURE
 KEY = "benchmarks"
 LOCAL_TASKS = {devils_cloze.NAME: devils_cloze}
 DEFAULT_BATCH_SIZE = 8
@@ -83,19 +83,12 @@ def available() -> bool:
 
 # ----------------------------------------------------------------------------- stages
 def parse_stages(text) -> tuple[str, int | list[int] | None]:
-    """``"full"`` | ``"k"`` | ``"stage=k"`` | ``"prefix=K'"`` -> ``(label, forward's stages=)``."""
-    text = "full" if text is None else str(text).strip()
-    if text == "full":
-        return "full", None
-    name, _, num = text.rpartition("=") if "=" in text else ("stage", "", text)
-    if name not in ("stage", "prefix") or not num.strip().isdigit():
-        raise PoelmError(f"--stages {text!r}: use full, k (stage k alone, e.g. 0), stage=k or prefix=K' (stages 0..K'-1)")
-    n = int(num)
-    if name == "prefix":
-        if n < 1:
-            raise PoelmError(f"--stages {text!r}: a prefix holds at least one stage (prefix=1 is stage 0 alone)")
-        return f"prefix={n}", list(range(n))
-    return f"stage={n}", n
+    """``--stages`` (``full`` | ``k`` | ``stage=k`` | ``prefix=K'``) -> ``(label, forward's stages=)``
+    (``options.stage_selection``)."""
+    try:
+        return stage_selection(text)
+    except PoelmError as e:
+        raise PoelmError(f"--stages: {e}") from None
 
 
 def _check_stages(label: str, stages, K: int, where: str) -> None:
@@ -145,8 +138,8 @@ def plan(target: str, api=None) -> list[Unit]:
             info = {"model": cfg.get("model") or {}, "data": cfg.get("data") or {},
                     "meta": checkpoint.read_json(t.path / "meta.json", "checkpoint meta")}
         u = Unit(str(t.path), info, path=t.path, kind=t.kind)
-        if (t.path / RECORD_NAME).is_file():
-            u.record = checkpoint.read_json(t.path / RECORD_NAME, "measurement record")
+        if (t.path / publish.MEASURE).is_file():
+            u.record = checkpoint.read_json(t.path / publish.MEASURE, "measurement record")
         return [u]
     repo, branch = targets.repository(target, api=api)
     backend = publish.open_repo(repo, api=api)
@@ -159,7 +152,7 @@ def plan(target: str, api=None) -> list[Unit]:
         if not cfg:
             raise PoelmError(f"{repo}@{b} has no readable config.json; run `poelm verify {repo}`")
         u = Unit(f"{repo}@{b}", cfg, repo=repo, branch=b)
-        u.record = publish.read_json(backend, b, RECORD_NAME)
+        u.record = publish.read_json(backend, b, publish.MEASURE)
         units.append(u)
     return units
 
@@ -431,9 +424,9 @@ def run_eval(target: str, tasks: list[str], *, stages: str | None = None, batch_
 def _write(unit: Unit, rec: dict) -> None:
     body = _json_bytes(rec)
     if unit.repo:
-        publish.update_branch_files(unit.repo, unit.branch, {RECORD_NAME: body})
+        publish.update_branch_files(unit.repo, unit.branch, {publish.MEASURE: body})
     else:
-        atomic_write_bytes(unit.path / RECORD_NAME, body)
+        atomic_write_bytes(unit.path / publish.MEASURE, body)
 
 
 def demo_evals(repo, log=print, limit: int = 24, batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict] | None:

@@ -73,28 +73,25 @@ def _greedy(model, engine, prompts, n_new) -> list[list[int]]:
     return [list(t)[:n_new] for t in res.tokens]
 
 
-def untimed_figures(model, engine, prompts: list[list[int]], n_new: int, *, m: int, bounds=None, tau=None,
-                    confidence: str = "maxprob", samples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+def untimed_figures(model, engine, prompts: list[list[int]], n_new: int, modes: dict, *, samples: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> dict:
     """Figures of the whole set with 95% intervals over prompts: ``spec`` (acceptance, mean
-    accepted, counts), ``wand`` and ``route`` (agreement with full K, identical continuations,
-    mean exit depth, depth histogram; when their mode is given and an engine exists), ``full``
-    (the greedy continuations, for the timed protocol's cross-check)."""
+    accepted, counts: teacher-forced rounds of ``modes["speculative"].m`` drafts), ``wand`` and
+    ``route`` (agreement with full K, identical continuations, mean exit depth, depth histogram;
+    when ``modes`` holds their ``DecodeOptions`` and an engine exists), ``full`` (the greedy
+    continuations, for the timed protocol's cross-check). ``modes``: ``timing.modes_for``."""
     full = _greedy(model, engine, prompts, n_new)
     cols, mismatch = [], 0
     for x, y in zip(prompts, full):
         agree, mm = teacher_forced_agreement(model, x, y)
         mismatch += mm
-        sr = spec_rounds(agree, m)
+        sr = spec_rounds(agree, modes["speculative"].m)
         cols.append([sr["accepted"], sr["proposed"], sr["rounds"], len(y)])
-    modes = {}
-    if engine is not None and bounds is not None:
-        modes["wand"] = {"mode": "wand", "bounds": [float(b) for b in bounds]}
-    if engine is not None and tau is not None:
-        modes["route"] = {"mode": "route", "tau": float(tau)} | ({"confidence": confidence} if confidence != "maxprob" else {})
+    modes = {k: modes[k] for k in ("wand", "route") if k in modes and engine is not None}
     gens = {}
     K = model.config.n_stages
-    for name, kw in modes.items():
-        res = engine.generate(prompts, n_new, **kw)
+    for name, opts in modes.items():
+        res = engine.generate(prompts, n_new, options=opts)
         gens[name] = res
         for row, (y, t) in enumerate(zip(full, res.tokens)):
             t = list(t)[:len(y)]

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-LN2 = math.log(2.0)
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -43,17 +42,6 @@ def _all_sum_(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- scalar formulas
-def bpb_from_sums(nll_sum, byte_sum):
-    """Bits per byte ``sum NLL (nats) / (ln 2 * sum UTF-8 bytes)``; works on floats or arrays.
-
-    Resampling this as a ratio of sums (not a mean of per-block BPBs) is what the bootstrap does."""
-    nll_sum = np.asarray(nll_sum, dtype=np.float64)
-    byte_sum = np.asarray(byte_sum, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(byte_sum > 0, nll_sum / (LN2 * np.where(byte_sum > 0, byte_sum, 1.0)), np.nan)
-    return float(out) if out.ndim == 0 else out
-
-
 def projected_speedup(fraction: float, c0: float) -> float:
     """Routing speedup ``1 / (f * c0 + (1 - f))``: a fraction f of positions costs stage 0 only
     (c0 = its share of the full model's FLOPs per token), the rest the full model."""

@@ -75,7 +75,7 @@ DEFAULT_BATCH_SIZE = 8
 # [chunk, V] row block in cache (measured ~15-20% faster than whole batches on the embedded model);
 # on a GPU large chunks amortise kernel launches (512 MB per fp32 temporary).
 CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 27}
-RECORD_NAME = "poelm_measure.json"
+RECORD_NAME = publish.MEASURE  # the record's file name, spelled once (trajectory/publish.py)
 ROUTING_METRICS = RoutingHistogram.METRICS
 
 

@@ -44,6 +44,7 @@ import time
 
 import torch
 
+from poelm.infer.options import DecodeOptions
 from poelm.measure.bootstrap import crossed_bootstrap
 from poelm.measure.bootstrap import interval as bootstrap_interval
 from poelm.measure.genset import untimed_figures
@@ -72,18 +73,16 @@ def interval(xs) -> dict:
     return {"value": statistics.median(xs), "ci": [min(xs), max(xs)], "repeats": xs}
 
 
-def modes_for(K: int, m: int, bounds=None, tau=None, confidence: str = "maxprob") -> dict[str, dict]:
-    """Engine keyword arguments of every timed mode this model supports."""
-    modes = {"full": {"mode": "full"}}
+def modes_for(K: int, m: int, bounds=None, tau=None, confidence: str = "maxprob") -> dict[str, DecodeOptions]:
+    """The engine's options of every timed mode this model supports."""
+    modes = {"full": DecodeOptions(mode="full")}
     if K > 1:
-        modes["stage0"] = {"mode": "stage", "stage": 0}
-        modes["speculative"] = {"mode": "speculative", "m": m}
+        modes["stage0"] = DecodeOptions(mode="stage", stage=0)
+        modes["speculative"] = DecodeOptions(mode="speculative", m=m)
     if bounds is not None and K > 1:
-        modes["wand"] = {"mode": "wand", "bounds": [float(b) for b in bounds]}
+        modes["wand"] = DecodeOptions(mode="wand", bounds=[float(b) for b in bounds])
     if tau is not None and K > 1:
-        modes["route"] = {"mode": "route", "tau": float(tau)}
-        if confidence != "maxprob":  # the engine's default kind; margin thresholds top-1 minus top-2 probability
-            modes["route"]["confidence"] = confidence
+        modes["route"] = DecodeOptions(mode="route", tau=float(tau), confidence=confidence)
     return modes
 
 
@@ -101,13 +100,13 @@ def _merge(acc: dict | None, st: dict) -> dict:
     return acc
 
 
-def time_modes(model, engine, prompts: list[list[int]], n_new: list[int], modes: dict[str, dict], repeats: int) -> dict:
+def time_modes(model, engine, prompts: list[list[int]], n_new: list[int], modes: dict[str, DecodeOptions], repeats: int) -> dict:
     """Run the protocol (module docstring); returns per mode the wall time of every (round,
     prompt) cell (``times[mode][r][p]``), the first round's new tokens per prompt (``tokens``) and
     merged engine statistics (``stats``)."""
     names = list(modes)
     for name in names:  # warm-up
-        engine.generate(prompts[0], min(WARMUP_TOKENS, n_new[0]), **modes[name])
+        engine.generate(prompts[0], min(WARMUP_TOKENS, n_new[0]), options=modes[name])
     times = {k: [] for k in names}
     tokens = {k: [] for k in names}
     stats = {k: None for k in names}
@@ -119,7 +118,7 @@ def time_modes(model, engine, prompts: list[list[int]], n_new: list[int], modes:
             for name in names[k:] + names[:k]:  # every mode on this prompt back to back: a slow spell hits them alike
                 _sync(model)
                 t0 = time.perf_counter()
-                res = engine.generate(ids, n, **modes[name])
+                res = engine.generate(ids, n, options=modes[name])
                 _sync(model)
                 times[name][r][p] = time.perf_counter() - t0
                 if r == 0:
@@ -137,11 +136,12 @@ def _ratio(num, den, samples, seed, level) -> dict:
     return out
 
 
-def timed_generation(model, prompts: list[list[int]], engine, *, m: int, bounds=None, tau=None, confidence="maxprob",
-                     n_prompts: int = DEFAULT_PROMPTS, n_tokens: int = DEFAULT_TOKENS, repeats: int = DEFAULT_REPEATS,
-                     samples: int = 1000, seed: int = 0, level: float = 0.95) -> dict | None:
+def timed_generation(model, prompts: list[list[int]], engine, modes: dict[str, DecodeOptions], *, n_prompts: int = DEFAULT_PROMPTS,
+                     n_tokens: int = DEFAULT_TOKENS, repeats: int = DEFAULT_REPEATS, samples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict | None:
     """The protocol on the first ``n_prompts`` prompts (token ids, BOS first), ``n_tokens`` new
-    tokens each; returns ``{"timing", "spec", "wand", "route"}`` timed figures (None: nothing to time)."""
+    tokens each, for every mode of ``modes`` (``modes_for``); returns ``{"timing", "spec", "wand",
+    "route"}`` timed figures (None: nothing to time)."""
     K = model.config.n_stages
     ids, ns = [], []
     for x in prompts[:n_prompts]:
@@ -151,7 +151,7 @@ def timed_generation(model, prompts: list[list[int]], engine, *, m: int, bounds=
             ns.append(n)
     if not ids or K < 2 or repeats < 1:
         return None
-    modes = modes_for(K, m, bounds, tau, confidence)
+    m = modes["speculative"].m
     res = time_modes(model, engine, ids, ns, modes, int(repeats))
     T, toks, st = res["times"], res["tokens"], res["stats"]
     N, P = sum(ns), len(ids)
@@ -210,12 +210,12 @@ def probe_and_timing(rec: dict, model, tokenizer, probe_set, max_new_tokens: int
     selects = r.get("tau") is not None and not r.get("cap_met_at_tau0") and (r.get("fraction_calib") or 0) > 0
     tau = r["tau"] if selects else None
     bk = dict(samples=samples, seed=seed, level=level)
-    un = untimed_figures(model, engine, list(gen_prompts), gen_tokens, m=m, bounds=w.get("bounds"), tau=tau, confidence=confidence, **bk)
+    modes = modes_for(rec["K"], m, w.get("bounds"), tau, confidence)
+    un = untimed_figures(model, engine, list(gen_prompts), gen_tokens, modes, **bk)
     if engine is None:
         out["spec"] = teacher_forced_spec(m, un)
         return out
-    got = timed_generation(model, list(gen_prompts), engine, m=m, bounds=w.get("bounds"), tau=tau, confidence=confidence,
-                           n_prompts=n_prompts, n_tokens=n_tokens, repeats=repeats, **bk)
+    got = timed_generation(model, list(gen_prompts), engine, modes, n_prompts=n_prompts, n_tokens=n_tokens, repeats=repeats, **bk)
     out["spec"] = {"m": m, "mode": "engine", "prompts": un["prompts"], "new_tokens": un["new_tokens"], **un["spec"]}
     if got is not None:
         out["timing"] = got["timing"]

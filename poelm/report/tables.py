@@ -37,8 +37,6 @@ from poelm.report.verdict import branch_name, delta_ci, get, phase_of, rel_step,
 from poelm.report.answer import answer, answer_markdown, verdict_markdown
 from poelm.report import judge as judge_mod
 
-RECORD_NAME = "poelm_measure.json"
-
 
 # ----------------------------------------------------------------------------- loading
 def _records_in(path: Path, obj) -> list[dict]:
@@ -83,9 +81,9 @@ def load_records(source) -> list[dict]:
             if _is_git_repo(path):
                 recs = publish.read_records(source)
             else:
-                files = sorted(path.glob("*.json")) or sorted(path.glob(f"*/{RECORD_NAME}"))
+                files = sorted(path.glob("*.json")) or sorted(path.glob(f"*/{publish.MEASURE}"))
                 if not files:
-                    raise PoelmError(f"no measurement records (*.json or */{RECORD_NAME}) in {path}; run `poelm measure` first")
+                    raise PoelmError(f"no measurement records (*.json or */{publish.MEASURE}) in {path}; run `poelm measure` first")
                 recs = [r for p in files for r in _read_json(p)]
         elif "://" in str(source) or re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(source)):
             # an address (hf://org/name) or a hub repo id "org/name" that is not a local path

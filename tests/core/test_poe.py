@@ -44,3 +44,16 @@ def test_bpb_hand_example_specials_count_zero_bytes():
     assert math.isclose(nll.item(), -math.log(0.25) - math.log(0.8), rel_tol=1e-6)
     assert nbytes.item() == 5
     assert math.isclose(poe.bpb(nll.item(), nbytes.item()), (math.log(4) + math.log(1.25)) / (math.log(2) * 5), rel_tol=1e-6)
+
+
+def test_bpb_formula_on_scalars_arrays_and_tensors():
+    import numpy as np
+
+    assert poe.bpb(10.0, 5.0) == 10.0 / (math.log(2) * 5.0)
+    assert math.isnan(poe.bpb(1.0, 0.0))
+    assert isinstance(poe.bpb(np.float64(2.0), np.int64(1)), float) and poe.bpb(np.float64(2.0), np.int64(1)) == 2 / math.log(2)
+    a = poe.bpb(np.array([2.0, 4.0, 1.0]), np.array([1, 2, 0]))  # one per bootstrap resample; no bytes -> NaN
+    np.testing.assert_allclose(a[:2], [2 / math.log(2)] * 2)
+    assert np.isnan(a[2])
+    t = poe.bpb(torch.tensor([3.0, 1.0], dtype=torch.float64), torch.tensor([3.0, 0.0], dtype=torch.float64))
+    assert math.isclose(t[0].item(), 1 / math.log(2), rel_tol=1e-12) and math.isnan(t[1].item())

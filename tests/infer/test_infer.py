@@ -8,8 +8,8 @@ from scipy.stats import chisquare
 
 from poelm.core import poe
 from poelm.core.errors import PoelmError
-from poelm.cli import TextStream, mode_kwargs
-from poelm.infer.engine import Engine, Sampler, parse_mode, wand_bounds_from
+from poelm.cli import TextStream
+from poelm.infer.engine import DecodeOptions, Engine, Sampler, parse_mode, wand_bounds_from
 from poelm.core.model import REFERENCE_OPS, KVCache, ModelConfig, PoEGPT
 
 # The reference's ops with a 5-key short window, so every generation runs past the window.
@@ -455,9 +455,9 @@ def test_mode_parsing_and_bounds_lookup():
     assert wand_bounds_from({key: [1, 2]}) == [1, 2]
     assert wand_bounds_from({"config": {key: [3.0]}}) == [3.0]
     assert wand_bounds_from({"step": 1}) is None
-    assert mode_kwargs("wand", {key: [1.0, 2.0]}) == {"mode": "wand", "bounds": [1.0, 2.0]}
+    assert DecodeOptions(mode="wand").calibrated({key: [1.0, 2.0]}) == DecodeOptions(mode="wand", bounds=[1.0, 2.0])
     with pytest.raises(PoelmError, match="lacks"):
-        mode_kwargs("wand", {})
+        DecodeOptions(mode="wand").calibrated({})
 
 
 # ----------------------------------------------------------------------------- CLI

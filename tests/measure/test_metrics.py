@@ -8,7 +8,7 @@ import torch
 
 from poelm.core import poe
 from poelm.measure.bootstrap import bootstrap, difference_stat, ratio_stat
-from poelm.measure.metrics import (ALPHAS, BlockSums, RoutingHistogram, StreamingQuantile, bpb_from_sums, position_stats,
+from poelm.measure.metrics import (ALPHAS, BlockSums, RoutingHistogram, StreamingQuantile, position_stats,
                            projected_speedup, routing_at, routing_threshold, spec_rounds)
 
 
@@ -18,12 +18,6 @@ def _z(*rows):
 
 
 TB = torch.tensor([1, 2, 3])  # token bytes for V = 3
-
-
-def test_bpb_from_sums_formula():
-    assert bpb_from_sums(10.0, 5.0) == pytest.approx(10.0 / (math.log(2) * 5.0))
-    assert np.isnan(bpb_from_sums(1.0, 0.0))
-    np.testing.assert_allclose(bpb_from_sums(np.array([2.0, 4.0]), np.array([1.0, 2.0])), [2 / math.log(2)] * 2)
 
 
 def test_alpha0_is_renormalised_geometric_mean_and_alpha1_the_product():

@@ -21,8 +21,8 @@ class FakeEngine:
     def __init__(self, clock, costs, stats):
         self.clock, self.costs, self.stats, self.calls = clock, costs, stats, []
 
-    def generate(self, ids, n, mode="full", **kw):
-        name = {"stage": "stage0"}.get(mode, mode)
+    def generate(self, ids, n, options):
+        name = {"stage": "stage0"}.get(options.mode, options.mode)
         self.calls.append(name)
         k = sum(c == name for c in self.calls) - 1  # this mode's call index: the warm-up, then 2 prompts a round
         self.clock[0] += self.costs[name][0 if k == 0 else (k - 1) // 2 + 1] * n
@@ -57,7 +57,7 @@ def test_protocol_ratios_and_implied_speedup_by_hand(monkeypatch):
     wand = {"new_tokens": 5, "depth_hist": [3, 2], "stage_positions": [10, 10]}
     eng = FakeEngine(clock, costs, {"speculative": spec, "wand": wand, "full": {"new_tokens": 5}})
     prompts = [[0, 1, 2], [0, 3, 4]]
-    out = timing.timed_generation(FakeModel(), prompts, eng, m=4, bounds=[1.0], n_prompts=2, n_tokens=5, repeats=3, samples=400)
+    out = timing.timed_generation(FakeModel(), prompts, eng, timing.modes_for(2, 4, bounds=[1.0]), n_prompts=2, n_tokens=5, repeats=3, samples=400)
     names = ["full", "stage0", "speculative", "wand"]
     assert eng.calls[:4] == names  # warm-up, every mode once
     assert eng.calls[4:8] == names and eng.calls[8:12] == names[1:] + names[:1]  # round 0: prompt 0, then prompt 1 rotated

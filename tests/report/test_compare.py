@@ -174,4 +174,5 @@ def test_bad_inputs_one_line_nothing_written(runs, tmp_path, capsys):
     _refuses(["compare", str(runs / "a"), str(tmp_path / "nope"), "--out", str(out)], capsys, "not found")
     _refuses(["compare", str(runs / "a"), "--out", str(out)], capsys, "two or more runs")
     _refuses(["compare", str(runs / "a"), str(runs / "b"), "--labels", "A", "--out", str(out)], capsys, "--labels needs 2")
+    _refuses(["compare", str(runs / "a"), str(runs / "a"), "--out", str(out)], capsys, f"TARGET {runs / 'a'} is given twice")
     assert not out.exists()

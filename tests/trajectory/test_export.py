@@ -118,11 +118,12 @@ def test_folder_contents_and_config(exported):
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
             "configuration_poelm.py", "modeling_poelm.py", "model.py", "poe.py", "errors.py", "inputs.py", "engine.py",
-            "speculative.py", "state.py", "sampler.py", "hfloop.py", "README.md",
+            "speculative.py", "state.py", "sampler.py", "hfloop.py", "options.py", "README.md",
             "poelm_manifest.json"} <= names
     pkg = Path(export_mod.__file__).resolve().parents[1]
     for room, name in [("core", "model.py"), ("core", "poe.py"), ("core", "errors.py"), ("core", "inputs.py"), ("infer", "engine.py"),
-                       ("infer", "speculative.py"), ("infer", "state.py"), ("infer", "sampler.py"), ("infer", "hfloop.py")]:  # verbatim
+                       ("infer", "speculative.py"), ("infer", "state.py"), ("infer", "sampler.py"), ("infer", "hfloop.py"),
+                       ("infer", "options.py")]:  # verbatim
         assert (out / name).read_bytes() == (pkg / room / name).read_bytes()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "poelm"
