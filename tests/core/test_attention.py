@@ -14,7 +14,7 @@ from poelm.core import attention
 from poelm.core.attention import AttnPlan
 from poelm.core.inputs import attention_mask, window_mask
 from poelm.core.model import REFERENCE_OPS, ModelConfig, PoEGPT, attention_context
-from poelm.infer.engine import Engine, generate_speculative
+from poelm.infer.engine import Engine
 
 TOL = 1e-5
 
@@ -114,7 +114,7 @@ def test_flex_prefill_cached_decoding_and_speculative_equal_sdpa(flex_calls):
     for ra, rb in zip(full_a_lp.logprobs, full_b.logprobs):
         assert max((x - y).abs().max().item() for x, y in zip(ra, rb)) <= TOL
     n = len(flex_calls)
-    spec_b = generate_speculative(b, prompts, 20, m=4)
+    spec_b = Engine(b).generate(prompts, 20, mode="speculative", m=4)
     assert spec_b.tokens == full_a.tokens  # lossless under flex too
     assert len(flex_calls) > n  # the verify chunks (m+1 queries after cached slots) ran flex
 
