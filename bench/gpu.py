@@ -15,8 +15,8 @@ it completes (a failed section records its error and the script goes on):
   reduce_scatter / all_gather / broadcast once), running poelm's own ``Trainer.run`` (the loop's
   ``backward_local``, the Muon+AdamW ZeRO-2 optimizer, logging) on random tokens; the end-of-phase
   save is skipped (a bench times steps, not checkpoint I/O). Per variant (K=4, K=1 on the same
-  trunk, each with and without ``train.compile``, and K=4 with the reference's sliding windows
-  ``window_pattern = "SSSL"``, eager): tokens/s (median of the logged steps after
+  trunk, each with and without ``train.compile = "model"``, and K=4 with the reference's sliding
+  windows ``window_pattern = "SSSL"`` under ``attn_impl`` sdpa and flex, eager and compiled): tokens/s (median of the logged steps after
   the warm-up ones), MFU = ``flops_per_token()["train_total"] x tokens/s / 989e12`` (H100/H200
   dense bf16), peak allocated GPU memory next to ``poelm plan``'s prediction (poelm/train/plan.py).
 - ``decode``: a ~1.2B-parameter PoE model built as bench/decode.py builds its agreeing-stages
@@ -103,7 +103,8 @@ class RandomRows:
         return {}
 
 
-def train_config(trunk: dict, stages, device: str, dtype: str, batch: int, seq: int, steps: int, compile_: bool, ops: dict | None = None):
+def train_config(trunk: dict, stages, device: str, dtype: str, batch: int, seq: int, steps: int, compile_, ops: dict | None = None):
+    """``compile_``: ``train.compile`` (False, "model" or "blocks"); ``ops``: model options (windows, ``attn_impl``)."""
     cfg = config_mod.from_dict({})
     cfg.model = ModelConfig(**{**trunk, "max_seq_len": seq, **(ops or {})}, stage_layers=stages)
     t = cfg.train
@@ -117,7 +118,7 @@ def run_trainer(cfg, out_dir: Path, seed: int = 0, model=None) -> list[dict]:
     """``cfg.schedule.steps`` steps of poelm's ``Trainer.run``; the logged train records."""
     from poelm.train import loop
     from poelm.train.optim import build_optimizer
-    from poelm.train.runtime import setup_runtime
+    from poelm.train.runtime import apply_compile, compile_mode, setup_runtime
 
     rt = setup_runtime(cfg)
     loop.resolve_global_batch(cfg, rt.world)
@@ -125,9 +126,7 @@ def run_trainer(cfg, out_dir: Path, seed: int = 0, model=None) -> list[dict]:
         with rt.device:
             model = PoEGPT(cfg.model)
         model.init_weights(seed=cfg.train.seed)
-        if cfg.train.compile:
-            for block in model.blocks:
-                block.compile()
+        apply_compile(model, compile_mode(cfg.train.compile, rt.device))  # as the loop does
     model = model.to(rt.device)
     opt = build_optimizer(model, cfg.optim, world_size=rt.world, rank=rt.rank)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,10 +210,11 @@ def train_variant(spec: dict, v: dict, dev) -> dict:
     with tempfile.TemporaryDirectory(prefix="poelm-gpu-train-") as tmp:
         recs = run_trainer(cfg, Path(tmp))
     row["wall_s"] = time.time() - t
-    timed = [r["tok_per_s"] for r in recs[spec["warmup"]:]] or [recs[-1]["tok_per_s"]]
+    # a compiled run's first step has no tok_per_s (its compile time is the loop's "compile" record)
+    timed = [r["tok_per_s"] for r in recs[spec["warmup"]:] if "tok_per_s" in r] or [recs[-1]["tokens"] / sum(r["step_s"] for r in recs)]
     tps = statistics.median(timed)
     row.update(tokens_per_s=tps, tokens_per_s_range=[min(timed), max(timed)], steps_timed=len(timed),
-               first_step_s=row["tokens_per_step"] / recs[0]["tok_per_s"], loss_first_last=[recs[0]["loss"], recs[-1]["loss"]])
+               first_step_s=recs[0]["step_s"], loss_first_last=[recs[0]["loss"], recs[-1]["loss"]])
     if dev.type == "cuda":
         row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
         row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)
@@ -227,12 +227,18 @@ def section_train(a, deadline: float) -> dict:
     one = [sum(stages)]
     # The reference's sliding windows (SSSL: S = 512 keys at seq 2048; a quarter of the tiny row)
     # run SDPA with a window mask instead of the unmasked causal kernel: their cost is measured.
+    # ``attn_impl`` "flex" runs them through flex_attention's block masks instead (core/attention.py;
+    # on CPU training falls back to SDPA: torch has no flex backward there).
     windows = {"window_pattern": "SSSL", "short_window": trunk["max_seq_len"] // 4 if a.tiny else 0}
+    flex = {**windows, "attn_impl": "flex"}
     variants = [dict(name="PoE K=4", stages=stages, compile=False), dict(name="K=1", stages=one, compile=False),
-                dict(name="PoE K=4 SSSL", stages=stages, compile=False, ops=windows)]
+                dict(name="PoE K=4 SSSL sdpa", stages=stages, compile=False, ops=windows),
+                dict(name="PoE K=4 SSSL flex", stages=stages, compile=False, ops=flex)]
     if a.compile and a.device == "cuda":  # inductor on a CPU needs a C++ toolchain and minutes
-        variants += [dict(name="PoE K=4 compiled", stages=stages, compile=True, min_s=90),
-                     dict(name="K=1 compiled", stages=one, compile=True, min_s=90)]
+        variants += [dict(name="PoE K=4 compiled", stages=stages, compile="model", min_s=90),
+                     dict(name="K=1 compiled", stages=one, compile="model", min_s=90),
+                     dict(name="PoE K=4 SSSL sdpa compiled", stages=stages, compile="model", ops=windows, min_s=90),
+                     dict(name="PoE K=4 SSSL flex compiled", stages=stages, compile="model", ops=flex, min_s=90)]
     with tempfile.TemporaryDirectory(prefix="poelm-gpu-") as tmp:
         out = Path(tmp) / "train.json"
         spec = dict(device=a.device, dtype="bf16" if a.device == "cuda" else "fp32", trunk=trunk, batch=2 if a.tiny else a.batch,

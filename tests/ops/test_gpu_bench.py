@@ -54,11 +54,14 @@ def test_train_section_runs_the_loop_under_torchrun(smoke):
     assert tr["returncode"] == 0 and tr["world_size"] == 1
     assert tr["nccl"] == "gloo: all_reduce, reduce_scatter, all_gather, broadcast ok"  # NCCL on the GPU
     names = [v["name"] for v in tr["variants"]]
-    assert names == ["PoE K=4", "K=1", "PoE K=4 SSSL"]  # compile variants only on CUDA
-    k4, k1, sw = tr["variants"]
-    assert k4["stages"] == [2, 1, 1, 1] and k1["stages"] == [5] and sw["stages"] == k4["stages"]
+    assert names == ["PoE K=4", "K=1", "PoE K=4 SSSL sdpa", "PoE K=4 SSSL flex"]  # compile variants only on CUDA
+    k4, k1, sw, fx = tr["variants"]
+    assert k4["stages"] == [2, 1, 1, 1] and k1["stages"] == [5] and sw["stages"] == fx["stages"] == k4["stages"]
     assert sw["flops_per_token"] < k4["flops_per_token"]  # S layers attend within 8 of 32 keys
-    for v in (k4, k1, sw):
+    assert fx["flops_per_token"] == sw["flops_per_token"]  # the kernel changes time, not the count
+    # CPU training under flex runs SDPA (no flex backward on CPU): the same losses
+    assert fx["loss_first_last"] == pytest.approx(sw["loss_first_last"], abs=1e-5)
+    for v in (k4, k1, sw, fx):
         assert v["tokens_per_s"] > 0 and v["steps_timed"] == 2 and all(math.isfinite(x) for x in v["loss_first_last"])
         assert v["plan_bytes"] > 0 and sum(v["plan_parts"].values()) == v["plan_bytes"]  # poelm plan's prediction
         assert "mfu" not in v and "peak_allocated_bytes" not in v  # CUDA-only figures are not invented on a CPU
