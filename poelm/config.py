@@ -318,3 +318,25 @@ def parse_tokens(text: str) -> int:
         return int(float(t))
     except ValueError:
         raise ConfigError(f"bad token count {text!r}: use an integer or a suffix K/M/B/T, e.g. 40B") from None
+
+
+def resolve_global_batch(cfg, world: int, meta: dict | None = None) -> int:
+    """Fix the run's global batch ``train.tokens_per_step`` (in place; returns accum).
+
+    The global batch is what the schedule, the loader position and the optimizer state are
+    defined against, so it is a property of the run, not of the launch: ``0`` means "one
+    micro-batch per rank" *at the run's first start* (``device_batch_size x seq_len x W``) and
+    is then recorded, resolved, in every checkpoint's config.json. A resume or continual phase
+    on another number of ranks keeps it and re-derives the accumulation
+    ``tokens_per_step / (device_batch_size x seq_len x W)``; a checkpoint written before the
+    value was recorded supplies it from ``meta["tokens_per_step"]``."""
+    t = cfg.train
+    if not t.tokens_per_step:
+        prev = (meta or {}).get("tokens_per_step")
+        t.tokens_per_step = int(prev) if prev else t.device_batch_size * cfg.seq_len * world
+    micro = t.device_batch_size * cfg.seq_len * world
+    if t.tokens_per_step % micro:
+        rows = t.tokens_per_step // cfg.seq_len
+        raise ConfigError(f"global batch train.tokens_per_step = {t.tokens_per_step} ({rows} rows of {cfg.seq_len}) does not split over "
+                          f"{world} ranks x train.device_batch_size {t.device_batch_size}: use ranks x device_batch_size dividing {rows}")
+    return grad_accum_steps(cfg, world)

@@ -46,6 +46,7 @@ from poelm.train.runtime import Runtime, _all_sum, _broadcast_text, apply_compil
 from poelm.schedule import Cooldown, Phase, lrm
 from poelm.train.continual import check_same_run, continual_phase_config  # noqa: F401  (their home; re-exported)
 from poelm.data.mixture import TrainLoader
+from poelm.config import resolve_global_batch  # noqa: F401  (its home is config.py; bench/gpu.py calls it here)
 from poelm.train import provenance, spikes
 
 
@@ -363,7 +364,7 @@ def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publishe
         src = ckpt_mod.load(resume)
     elif init_ckpt is not None:
         src = init_ckpt
-    resolve_global_batch(cfg, rt.world, src.meta if src is not None else None)
+    config_mod.resolve_global_batch(cfg, rt.world, src.meta if src is not None else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rt.master:
         ckpt_mod.clean_run_dir(out_dir)
@@ -416,28 +417,6 @@ def _make_trainer(cfg, out_dir: Path, rt: Runtime, resume: Path | None, publishe
                                       prior=src.meta.get("tracking") if src is not None else None, resume=resume is not None,
                                       cooldown=(phase.start_step, phase.steps) if isinstance(phase, Cooldown) else None)
     return trainer
-
-
-def resolve_global_batch(cfg, world: int, meta: dict | None = None) -> int:
-    """Fix the run's global batch ``train.tokens_per_step`` (in place; returns accum).
-
-    The global batch is what the schedule, the loader position and the optimizer state are
-    defined against, so it is a property of the run, not of the launch: ``0`` means "one
-    micro-batch per rank" *at the run's first start* (``device_batch_size x seq_len x W``) and
-    is then recorded, resolved, in every checkpoint's config.json. A resume or continual phase
-    on another number of ranks keeps it and re-derives the accumulation
-    ``tokens_per_step / (device_batch_size x seq_len x W)``; a checkpoint written before the
-    value was recorded supplies it from ``meta["tokens_per_step"]``."""
-    t = cfg.train
-    if not t.tokens_per_step:
-        prev = (meta or {}).get("tokens_per_step")
-        t.tokens_per_step = int(prev) if prev else t.device_batch_size * cfg.seq_len * world
-    micro = t.device_batch_size * cfg.seq_len * world
-    if t.tokens_per_step % micro:
-        rows = t.tokens_per_step // cfg.seq_len
-        raise ConfigError(f"global batch train.tokens_per_step = {t.tokens_per_step} ({rows} rows of {cfg.seq_len}) does not split over "
-                          f"{world} ranks x train.device_batch_size {t.device_batch_size}: use ranks x device_batch_size dividing {rows}")
-    return config_mod.grad_accum_steps(cfg, world)
 
 
 def _finish(trainer: Trainer) -> None:

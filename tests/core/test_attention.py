@@ -189,3 +189,11 @@ def test_log_mfu_planner_and_gpu_bench_read_one_count(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
     assert plan_mod.mfu_scale(m, cfg.seq_len, "cuda:0", 12) * 12 * plan_mod.GPUS["h100"].bf16_flops == pytest.approx(count)
     assert plan_mod.plan(cfg, 12)["flops_per_token"] == pytest.approx(count)
+
+
+def test_the_transformers_config_carries_attn_impl():
+    from poelm.hf.configuration_poelm import PoelmConfig
+
+    cfg = PoelmConfig(**{**ModelConfig(attn_impl="flex").to_dict()})
+    assert cfg.to_poelm_dict()["attn_impl"] == "flex"
+    assert ModelConfig.from_dict(PoelmConfig().to_poelm_dict()).attn_impl == "sdpa"
