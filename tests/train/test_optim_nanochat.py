@@ -244,7 +244,7 @@ def test_exact_resume_and_state_accounting(tmp_path):
     assert [oa.owned_state_numel()] == optimizer_state_numel(a, 1, optimizer="nanochat")
     assert oa.unsharded_state_numel() == oa.owned_state_numel()
     with pytest.raises(CheckpointError, match="format"):
-        build_optimizer(warm_model(), OptimConfig()).load_full_state_dict(t, meta)  # poelm's optimizer refuses it
+        build_optimizer(warm_model(), OptimConfig(optimizer="poelm")).load_full_state_dict(t, meta)  # poelm's optimizer refuses it
 
 
 # ----------------------------------------------------------------------------- two ranks
