@@ -60,6 +60,7 @@ import torch
 
 from poelm.core.errors import PoelmError
 from poelm.train.dist import ShardedOptimizer, Slot
+from poelm.train.nanochat_rules import muon_momentum_at
 from poelm.train.optim_nanochat import SMEAR_LR, NanochatOptimizer
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steep at 0, lands in ~[0.7, 1.2]
@@ -192,10 +193,7 @@ class PoEOptimizer(ShardedOptimizer):
     def muon_momentum(self, step: int | None = None) -> float:
         """Momentum used at optimizer step ``step`` (0-based; default: the next step)."""
         step = self.step_count if step is None else step
-        if self.momentum_warmup <= 0:
-            return self.groups["matrix"].momentum
-        frac = min(step / self.momentum_warmup, 1.0)
-        return (1 - frac) * self.momentum_start + frac * self.groups["matrix"].momentum
+        return muon_momentum_at(step, self.momentum_start, self.groups["matrix"].momentum, self.momentum_warmup)
 
     def _meta(self) -> dict:
         groups = {}
