@@ -32,8 +32,8 @@ Design choices where SPEC is silent:
   ``model.smear`` / ``model.backout``) take the reference's fixed AdamW lr 0.2 without decay,
   so a model with the reference's ops trains under either optimizer. LRs are used as configured; there is no ``1/sqrt(d_model/768)`` rescaling.
 - Muon momentum warms up linearly from ``muon_momentum_start`` (0.85) to ``muon_momentum`` over
-  the first ``muon_momentum_warmup`` (300) optimizer steps, as nanochat's ``get_muon_momentum``;
-  both are read from the OptimConfig when present (``muon_momentum_warmup = 0`` disables it).
+  the first ``muon_momentum_warmup`` (300) optimizer steps (``nanochat_rules.muon_momentum_at``,
+  nanochat's ``get_muon_momentum``; ``muon_momentum_warmup = 0`` disables it).
   The step count is part of the checkpointed state, so a resumed run does not re-warm.
 - ``grad_clip > 0`` clips the *global* norm of the averaged gradient (computed on the owned
   pieces and all-reduced, so it is the same number for any world size); ``step()`` returns that
@@ -65,7 +65,6 @@ from poelm.train.optim_nanochat import SMEAR_LR, NanochatOptimizer
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steep at 0, lands in ~[0.7, 1.2]
 RESID_LR_SCALE = 0.01
-MOMENTUM_START, MOMENTUM_WARMUP = 0.85, 300
 STATE_FORMAT = "poelm-optim/1"
 
 GROUP_RULES = (
@@ -171,8 +170,7 @@ class PoEOptimizer(ShardedOptimizer):
     NAME = "poelm"
 
     def __init__(self, model: torch.nn.Module, optim_cfg, world_size: int = 1, rank: int = 0, process_group=None):
-        self.momentum_start = float(getattr(optim_cfg, "muon_momentum_start", MOMENTUM_START))
-        self.momentum_warmup = int(getattr(optim_cfg, "muon_momentum_warmup", MOMENTUM_WARMUP))
+        self.momentum_start, self.momentum_warmup = float(optim_cfg.muon_momentum_start), int(optim_cfg.muon_momentum_warmup)
         super().__init__(model, optim_cfg, world_size, rank, process_group)
 
     def _make_groups(self, optim_cfg, model) -> dict:
