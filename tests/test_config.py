@@ -44,3 +44,19 @@ def test_token_budget_parsing():
     assert config.steps_for_tokens(config.parse_tokens("40B"), 786_432) == 50_863
     with pytest.raises(ConfigError):
         config.parse_tokens("forty")
+
+
+def test_a_key_the_chosen_optimizer_ignores_is_refused():
+    """Under the reference's optimizer (the default) poelm's Muon/AdamW keys are not read, and
+    under poelm's lr_scale is not: set to anything but the default, each is one ConfigError line
+    naming the key and the fix; at the default (every saved config.json has them) it passes."""
+    for key, value in (("adam_beta1", 0.9), ("adam_beta2", 0.99), ("adam_eps", 1e-8), ("muon_momentum", 0.9),
+                       ("muon_momentum_start", 0.8), ("muon_momentum_warmup", 10), ("muon_ns_steps", 3)):
+        with pytest.raises(ConfigError, match=rf'^optim.{key} = {value!r} is ignored by optim.optimizer = "nanochat": '
+                                              rf'remove it \(default .*\), or set optim.optimizer = "poelm"$'):
+            config.load("embedded", [f"optim.{key}={value}"])
+        assert getattr(config.load("embedded", ["optim.optimizer=poelm", f"optim.{key}={value}"]).optim, key) == value
+    with pytest.raises(ConfigError, match='optim.lr_scale = 0.5 is ignored by optim.optimizer = "poelm".*set optim.optimizer = "nanochat"'):
+        config.load(None, ["optim.optimizer=poelm", "optim.lr_scale=0.5"])
+    assert config.load(None, ["optim.lr_scale=0.5"]).optim.lr_scale == 0.5
+    assert config.validate(config.from_dict(config.load("embedded").to_dict())).optim.optimizer == "nanochat"

@@ -110,7 +110,7 @@ def _run_batch(args):
         raise DataError(f"{run} has no checkpoint: its config and loader position are needed to re-derive a batch")
     before = [(s, p) for s, p in ckpts if s <= n - 1]
     s, ref = before[-1] if before else ckpts[0]
-    cfg = config_mod.from_dict(read_json(ref / "config.json", "checkpoint config"))
+    cfg = config_mod.from_saved(read_json(ref / "config.json", "checkpoint config"))
     meta = read_json(ref / "meta.json", "checkpoint meta")
     state = meta.get("loader_state")
     if not state:

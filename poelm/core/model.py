@@ -12,9 +12,10 @@ RMSNorm without weights, rotary position embeddings, QK-norm, grouped-query atte
 into every block with learned per-layer scalars, value embeddings on alternating layers
 (ResFormer-style, gated per KV head), logit soft-cap 15. The reference implementation's ops
 (``REFERENCE_OPS``: q/k scale 1.2, gate 3*sigmoid over 12 channels, the smear of the previous
-token's embedding, per-layer sliding windows "SSSL", RoPE base 100000, its init) are config
-fields whose defaults keep poelm's model as it was; with them this module computes the
-reference's per-stage log-probs (tests/core/test_reference_ops.py).
+token's embedding, per-layer sliding windows "SSSL", RoPE base 100000, its init) are the config
+defaults; with them this module computes the reference's per-stage log-probs
+(tests/core/test_reference_ops.py). ``POELM_OPS`` names poelm's earlier model, for the
+checkpoints trained with it.
 
 Sliding windows and padding: a window counts a row's real positions (RoPE positions), so padded
 or holed rows see what they see alone; attention keeps the unmasked causal kernels whenever no
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 
 # ``from .poe import ...`` (not ``from . import poe``): transformers' remote-code loader copies
 # exactly the files named by relative ``from .x import`` lines, so the export ships poe.py too.
-from .arch import REFERENCE_OPS, ModelConfig
+from .arch import POELM_OPS, REFERENCE_OPS, ModelConfig
 from .cache import KVCache
 from .head import fused_stage_ce
 from .attention import AttnPlan
@@ -48,7 +49,7 @@ from .inputs import positions_from_mask, previous_slots
 from .layers import Block, apply_rotary, norm
 from .poe import aggregate, softcap
 
-__all__ = ["ModelConfig", "PoEGPT", "KVCache", "REFERENCE_OPS", "norm", "apply_rotary"]
+__all__ = ["ModelConfig", "PoEGPT", "KVCache", "POELM_OPS", "REFERENCE_OPS", "norm", "apply_rotary"]
 
 
 class PoEGPT(nn.Module):
@@ -99,12 +100,23 @@ class PoEGPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):
-        """nanochat-style init; per-stage heads at exactly zero (SPEC)."""
+        """The init ``config.init`` names (``_init_nanochat``, the default, or ``_init_poelm``);
+        per-stage heads at exactly zero (SPEC); the rotary tables."""
         g = None
         if seed is not None:
             g = torch.Generator(device=self.wte.weight.device).manual_seed(seed)
-        d = self.config.n_embd
-        bound = math.sqrt(3.0) * d ** -0.5  # uniform with std d**-0.5
+        (self._init_nanochat if self.config.init == "nanochat" else self._init_poelm)(g)
+        cos, sin = self._rotary(self.config.max_seq_len, device=self.wte.weight.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    @torch.no_grad()
+    def _init_poelm(self, g):
+        """poelm's earlier init (``init = "poelm"``, kept for its checkpoints' configs): wte
+        N(0, 1); lm_head N(0, 0.001); stage heads 0; c_q, c_k, c_v, c_fc and value embeddings
+        uniform with std n_embd**-0.5; both c_proj and ve_gate 0; resid_lambdas 1, x0_lambdas 0.1;
+        smear_lambda 0, smear_gate U(0, 0.02), backout_lambda 0.2."""
+        bound = math.sqrt(3.0) * self.config.n_embd ** -0.5  # uniform with std d**-0.5
         self.wte.weight.normal_(0.0, 1.0, generator=g)
         self.lm_head.weight.normal_(0.0, 0.001, generator=g)
         for h in self.stage_heads:
@@ -120,22 +132,15 @@ class PoEGPT(nn.Module):
                 b.attn.ve_gate.weight.zero_()
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
-        if self.config.init == "nanochat":
-            self._init_nanochat(g)
-        else:
-            if self.config.smear:
-                self.smear_lambda.zero_()  # the smear starts off, as in the reference
-                self.smear_gate.weight.uniform_(0.0, 0.02, generator=g)
-            if self.config.backout:
-                self.backout_lambda.fill_(0.2)
-        cos, sin = self._rotary(self.config.max_seq_len, device=self.wte.weight.device)
-        self.cos.copy_(cos)
-        self.sin.copy_(sin)
+        if self.config.smear:
+            self.smear_lambda.zero_()  # the smear starts off, as in the reference
+            self.smear_gate.weight.uniform_(0.0, 0.02, generator=g)
+        if self.config.backout:
+            self.backout_lambda.fill_(0.2)
 
     @torch.no_grad()
     def _init_nanochat(self, g):
-        """The reference's ``init_weights`` (facts page "Init"), drawn after poelm's own pass so
-        every tensor is overwritten: wte N(0, 0.8); lm_head N(0, 0.001); stage heads 0;
+        """The reference's ``init_weights`` (facts page "Init"): wte N(0, 0.8); lm_head N(0, 0.001); stage heads 0;
         ``s = sqrt(3 / n_embd)``: c_q, c_k, c_v and value embeddings U(-s, s), c_fc U(-0.4 s, 0.4 s),
         both c_proj 0; ``resid_lambdas[i] = 1.15 - 0.10 i / (n-1)``, ``x0_lambdas[i] = 0.20 - 0.15 i / (n-1)``
         (n = depth, ``max(n-1, 1)`` as in the reference); smear_lambda 0, smear_gate U(0, 0.02),

@@ -15,7 +15,6 @@ generic tooling (cache sizing, pipelines) reads them without a second copy of ea
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 
 from transformers import PretrainedConfig
@@ -25,8 +24,9 @@ if __package__ == "poelm.hf":  # inside the poelm package: model.py sits in poel
 else:  # the exported folder: model.py is the verbatim copy shipped next to this file
     from .model import ModelConfig  # model.py in turn imports .poe, which the loader also copies
 
-# The architecture fields and their defaults come from poelm's own ModelConfig (one source).
-MODEL_FIELDS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+# The architecture fields and their defaults come from poelm's own ModelConfig (one source): a
+# key an exported config.json lacks means what ``ModelConfig.from_dict`` says (its value then).
+MODEL_FIELDS = ModelConfig.from_dict({}).to_dict()
 
 # Checkpoint metadata copied from poelm's meta.json (None when unknown).
 META_FIELDS = ("step", "rel_step", "phase", "phase_name", "lrm", "tokens", "tokens_in_phase", "train_val_bpb")

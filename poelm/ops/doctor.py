@@ -58,7 +58,7 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def checkpoint_bytes(model_cfg, optimizer: str = "poelm") -> dict:
+def checkpoint_bytes(model_cfg, optimizer: str = "nanochat") -> dict:
     """Bytes of one checkpoint of ``model_cfg``: fp32 weights + fp32 optimizer state of
     ``optimizer`` (``optim.optimizer``: the reference's also keeps Muon's factored second moment;
     counted by ``plan.optimizer_state_numel``, one rank holding everything as a save gathers it).

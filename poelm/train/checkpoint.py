@@ -171,7 +171,7 @@ def load(ckpt_dir, check: bool = True, with_optim: bool = True) -> Checkpoint:
     elif not d.is_dir():
         raise CheckpointError(f"checkpoint not found: {d}")
     try:
-        cfg = config_mod.from_dict(read_json(d / "config.json", "checkpoint config"))
+        cfg = config_mod.from_saved(read_json(d / "config.json", "checkpoint config"))
         config_mod.validate(cfg)
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {d} has an invalid config.json: {e}") from None

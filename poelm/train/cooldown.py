@@ -92,7 +92,7 @@ def load_source(path, fresh_optimizer: bool = False) -> ckpt_mod.Checkpoint:
         if not isinstance(hf.get("poelm_config"), dict):
             raise CheckpointError(f"{d}/config.json has no poelm_config: the run's settings (data, optimizer) are unknown")
         try:
-            cfg = config_mod.validate(config_mod.from_dict(hf["poelm_config"]))
+            cfg = config_mod.validate(config_mod.from_saved(hf["poelm_config"]))
         except ConfigError as e:
             raise CheckpointError(f"{d} has an invalid poelm_config: {e}") from None
         state = ckpt_mod._load_safetensors(d / "model.safetensors", "model weights")

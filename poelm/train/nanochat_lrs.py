@@ -16,10 +16,9 @@ from types import SimpleNamespace
 
 from poelm.core.errors import CheckpointError
 from poelm.train.nanochat_rules import reference_weight_decay
-from poelm.train.optim_nanochat import ADAMW_GROUPS, SETUP_DEFAULTS, reference_param_groups
+from poelm.train.optim_nanochat import SETUP_DEFAULTS, SMEAR_LR, reference_param_groups
 
 REL_TOL = 1e-6
-SMEAR_LR = next(g[3] for g in ADAMW_GROUPS if g[0] == "smear")  # the reference's fixed smear lr (0.2)
 
 
 def _number(v) -> bool:

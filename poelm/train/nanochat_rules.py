@@ -92,16 +92,24 @@ def muon_update(p, grad, buf, second, lr: float, momentum: float, weight_decay: 
     p.sub_(lr_t * X + lr_t * wd_t * p * mask)
 
 
+def muon_momentum_at(rel: int, start: float, peak: float, warmup: int, final: float = 0.0, warmdown_start: int | None = None,
+                     warmdown: int = 0) -> float:
+    """Muon momentum at step ``rel``: ``start -> peak`` linearly over ``warmup`` steps (nanochat's
+    ``get_muon_momentum``), then ``peak``; from ``warmdown_start`` on (when given) ``peak ->
+    final`` linearly over ``warmdown`` steps. One schedule for both optimizers: poelm's is the
+    warm-up alone (its config's start, peak and warmup), the reference's ``reference_momentum``."""
+    if rel < warmup:
+        frac = rel / warmup
+        return (1 - frac) * start + frac * peak
+    if warmdown_start is not None and rel >= warmdown_start:
+        progress = (rel - warmdown_start) / max(1, warmdown)
+        return peak * (1 - progress) + final * progress
+    return peak
+
+
 def reference_momentum(rel: int, steps: int, warmdown: int) -> float:
     """base_train.py's Muon momentum at step ``rel`` of a ``steps``-step run with ``warmdown`` LR-warmdown steps."""
-    start = steps - warmdown
-    if rel < MOMENTUM_WARMUP:
-        frac = rel / MOMENTUM_WARMUP
-        return (1 - frac) * MOMENTUM_START + frac * MOMENTUM_PEAK
-    if rel >= start:
-        progress = (rel - start) / max(1, warmdown)
-        return MOMENTUM_PEAK * (1 - progress) + MOMENTUM_FINAL * progress
-    return MOMENTUM_PEAK
+    return muon_momentum_at(rel, MOMENTUM_START, MOMENTUM_PEAK, MOMENTUM_WARMUP, MOMENTUM_FINAL, steps - warmdown, warmdown)
 
 
 def reference_weight_decay(rel: int, steps: int, weight_decay: float) -> float:

@@ -1,4 +1,8 @@
-"""Muon for the blocks' matrices, AdamW for everything else, optionally ZeRO-2 sharded.
+"""poelm's earlier Muon/AdamW (``optim.optimizer = "poelm"``), and ``build_optimizer`` for both.
+
+The default is the reference's optimizer (``optim_nanochat.py``); this one is kept so the runs
+trained with it resume exactly, and for the measured comparison in ``config.OptimConfig``'s
+docstring. Muon for the blocks' matrices, AdamW for everything else, optionally ZeRO-2 sharded.
 
 Parameter groups (every PoEGPT parameter lands in exactly one; an unknown name is an error, so
 a new model parameter cannot silently go untrained):
@@ -28,15 +32,15 @@ Design choices where SPEC is silent:
   ``model.smear`` / ``model.backout``) take the reference's fixed AdamW lr 0.2 without decay,
   so a model with the reference's ops trains under either optimizer. LRs are used as configured; there is no ``1/sqrt(d_model/768)`` rescaling.
 - Muon momentum warms up linearly from ``muon_momentum_start`` (0.85) to ``muon_momentum`` over
-  the first ``muon_momentum_warmup`` (300) optimizer steps, as nanochat's ``get_muon_momentum``;
-  both are read from the OptimConfig when present (``muon_momentum_warmup = 0`` disables it).
+  the first ``muon_momentum_warmup`` (300) optimizer steps (``nanochat_rules.muon_momentum_at``,
+  nanochat's ``get_muon_momentum``; ``muon_momentum_warmup = 0`` disables it).
   The step count is part of the checkpointed state, so a resumed run does not re-warm.
 - ``grad_clip > 0`` clips the *global* norm of the averaged gradient (computed on the owned
   pieces and all-reduced, so it is the same number for any world size); ``step()`` returns that
   pre-clip norm as a 0-d tensor, so the training loop must not clip by itself.
 
-``optim.optimizer = "nanochat"`` selects the reference implementation's groups and rules instead
-(``optim_nanochat.py``); ``build_optimizer`` is the one entry point for both.
+``optim.optimizer = "nanochat"`` (the default) selects the reference implementation's groups and
+rules instead (``optim_nanochat.py``); ``build_optimizer`` is the one entry point for both.
 
 Distributed (``world_size > 1``): ZeRO-2 as laid out in ``poelm/train/dist.py`` (Muon matrices owned
 whole by one rank, large AdamW tensors sharded by rows, small ones all-reduced); checkpoints go
@@ -56,12 +60,11 @@ import torch
 
 from poelm.core.errors import PoelmError
 from poelm.train.dist import ShardedOptimizer, Slot
-from poelm.train.optim_nanochat import NanochatOptimizer
+from poelm.train.nanochat_rules import muon_momentum_at
+from poelm.train.optim_nanochat import SMEAR_LR, NanochatOptimizer
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steep at 0, lands in ~[0.7, 1.2]
 RESID_LR_SCALE = 0.01
-SMEAR_LR = 0.2  # jaepil/nanochat gpt.py setup_optimizer: smear_gate / smear_lambda / backout_lambda
-MOMENTUM_START, MOMENTUM_WARMUP = 0.85, 300
 STATE_FORMAT = "poelm-optim/1"
 
 GROUP_RULES = (
@@ -167,8 +170,7 @@ class PoEOptimizer(ShardedOptimizer):
     NAME = "poelm"
 
     def __init__(self, model: torch.nn.Module, optim_cfg, world_size: int = 1, rank: int = 0, process_group=None):
-        self.momentum_start = float(getattr(optim_cfg, "muon_momentum_start", MOMENTUM_START))
-        self.momentum_warmup = int(getattr(optim_cfg, "muon_momentum_warmup", MOMENTUM_WARMUP))
+        self.momentum_start, self.momentum_warmup = float(optim_cfg.muon_momentum_start), int(optim_cfg.muon_momentum_warmup)
         super().__init__(model, optim_cfg, world_size, rank, process_group)
 
     def _make_groups(self, optim_cfg, model) -> dict:
@@ -189,10 +191,7 @@ class PoEOptimizer(ShardedOptimizer):
     def muon_momentum(self, step: int | None = None) -> float:
         """Momentum used at optimizer step ``step`` (0-based; default: the next step)."""
         step = self.step_count if step is None else step
-        if self.momentum_warmup <= 0:
-            return self.groups["matrix"].momentum
-        frac = min(step / self.momentum_warmup, 1.0)
-        return (1 - frac) * self.momentum_start + frac * self.groups["matrix"].momentum
+        return muon_momentum_at(step, self.momentum_start, self.groups["matrix"].momentum, self.momentum_warmup)
 
     def _meta(self) -> dict:
         groups = {}
@@ -215,13 +214,13 @@ class PoEOptimizer(ShardedOptimizer):
 
 
 def build_optimizer(model: torch.nn.Module, optim_cfg, world_size: int = 1, rank: int = 0, process_group=None) -> ShardedOptimizer:
-    """The optimizer ``optim_cfg.optimizer`` names for ``model``: ``"poelm"`` (this module's groups
-    and rules, see its docstring) or ``"nanochat"`` (the reference implementation's, see
-    ``optim_nanochat.py``). ``world_size > 1`` needs ``torch.distributed`` initialised (gloo on
+    """The optimizer ``optim_cfg.optimizer`` names for ``model``: ``"nanochat"`` (the reference
+    implementation's, see ``optim_nanochat.py``) or ``"poelm"`` (this module's groups and rules,
+    see its docstring). ``world_size > 1`` needs ``torch.distributed`` initialised (gloo on
     CPU, NCCL on GPU) and the same initial parameters on every rank."""
     if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
         raise PoelmError(f"bad distributed layout rank {rank} of world_size {world_size}")
-    kind = getattr(optim_cfg, "optimizer", "poelm")
+    kind = getattr(optim_cfg, "optimizer", "nanochat")
     if kind not in OPTIMIZERS:
         raise PoelmError(f"unknown optim.optimizer {kind!r}: use one of {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[kind](model, optim_cfg, world_size, rank, process_group)

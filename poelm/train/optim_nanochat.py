@@ -81,6 +81,7 @@ STATE_FORMAT = "poelm-optim-nanochat/1"
 SETUP_DEFAULTS = dict(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5)
 EPS = 1e-10  # AdamW eps of every group
 MUON_MOMENTUM, MUON_NS_STEPS, MUON_BETA2 = 0.95, 5, 0.9  # setup_optimizer's Muon options
+SMEAR_LR = 0.2  # gpt.py setup_optimizer's fixed lr of smear_gate / smear_lambda / backout_lambda (poelm's optimizer too)
 # name, lr key (None = fixed), x s?, lr factor, betas, weight decay: setup_optimizer's AdamW groups in order.
 ADAMW_GROUPS = (
     ("unembedding", "unembedding_lr", True, 1.0, (0.8, 0.96), 0.01),
@@ -88,7 +89,7 @@ ADAMW_GROUPS = (
     ("value_embedding", "embedding_lr", True, 0.5, (0.8, 0.995), 0.01),
     ("resid", "scalar_lr", False, 0.01, (0.8, 0.95), 0.05),
     ("x0", "scalar_lr", False, 1.0, (0.96, 0.95), 0.0),
-    ("smear", None, False, 0.2, (0.8, 0.95), 0.0),
+    ("smear", None, False, SMEAR_LR, (0.8, 0.95), 0.0),
 )
 BLOCK_ORDER = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight", "attn.ve_gate.weight",
                "mlp.c_fc.weight", "mlp.c_proj.weight")  # the reference's registration order in a Block

@@ -137,7 +137,7 @@ def activation_bytes(mcfg, rows: int, seq_len: int, bf16: bool = False) -> dict:
             "backward": backward, "total": total}
 
 
-def optimizer_state_numel(model: torch.nn.Module, world: int, objective: str = "poe", optimizer: str = "poelm") -> list[int]:
+def optimizer_state_numel(model: torch.nn.Module, world: int, objective: str = "poe", optimizer: str = "nanochat") -> list[int]:
     """Optimizer-state elements each rank allocates: the ``_state`` shapes of ``optimizer``'s
     class (``"poelm"``: one Muon momentum / two AdamW moments of the parameter's shape;
     ``"nanochat"``: Muon adds a factored second moment) on the ``dist.plan`` layout

@@ -192,7 +192,7 @@ def model_config(mc: dict, layers: tuple[int, ...]) -> ModelConfig:
     (qk scale 1.2, gate ``3 sigmoid`` over 12 channels, smear over 24, sliding windows, RoPE base
     100,000), its init and its backout parameter. A config without ``window_pattern`` predates
     sliding windows and means ``"L"`` (``checkpoint_manager._patch_missing_config_keys``)."""
-    return ModelConfig.reference(
+    return ModelConfig(
         vocab_size=mc["vocab_size"], depth=mc["n_layer"], n_embd=mc["n_embd"], n_head=mc["n_head"], n_kv_head=mc["n_kv_head"],
         intermediate=int(mc.get("intermediate_size", 0) or 0) or 4 * mc["n_embd"], max_seq_len=mc["sequence_len"],
         stage_layers=layers, value_embeds=True, softcap=15.0, objective="poe", alpha_train=0.0,

@@ -165,7 +165,8 @@ def test_flops_per_token_by_hand():
     c_q 64 + c_k 32 + c_v 32 + c_proj 64 + c_fc 128 + c_proj 128 = 448 (ve_gate's lookup-sized
     weight is not counted), the head 2*8*50 = 800 FLOPs, attention 4*2*4 = 32 FLOPs per key.
     Keys per query over a row of 10: S min(i+1, 4) -> 34/10 = 3.4; L (i+1) -> 55/10 = 5.5."""
-    base = dict(vocab_size=50, depth=2, n_embd=8, n_head=2, n_kv_head=1, intermediate=16, max_seq_len=10, stage_layers=(1, 1))
+    base = dict(vocab_size=50, depth=2, n_embd=8, n_head=2, n_kv_head=1, intermediate=16, max_seq_len=10, stage_layers=(1, 1),
+                smear=False)  # 8 channels: the smear gate reads 24
     win = PoEGPT(ModelConfig(**base, window_pattern="SL", short_window=3)).flops_per_token()
     full = PoEGPT(ModelConfig(**base)).flops_per_token()
     assert win["per_stage"] == pytest.approx([896 + 32 * 3.4 + 800, 896 + 32 * 5.5 + 800])

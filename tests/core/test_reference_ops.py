@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from poelm.core.inputs import attention_mask, previous_slots
-from poelm.core.model import REFERENCE_OPS, KVCache, ModelConfig, PoEGPT
+from poelm.core.model import POELM_OPS, REFERENCE_OPS, KVCache, ModelConfig, PoEGPT
 
 OLD_OPS = dict(qk_scale=1.0, ve_gate_scale=2.0, ve_gate_channels=32, smear=False, window_pattern="L", rope_base=10000.0)
 
@@ -99,7 +99,7 @@ REF_SMALL = {**REFERENCE_OPS, "short_window": 7}
 
 
 @pytest.mark.parametrize("ops,max_seq_len,T", [(REF_SMALL, 64, 40), (REFERENCE_OPS, 256, 150), (OLD_OPS, 64, 40)],
-                         ids=["reference-S7", "reference-formula-S128", "poelm-defaults"])
+                         ids=["reference-S7", "reference-formula-S128", "poelm-ops"])
 def test_stage_log_probs_equal_reference_forward(ops, max_seq_len, T):
     m = build(ops, max_seq_len)
     assert m.windows[:4] == ([7, 7, 7, None] if ops is REF_SMALL else [128] * 3 + [None] if max_seq_len == 256 else [None] * 4)
@@ -161,23 +161,41 @@ def test_window_mask_counts_real_positions():
     assert prev.tolist() == [[0, 0, 0, 2]] and has.tolist() == [[False, True, True, True]]
 
 
+# A checkpoint's config.json as poelm wrote it before the reference ops existed (and before
+# optim.optimizer): no op keys, so each means what the defaults were then (POELM_OPS).
+OLD_SAVED = {"model": {"vocab_size": 300, "depth": 5, "n_embd": 48, "n_head": 4, "n_kv_head": 2, "intermediate": 96,
+                       "max_seq_len": 64, "stage_layers": [2, 2, 1], "value_embeds": True, "softcap": 15.0,
+                       "rope_base": 10000.0, "objective": "poe", "alpha_train": 0.0},
+             "optim": {"matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008, "scalar_lr": 0.5, "weight_decay": 0.0,
+                       "muon_momentum": 0.95, "muon_ns_steps": 5, "adam_beta1": 0.8, "adam_beta2": 0.95, "adam_eps": 1e-10,
+                       "grad_clip": 0.0}}
+
+
 def test_old_config_dict_loads_to_old_model():
-    """A config written before the reference ops existed (no new keys) means what it meant:
-    the defaults, and a forward equal to the in-test forward with poelm's old ops."""
-    old = {k: v for k, v in ModelConfig(**TINY).to_dict().items() if k not in REFERENCE_OPS or k == "rope_base"}
-    cfg = ModelConfig.from_dict(old)
-    assert cfg == ModelConfig(**TINY)
-    assert (cfg.qk_scale, cfg.ve_gate_scale, cfg.ve_gate_channels, cfg.smear, cfg.window_pattern, cfg.backout, cfg.init) == \
-        (1.0, 2.0, 32, False, "L", False, "poelm")
+    """A config written before this change (keys missing) means what it meant: poelm's old model
+    and optimizer, through every reader of a saved config; today's defaults are the reference's."""
+    from poelm import config
+    from poelm.hf.configuration_poelm import PoelmConfig
+
+    cfg = ModelConfig.from_dict(OLD_SAVED["model"])
+    assert (cfg.qk_scale, cfg.ve_gate_scale, cfg.ve_gate_channels, cfg.smear, cfg.window_pattern, cfg.rope_base, cfg.backout, cfg.init) == \
+        (1.0, 2.0, 32, False, "L", 10000.0, False, "poelm")
+    assert cfg == ModelConfig(**TINY, max_seq_len=64, **POELM_OPS)
+    saved = config.validate(config.from_saved(OLD_SAVED))
+    assert saved.model == cfg and saved.optim.optimizer == "poelm"
+    assert ModelConfig.from_dict(PoelmConfig(**OLD_SAVED["model"]).to_poelm_dict()) == cfg  # an old export's config.json
     m = PoEGPT(cfg)
     assert not any(n.startswith(("smear", "backout")) for n, _ in m.named_parameters())
     m.init_weights(0)
-    assert m.x0_lambdas.eq(0.1).all() and m.resid_lambdas.eq(1.0).all()
-    assert ModelConfig.reference(depth=2).smear and ModelConfig.reference().window_pattern == "SSSL"
+    assert m.x0_lambdas.eq(0.1).all() and m.resid_lambdas.eq(1.0).all() and m.wte.weight.std().item() == pytest.approx(1.0, abs=0.02)
+    fresh = config.load(None)  # a new config without those keys: the reference's model and optimizer
+    assert {k: getattr(fresh.model, k) for k in REFERENCE_OPS} == REFERENCE_OPS and fresh.optim.optimizer == "nanochat"
+    assert REFERENCE_OPS["window_pattern"] == "SSSL" and REFERENCE_OPS["init"] == "nanochat"
+    assert {k: POELM_OPS[k] for k in OLD_OPS} == OLD_OPS  # this file's independent statement of the old ops
 
 
 def test_nanochat_init_statistics():
-    cfg = ModelConfig.reference(vocab_size=512, depth=4, n_embd=256, n_head=4, n_kv_head=2, intermediate=1024, stage_layers=(2, 1, 1))
+    cfg = ModelConfig(vocab_size=512, depth=4, n_embd=256, n_head=4, n_kv_head=2, intermediate=1024, stage_layers=(2, 1, 1))
     m = PoEGPT(cfg)
     m.init_weights(0)
     s = math.sqrt(3) / math.sqrt(256)
@@ -203,17 +221,17 @@ def test_nanochat_init_statistics():
 
 
 def test_flops_count_windows():
-    full = PoEGPT(ModelConfig(**TINY, max_seq_len=256)).flops_per_token()
+    full = PoEGPT(ModelConfig(**TINY, max_seq_len=256, window_pattern="L")).flops_per_token()
     win = PoEGPT(ModelConfig(**TINY, max_seq_len=256, window_pattern="SSSL", short_window=15)).flops_per_token()
     att = 4 * 4 * 12  # 4 * n_head * head_dim per key
     # layers 0-2 are S: mean keys over a 256-row = (16*17/2 + 240*16) / 256 instead of 257/2
     mean_ctx = (16 * 17 / 2 + 240 * 16) / 256
     assert full["total"] - win["total"] == pytest.approx(3 * att * (128.5 - mean_ctx))
     at = PoEGPT(ModelConfig(**TINY, max_seq_len=256, window_pattern="SSSL", short_window=15)).flops_per_token(context=100)
-    assert PoEGPT(ModelConfig(**TINY, max_seq_len=256)).flops_per_token(context=100)["total"] - at["total"] == pytest.approx(3 * att * 84)
+    assert PoEGPT(ModelConfig(**TINY, max_seq_len=256, window_pattern="L")).flops_per_token(context=100)["total"] - at["total"] == pytest.approx(3 * att * 84)
 
 
-@pytest.mark.parametrize("ops", [REF_SMALL, OLD_OPS], ids=["reference", "defaults"])
+@pytest.mark.parametrize("ops", [REF_SMALL, OLD_OPS], ids=["reference", "poelm-ops"])
 def test_cached_decoding_token_by_token_equals_uncached(ops):
     m = build(ops)
     idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(6))
@@ -245,7 +263,7 @@ def test_config_validate_reports_bad_reference_ops_as_one_line():
 
 
 def test_narrow_models_keep_their_clamped_gate():
-    m = PoEGPT(ModelConfig(vocab_size=300, depth=2, n_embd=16, n_head=2, n_kv_head=1, intermediate=32, stage_layers=(1, 1)))
+    m = PoEGPT(ModelConfig(vocab_size=300, depth=2, n_embd=16, n_head=2, n_kv_head=1, intermediate=32, stage_layers=(1, 1), **POELM_OPS))
     assert m.blocks[1].attn.ve_gate.weight.shape == (1, 16)  # min(32, n_embd), as before the options existed
     with pytest.raises(ValueError, match="smear_channels"):
         ModelConfig(n_embd=16, n_head=2, smear=True).check()

@@ -10,21 +10,22 @@ from poelm.core import poe
 from poelm.core.errors import PoelmError
 from poelm.cli import TextStream
 from poelm.infer.engine import DecodeOptions, Engine, Sampler, parse_mode, wand_bounds_from
-from poelm.core.model import REFERENCE_OPS, KVCache, ModelConfig, PoEGPT
+from poelm.core.model import POELM_OPS, REFERENCE_OPS, KVCache, ModelConfig, PoEGPT
 
 # The reference's ops with a 5-key short window, so every generation runs past the window.
 REF = {**REFERENCE_OPS, "short_window": 5}
-OPS = pytest.mark.parametrize("ops", [None, REF], ids=["poelm-ops", "reference-ops"])
+OPS = pytest.mark.parametrize("ops", [POELM_OPS, REF], ids=["poelm-ops", "reference-ops"])
 
 
-def make(seed=0, V=64, stage_layers=(2, 1, 1), head_noise=0.3, d=32, max_seq_len=48, scale=3.0, late=1.0, ops=None):
+def make(seed=0, V=64, stage_layers=(2, 1, 1), head_noise=0.3, d=32, max_seq_len=48, scale=3.0, late=1.0, ops=POELM_OPS):
     """A tiny model with every weight random (init_weights zeroes c_proj and the stage heads, which
     would make every stage predict alike). ``head_noise`` scales the per-stage heads relative to
     the shared head: the larger, the more the stages disagree (lower speculative acceptance);
     ``late`` scales the output projections of the blocks after stage 0 (small: later stages
-    barely change the stream, so stages agree and WAND exits early)."""
+    barely change the stream, so stages agree and WAND exits early). ``ops``: poelm's earlier
+    model unless given (the seeds below were chosen on it; ``OPS`` runs both)."""
     cfg = ModelConfig(vocab_size=V, depth=sum(stage_layers), n_embd=d, n_head=4, n_kv_head=2, intermediate=2 * d,
-                      max_seq_len=max_seq_len, stage_layers=stage_layers, **(ops or {}))
+                      max_seq_len=max_seq_len, stage_layers=stage_layers, **ops)
     m = PoEGPT(cfg)
     m.init_weights(seed)
     g = torch.Generator().manual_seed(seed)
@@ -215,7 +216,7 @@ def test_speculative_holes_and_repacking_keep_every_row_exact(monkeypatch, ops):
         return n
 
     monkeypatch.setattr(engine_mod.DecodeState, "compact", recording)
-    model = make(seed=3 if ops is None else 4, head_noise=0.3, ops=ops)  # seed 4: enough rejections to repack twice
+    model = make(seed=3 if ops is POELM_OPS else 4, head_noise=0.3, ops=ops)  # seed 4: enough rejections to repack twice
     eng = Engine(model)
     ps = prompts_for(64, 4, [3, 8, 1, 5], seed=4)
     res = eng.generate(ps, 30, mode="speculative", m=3)

@@ -74,7 +74,7 @@ def test_orthogonalize_diagonal_follows_polynomial_by_hand():
 @pytest.mark.parametrize("over", [{}, {"value_embeds": False}, {"stage_layers": (4,)}, {"stage_layers": (4,), "value_embeds": False}])
 def test_every_parameter_in_exactly_one_group(over):
     model = tiny_model(**over)
-    opt = build_optimizer(model, OptimConfig())
+    opt = build_optimizer(model, OptimConfig(optimizer="poelm"))
     names = [n for n, _ in model.named_parameters()]
     lay = opt.layout()
     assert [d["name"] for d in lay] == names  # each parameter exactly once, in model order
@@ -98,7 +98,7 @@ def test_reference_ops_scalars_train_under_poelms_optimizer():
     from poelm.train.optim import SMEAR_LR
 
     model = tiny_model(smear=True, backout=True)
-    opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    opt = build_optimizer(model, OptimConfig(optimizer="poelm", weight_decay=0.1))
     by = {d["name"]: d["group"] for d in opt.layout()}
     assert {n for n, g in by.items() if g == "smear"} == {"smear_gate.weight", "smear_lambda", "backout_lambda"}
     assert opt.groups["smear"].lr == SMEAR_LR == 0.2 and opt.groups["smear"].weight_decay == 0.0
@@ -115,11 +115,11 @@ def test_unknown_parameter_is_an_error():
     model = tiny_model()
     model.extra_bias = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(PoelmError, match="extra_bias"):
-        build_optimizer(model, OptimConfig())
+        build_optimizer(model, OptimConfig(optimizer="poelm"))
 
 
 def test_set_lrm_scales_every_group():
-    cfg = OptimConfig()
+    cfg = OptimConfig(optimizer="poelm")
     opt = build_optimizer(tiny_model(), cfg)
     base = {"matrix": cfg.matrix_lr, "embedding": cfg.embedding_lr, "unembedding": cfg.unembedding_lr,
             "gate": cfg.matrix_lr, "resid": cfg.scalar_lr * RESID_LR_SCALE, "x0": cfg.scalar_lr, "smear": 0.2}
@@ -131,7 +131,7 @@ def test_set_lrm_scales_every_group():
 def test_lrm_scales_the_actual_step():
     # The first AdamW step moves each element by lr * g / (|g| + eps) = +-lr where |g| >> eps.
     model = tiny_model()
-    opt = build_optimizer(model, OptimConfig())
+    opt = build_optimizer(model, OptimConfig(optimizer="poelm"))
     opt.set_lrm(0.5)
     before = model.lm_head.weight.detach().clone()
     model.loss(*batch())[0].backward()
@@ -140,7 +140,7 @@ def test_lrm_scales_the_actual_step():
     big = g.abs() > 1e-5
     assert big.float().mean() > 0.5
     delta = model.lm_head.weight.detach() - before
-    torch.testing.assert_close(delta[big], -torch.sign(g[big]) * 0.5 * OptimConfig().unembedding_lr, rtol=1e-4, atol=0)
+    torch.testing.assert_close(delta[big], -torch.sign(g[big]) * 0.5 * OptimConfig(optimizer="poelm").unembedding_lr, rtol=1e-4, atol=0)
     # lrm = 0 freezes everything.
     p0 = params(model)
     opt.set_lrm(0.0)
@@ -150,7 +150,7 @@ def test_lrm_scales_the_actual_step():
 
 
 def test_momentum_warmup():
-    opt = build_optimizer(tiny_model(), OptimConfig(muon_momentum=0.95))
+    opt = build_optimizer(tiny_model(), OptimConfig(optimizer="poelm", muon_momentum=0.95))
     assert [round(opt.muon_momentum(s), 6) for s in (0, 150, 300, 1000)] == [0.85, 0.9, 0.95, 0.95]
 
 
@@ -159,13 +159,13 @@ def test_muon_first_step_is_scaled_orthogonalized_gradient():
     # From a zero buffer, buf = (1-m) g and the Nesterov blend is (1-m^2) g; orthogonalisation is
     # scale invariant, so the step is -lr * max(1, rows/cols)^0.5 * orthogonalize(g).
     model = tiny_model()
-    opt = build_optimizer(model, OptimConfig())
+    opt = build_optimizer(model, OptimConfig(optimizer="poelm"))
     model.loss(*batch())[0].backward()
     fc, q = model.blocks[0].mlp.c_fc.weight, model.blocks[0].attn.c_q.weight  # [64, 32] tall, [32, 32]
     g_fc, g_q = fc.grad.clone(), q.grad.clone()
     w_fc, w_q = fc.detach().clone(), q.detach().clone()
     opt.step()
-    lr = OptimConfig().matrix_lr
+    lr = OptimConfig(optimizer="poelm").matrix_lr
     torch.testing.assert_close(fc.detach() - w_fc, -lr * 2**0.5 * orthogonalize(g_fc), atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(q.detach() - w_q, -lr * orthogonalize(g_q), atol=1e-6, rtol=1e-4)
     # Momentum buffer after one step at warm-up momentum 0.85.
@@ -189,7 +189,7 @@ def test_adamw_matches_torch():
 
 def test_grad_norm_and_clipping():
     model = tiny_model()
-    opt = build_optimizer(model, OptimConfig(grad_clip=0.01))
+    opt = build_optimizer(model, OptimConfig(optimizer="poelm", grad_clip=0.01))
     model.loss(*batch())[0].backward()
     norm = torch.sqrt(sum(p.grad.square().sum() for p in model.parameters()))
     g_fc = model.blocks[0].mlp.c_fc.weight.grad.clone()
@@ -206,7 +206,7 @@ def test_loss_decreases_and_runs_are_bitwise_reproducible():
     runs = []
     for _ in range(2):
         model = tiny_model()
-        opt = build_optimizer(model, OptimConfig())
+        opt = build_optimizer(model, OptimConfig(optimizer="poelm"))
         losses = train(model, opt, idx, tgt, 6)
         runs.append((losses, params(model)))
     (l1, p1), (l2, p2) = runs
@@ -217,11 +217,11 @@ def test_loss_decreases_and_runs_are_bitwise_reproducible():
 def test_full_state_round_trip_is_bitwise(tmp_path):
     idx, tgt = batch()
     ref = tiny_model()
-    ropt = build_optimizer(ref, OptimConfig(grad_clip=1.0))
+    ropt = build_optimizer(ref, OptimConfig(optimizer="poelm", grad_clip=1.0))
     train(ref, ropt, idx, tgt, 5)
 
     model = tiny_model()
-    opt = build_optimizer(model, OptimConfig(grad_clip=1.0))
+    opt = build_optimizer(model, OptimConfig(optimizer="poelm", grad_clip=1.0))
     opt.set_lrm(0.7)
     train(model, opt, idx, tgt, 3)
     opt.set_lrm(1.0)
@@ -233,13 +233,13 @@ def test_full_state_round_trip_is_bitwise(tmp_path):
     # Resume: a fresh model with the step-3 weights and a fresh optimizer.
     resumed = tiny_model(seed=99)
     resumed.load_state_dict(model.state_dict())
-    ropt2 = build_optimizer(resumed, OptimConfig(grad_clip=1.0))
+    ropt2 = build_optimizer(resumed, OptimConfig(optimizer="poelm", grad_clip=1.0))
     ropt2.load_full_state_dict(load_file(str(tmp_path / "optim.safetensors")), json.loads((tmp_path / "optim.json").read_text()))
     assert ropt2.step_count == 3 and ropt2.lrm == 1.0
     train(resumed, ropt2, idx, tgt, 2)
     # ... except the lrm: the straight run used 1.0 throughout, the saved one 0.7 for 3 steps.
     straight = tiny_model()
-    sopt = build_optimizer(straight, OptimConfig(grad_clip=1.0))
+    sopt = build_optimizer(straight, OptimConfig(optimizer="poelm", grad_clip=1.0))
     sopt.set_lrm(0.7)
     train(straight, sopt, idx, tgt, 3)
     sopt.set_lrm(1.0)
@@ -248,7 +248,7 @@ def test_full_state_round_trip_is_bitwise(tmp_path):
     assert not torch.equal(ref.wte.weight, straight.wte.weight)  # the lrm really mattered
     # Per-rank state_dict round trip (same world size) as well.
     sd = sopt.state_dict()
-    other = build_optimizer(straight, OptimConfig())
+    other = build_optimizer(straight, OptimConfig(optimizer="poelm"))
     other.load_state_dict(sd)
     assert other.owned_state_numel() == sopt.owned_state_numel()
     t1, m1 = other.full_state_dict()
@@ -258,7 +258,7 @@ def test_full_state_round_trip_is_bitwise(tmp_path):
 
 def test_owned_state_numel_counts_muon_and_adam():
     model = tiny_model()
-    opt = build_optimizer(model, OptimConfig())
+    opt = build_optimizer(model, OptimConfig(optimizer="poelm"))
     assert opt.owned_state_numel() == 0
     train(model, opt, *batch(), 1)
     groups = {d["name"]: d["group"] for d in opt.layout()}
@@ -269,15 +269,15 @@ def test_owned_state_numel_counts_muon_and_adam():
 
 def test_load_rejects_mismatched_state():
     a = tiny_model()
-    opt = build_optimizer(a, OptimConfig())
+    opt = build_optimizer(a, OptimConfig(optimizer="poelm"))
     train(a, opt, *batch(), 1)
     tensors, meta = opt.full_state_dict()
     b = tiny_model(stage_layers=(4,))
     with pytest.raises(CheckpointError, match="stage_heads.1.weight"):
-        build_optimizer(b, OptimConfig()).load_full_state_dict(tensors, meta)
+        build_optimizer(b, OptimConfig(optimizer="poelm")).load_full_state_dict(tensors, meta)
     with pytest.raises(CheckpointError, match="missing"):
-        build_optimizer(a, OptimConfig()).load_full_state_dict({k: v for k, v in tensors.items() if "wte" not in k}, meta)
+        build_optimizer(a, OptimConfig(optimizer="poelm")).load_full_state_dict({k: v for k, v in tensors.items() if "wte" not in k}, meta)
     with pytest.raises(CheckpointError, match="format"):
-        build_optimizer(a, OptimConfig()).load_full_state_dict(tensors, {"format": "other"})
+        build_optimizer(a, OptimConfig(optimizer="poelm")).load_full_state_dict(tensors, {"format": "other"})
     with pytest.raises(CheckpointError, match="rank"):
-        build_optimizer(a, OptimConfig()).load_state_dict({**opt.state_dict(), "world_size": 2})
+        build_optimizer(a, OptimConfig(optimizer="poelm")).load_state_dict({**opt.state_dict(), "world_size": 2})

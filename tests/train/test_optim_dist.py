@@ -26,14 +26,15 @@ from safetensors.torch import load_file, save_file
 
 from poelm.config import OptimConfig
 from poelm.train.dist import SHARD, WHOLE
-from poelm.core.model import ModelConfig, PoEGPT
+from poelm.core.model import POELM_OPS, ModelConfig, PoEGPT
 from poelm.train.optim import build_optimizer
 
-TINY = dict(vocab_size=300, depth=4, n_embd=32, n_head=2, n_kv_head=1, intermediate=64, max_seq_len=32, stage_layers=(2, 1, 1))
+TINY = dict(vocab_size=300, depth=4, n_embd=32, n_head=2, n_kv_head=1, intermediate=64, max_seq_len=32, stage_layers=(2, 1, 1),
+            **POELM_OPS)  # the model the tolerances below were measured on
 ATOL = 1e-6  # every parameter except the embedding group: >= 2x the largest measured (4.5e-7)...
 ATOL_EMBED = 2e-5  # ...wte/value_embeds: AdamW at lr 0.3 divides by |g|, so rows with small
 # gradients amplify rounding (measured 1.8e-6 on the odd-vocabulary run; elements travel up to 1.5).
-CFG = dict(grad_clip=1.0)  # exercise the all-reduced global norm too
+CFG = dict(optimizer="poelm", grad_clip=1.0)  # poelm's optimizer (the reference's: test_optim_nanochat); exercise the all-reduced global norm too
 
 
 

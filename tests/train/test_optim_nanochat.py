@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from poelm.config import OptimConfig
 from poelm.core.errors import CheckpointError, PoelmError
-from poelm.core.model import ModelConfig, PoEGPT
+from poelm.core.model import POELM_OPS, ModelConfig, PoEGPT
 from poelm.schedule import Phase
 from poelm.train.optim import build_optimizer
 from poelm.train.optim_nanochat import gather_reference_state, reference_param_groups, scatter_reference_state
@@ -178,12 +178,12 @@ def test_groups_order_membership_and_options():
     for g in groups[6:]:
         assert (g["kind"], g["params"], g["lr"], g["momentum"], g["ns_steps"], g["beta2"], g["weight_decay"]) == \
             ("muon", MUON[g["name"]], 0.5, 0.95, 5, 0.9, 0.4)
-    # Without a config: setup_optimizer's defaults; a real poelm model without smear params.
+    # Without a config: setup_optimizer's defaults; a real model without smear params (poelm's old ops).
     d = {g["name"]: g for g in reference_param_groups(SHAPES)}
     assert d["unembedding"]["lr"] == pytest.approx(0.004 * S) and d["matrix_16x16"]["lr"] == 0.02
     assert d["matrix_16x16"]["weight_decay"] == 0.0 and d["resid"]["lr"] == pytest.approx(0.005)
     m = PoEGPT(ModelConfig(vocab_size=300, depth=4, n_embd=32, n_head=2, n_kv_head=1, intermediate=64, max_seq_len=32,
-                           stage_layers=(2, 1, 1)))
+                           stage_layers=(2, 1, 1), **POELM_OPS))
     real = {g["name"]: g["params"] for g in reference_param_groups({n: tuple(p.shape) for n, p in m.named_parameters()})}
     assert real["smear"] == [] and "blocks.1.attn.ve_gate.weight" in real[f"matrix_1x{m.blocks[1].attn.ve_gate.weight.shape[1]}"]
     assert sorted(n for ps in real.values() for n in ps) == sorted(n for n, _ in m.named_parameters())
@@ -244,7 +244,7 @@ def test_exact_resume_and_state_accounting(tmp_path):
     assert [oa.owned_state_numel()] == optimizer_state_numel(a, 1, optimizer="nanochat")
     assert oa.unsharded_state_numel() == oa.owned_state_numel()
     with pytest.raises(CheckpointError, match="format"):
-        build_optimizer(warm_model(), OptimConfig()).load_full_state_dict(t, meta)  # poelm's optimizer refuses it
+        build_optimizer(warm_model(), OptimConfig(optimizer="poelm")).load_full_state_dict(t, meta)  # poelm's optimizer refuses it
 
 
 # ----------------------------------------------------------------------------- two ranks
