@@ -230,12 +230,23 @@ def _add_demo(sub):
     p.add_argument("--split-tokens", type=int, help="measurement slice (tokens)")
     p.add_argument("--calib-tokens", type=int, help="WAND/routing calibration slice (tokens)")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier demo in --workdir first")
+    p.add_argument("--domain", choices=["python"], help="instead: domain-adaptive continue on the Python stdlib's own sources, with and without "
+                   "an extended vocabulary, replay 0 and 0.25, measured on old and new slices (default --workdir poelm-demo-python)")
+    p.add_argument("--new-tokens", type=int, default=256, help="with --domain: new tokens of the extended vocabulary (default 256)")
+    p.add_argument("--files", type=int, default=80, help="with --domain: stdlib files in the new corpus (default 80, sorted path order)")
     p.add_argument("--quiet", action="store_true")
     add_tracker_flags(p)
     return p
 
 
 def _run_demo(args):
+    if args.domain == "python":
+        from poelm.demo_python import run_python_demo
+
+        wd = args.workdir if args.workdir != "poelm-demo" else "poelm-demo-python"
+        run_python_demo(wd, args.base_steps or 120, args.continual_steps or 40, args.save_every or 20, args.new_tokens, args.files,
+                        overrides=args.overrides, progress=not args.quiet, overwrite=args.overwrite)
+        return 0
     from poelm import demo
 
     names, opts = tracking(args)

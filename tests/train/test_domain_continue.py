@@ -98,3 +98,13 @@ def test_bad_slice_and_missing_corpus(base, tmp_path):
     out = tmp_path / "o"
     r = _cli("continue", "--from", seed, "--out", out, "--steps", "1", "--add-data", tmp_path / "nope.jsonl")
     assert r.returncode == 2 and "not found" in r.stderr and r.stderr.count("\n") == 1 and not out.exists(), r.stderr
+
+
+def test_doc_sums_batching_changes_nothing(base):
+    seed, code, _ = base
+    model, tok, _ = ckpt_mod.load_model(seed)
+    docs = domains.slice_docs(str(code), 0.1, 8000)
+    a = domains.doc_sums(model, tok, docs, 32, batch_size=1)
+    b = domains.doc_sums(model, tok, docs, 32, batch_size=16)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    assert a[:, 1].sum() == sum(len(d.encode()) for d in docs)  # every byte of every document is a target byte
