@@ -9,23 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from poelm import config
 from poelm.data.stdlib import write_corpus
 from poelm.measure import domains
-from poelm.ops.selftest import TINY
 from poelm.report.answer import domain_answer_lines
 from poelm.train import checkpoint as ckpt_mod
 from poelm.train import loop
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, tiny_seed):
     root = tmp_path_factory.mktemp("domain")
-    run = root / "run"
-    loop.train(config.load("embedded", TINY + ["schedule.steps=2", "train.save_every=2"]), run, progress=False)
     code = root / "code.jsonl"
     write_corpus(code, max_files=12)  # a handful of stdlib files, cut into ~2 kB documents
-    return run / "step-00002", code, root
+    return tiny_seed, code, root
 
 
 def _cli(*args):

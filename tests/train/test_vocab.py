@@ -10,12 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poelm import config
 from poelm.core.model import norm
 from poelm.core.poe import softcap
 from poelm.data import vocab_extend as vx
 from poelm.data.tokenizer import Tokenizer
-from poelm.ops.selftest import TINY
 from poelm.train import checkpoint as ckpt_mod
 from poelm.train import loop
 from poelm.train.vocab import extend_vocab
@@ -29,15 +27,13 @@ PLAIN = "The Devil is an old man. He laughed and said nothing at all."
 
 
 @pytest.fixture(scope="module")
-def ext(tmp_path_factory):
+def ext(tmp_path_factory, tiny_seed):
     root = tmp_path_factory.mktemp("vocab")
-    run = root / "run"
-    loop.train(config.load("embedded", TINY + ["schedule.steps=2", "train.save_every=2"]), run, progress=False)
     code = root / "code.jsonl"
     code.write_text("".join(json.dumps({"text": t}) + "\n" for t in CODE))
     out = root / "ext"
-    s = extend_vocab(run, out, corpus_path=str(code), new_tokens=24, max_chars=10**6)
-    return run / "step-00002", Path(s["checkpoint"]), code, root
+    s = extend_vocab(tiny_seed.parent, out, corpus_path=str(code), new_tokens=24, max_chars=10**6)
+    return tiny_seed, Path(s["checkpoint"]), code, root
 
 
 def test_continued_bpe_keeps_every_old_id_and_merge(ext):
