@@ -65,25 +65,29 @@ def slice_docs(path: str, val_fraction: float, max_bytes: int) -> list[str]:
 def doc_sums(model, tokenizer, docs: list[str], seq_len: int, device="cpu", batch_size: int = 16) -> np.ndarray:
     """``[n_docs, 3]``: per document the full-K NLL (nats), target bytes and target count.
 
-    Windows of equal length (every full window; each document's last, shorter one alone) are
-    batched; each row is scored on its own, so batching changes no figure."""
+    Windows are batched longest first, shorter ones padded on the right: every op of the model is
+    causal (attention, sliding windows, the smear of the previous token), so a position never
+    sees the padding after it and batching changes no figure (the padded targets are dropped)."""
     tb = tokenizer.token_bytes()
-    windows: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    windows: list[tuple[int, torch.Tensor]] = []
     rows = np.zeros((len(docs), len(COLS)), dtype=np.float64)
     for d, text in enumerate(docs):
         ids = torch.tensor(tokenizer.encode_doc(text), dtype=torch.long)
         rows[d, 1], rows[d, 2] = float(tb[ids[1:]].sum()), float(ids.numel() - 1)
-        for s in range(0, ids.numel() - 1, seq_len):
-            w = ids[s:s + seq_len + 1]
-            windows.setdefault(w.numel(), []).append((d, w))
-    for ws in windows.values():
-        for i in range(0, len(ws), batch_size):
-            chunk = ws[i:i + batch_size]
-            b = torch.stack([w for _, w in chunk]).to(device)
-            lp = model(b[:, :-1])  # full-K PoE log-probs [B, T, V]
-            nll = -lp.float().gather(-1, b[:, 1:, None])[..., 0].sum(-1).double().cpu()
-            for (d, _), v in zip(chunk, nll.tolist()):
-                rows[d, 0] += v
+        windows += [(d, ids[s:s + seq_len + 1]) for s in range(0, ids.numel() - 1, seq_len)]
+    windows.sort(key=lambda dw: -dw[1].numel())
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i:i + batch_size]
+        L = chunk[0][1].numel()
+        b = torch.zeros((len(chunk), L), dtype=torch.long)
+        keep = torch.zeros((len(chunk), L - 1), dtype=torch.bool)
+        for j, (_, w) in enumerate(chunk):
+            b[j, :w.numel()], keep[j, :w.numel() - 1] = w, True
+        b = b.to(device)
+        lp = model(b[:, :-1])  # full-K PoE log-probs [B, T, V]
+        nll = -(lp.float().gather(-1, b[:, 1:, None])[..., 0].cpu() * keep).sum(-1).double()
+        for (d, _), v in zip(chunk, nll.tolist()):
+            rows[d, 0] += v
     return rows
 
 
