@@ -45,7 +45,7 @@ def _add_measure(sub):
     p.add_argument("--no-write", action="store_true", help="write nothing into the trajectory / checkpoint (no record, no WAND bounds or "
                                                            "routing tau, no model cards); only --out FILE if given")
     p.add_argument("--slice", action="append", metavar="NAME=PATH", help="BPB and tokens/byte on the validation split of this corpus "
-                   "(repeatable; e.g. --slice old=embedded --slice new=code.jsonl); with --against, paired deltas per slice over documents and "
+                   "(repeatable; e.g. --slice old=mix --slice new=code.jsonl; PATH 'mix' = the training mix of --against, else of the first TARGET); with --against, paired deltas per slice over documents and "
                    "the answer: gain on --new, retention on --old. Only these figures are measured; --out gets the JSON")
     p.add_argument("--new", metavar="NAME", help="with --slice: the new domain's slice (default: the last --slice)")
     p.add_argument("--old", metavar="NAME", help="with --slice: the old mix's slice (default: the first --slice)")

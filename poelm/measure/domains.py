@@ -61,6 +61,22 @@ def slice_docs(path: str, val_fraction: float, max_bytes: int) -> list[str]:
     return docs
 
 
+MIX = "mix"  # --slice NAME=mix: the validation split of the training mix itself
+
+
+def mix_docs(data_cfg: dict, max_bytes: int) -> list[str]:
+    """The validation documents of a run's training mix (``data`` of its config.json): each
+    source's first validation documents up to its weight's share of ``max_bytes``."""
+    from poelm import config as config_mod
+    from poelm.data.corpus import resolve_sources
+
+    dc = config_mod.from_dict({"data": data_cfg}).data
+    out = []
+    for s in resolve_sources(dc):
+        out += slice_docs(s.path, dc.val_fraction, max(1, round(max_bytes * s.weight)))
+    return out
+
+
 @torch.no_grad()
 def doc_sums(model, tokenizer, docs: list[str], seq_len: int, device="cpu", batch_size: int = 16) -> np.ndarray:
     """``[n_docs, 3]``: per document the full-K NLL (nats), target bytes and target count.
@@ -146,9 +162,10 @@ def measure_targets(target_texts: list[str], slices: dict[str, str], against: st
         for t in ([ref_t] if ref_t else []) + resolved:
             model, tok, meta = load_model(t.path, device=dev)
             cfg = meta.get("config") or {}
-            if docs is None:
+            if docs is None:  # the reference's (else the first TARGET's) split rule and mix
                 vf = float((cfg.get("data") or {}).get("val_fraction", 0.05))
-                docs = {name: slice_docs(path, vf, max_bytes) for name, path in slices.items()}
+                docs = {name: mix_docs(cfg.get("data") or {}, max_bytes) if path == MIX else slice_docs(path, vf, max_bytes)
+                        for name, path in slices.items()}
             T = seq_len or int((cfg.get("train") or {}).get("seq_len") or model.config.max_seq_len)
             sums = measure_slices(model, tok, docs, min(T, model.config.max_seq_len), dev)
             if t is ref_t:

@@ -104,3 +104,14 @@ def test_doc_sums_batching_changes_nothing(base):
     b = domains.doc_sums(model, tok, docs, 32, batch_size=16)
     np.testing.assert_allclose(a, b, rtol=1e-5)
     assert a[:, 1].sum() == sum(len(d.encode()) for d in docs)  # every byte of every document is a target byte
+
+
+def test_mix_slice_is_the_training_mix_by_weight(base, tmp_path):
+    seed, code, _ = base
+    loop.continue_phase(seed, tmp_path / "m", steps=1, progress=False, add_data=str(code), replay=0.25)
+    cfg = ckpt_mod.load(ckpt_mod.latest(tmp_path / "m")).config.to_dict()["data"]
+    docs = domains.mix_docs(cfg, 40_000)
+    emb = domains.slice_docs("embedded", cfg["val_fraction"], 10_000)
+    new = domains.slice_docs(str(code), cfg["val_fraction"], 30_000)
+    assert docs == emb + new  # each source's validation documents, its weight's share of the bytes
+    assert domains.mix_docs(ckpt_mod.load(seed).config.to_dict()["data"], 10_000) == emb
