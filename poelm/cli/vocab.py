@@ -7,7 +7,7 @@ import sys
 
 def _add_extend_vocab(sub):
     p = sub.add_parser("extend-vocab", help="extend a checkpoint's tokenizer (old ids kept) and grow every per-token table for the new tokens")
-    p.add_argument("target", metavar="TARGET", help="checkpoint dir, run dir (newest save) or REPO@step-XXXXX of a training checkpoint")
+    p.add_argument("target", metavar="TARGET", help="a training checkpoint: checkpoint dir or run dir (its newest save)")
     p.add_argument("out", metavar="OUT", help="new run directory: OUT/step-XXXXX is the extended checkpoint (continue from it with `poelm continue --from OUT`)")
     p.add_argument("--from", dest="corpus", metavar="CORPUS", help="txt/jsonl/parquet corpus of the new domain: continued BPE on its training split")
     p.add_argument("--new-tokens", type=int, metavar="N", help="merges to learn on CORPUS (fewer if the corpus supports fewer)")

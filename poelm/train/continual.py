@@ -68,7 +68,7 @@ def add_data(cfg, path: str, replay: float):
     from poelm.data import corpus as data
 
     replay = check_replay(replay)
-    data.corpus_files(str(path), "--add-data")  # a missing corpus fails before any compute
+    data.source_files(data.Source(ADDED, str(path), 1.0))  # a missing corpus (text or shards) fails before any compute
     old = data.resolve_sources(cfg.data)
     if any(s.name == ADDED for s in old):
         raise ConfigError(f"the checkpoint's mix already has a source named '{ADDED}': continue from it without --add-data, or rename that source")

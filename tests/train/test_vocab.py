@@ -154,3 +154,22 @@ def test_bad_inputs_one_line_exit_2_nothing_written(ext, tmp_path):
         assert "Traceback" not in r.stderr
         if args[1] != dst.parent:
             assert not Path(args[1]).exists()
+
+
+def test_tokenizer_path_gives_the_same_checkpoint(ext, tmp_path):
+    src, dst, _, _ = ext
+    s = extend_vocab(src, tmp_path / "via-json", tokenizer_path=dst / "tokenizer.json")
+    a, b = ckpt_mod.load(dst), ckpt_mod.load(Path(s["checkpoint"]))
+    assert Tokenizer.load(b.path).fingerprint == Tokenizer.load(dst).fingerprint
+    for k, t in a.model_state.items():
+        assert torch.equal(t, b.model_state[k])
+    assert b.meta["vocab_extension"]["tokenizer"] == str(dst / "tokenizer.json")
+
+
+def test_continued_bpe_is_deterministic(ext):
+    from poelm.config import DataConfig
+    from poelm.data.corpus import tokenizer_texts
+
+    src, dst, code, _ = ext
+    texts = tokenizer_texts(DataConfig(path=str(code), val_fraction=ckpt_mod.load(src).config.data.val_fraction), 10**6)
+    assert vx.continue_bpe(Tokenizer.load(src), texts, 24).fingerprint == Tokenizer.load(dst).fingerprint
