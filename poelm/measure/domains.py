@@ -26,7 +26,7 @@ import torch
 
 from poelm.core.errors import DataError, PoelmError
 from poelm.measure.bootstrap import DEFAULT_SAMPLES, bootstrap, difference_stat, interval
-from poelm.measure.metrics import LN2
+from poelm.core.poe import LN2
 
 COLS = ("nll", "bytes", "tokens")  # per-document sums
 

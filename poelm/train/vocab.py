@@ -105,7 +105,7 @@ def extend_checkpoint(ck, old_tok, new_tok, pieces: dict[int, list[int]], out_di
     meta["loader_state"] = grow_loader_state(meta.get("loader_state"), new_tok.fingerprint)
     meta["vocab_extension"] = {"from_vocab": v_old, "to_vocab": v_new, "new_tokens": v_new - v_old, "init": INIT,
                                "old_tokenizer": old_tok.fingerprint, "new_tokenizer": new_tok.fingerprint, **record}
-    return ckpt_mod.save(out_dir, ck.step, model, cfg, new_tok, meta, optim_state=optim)
+    return ckpt_mod.save(out_dir, ck.step, model, cfg, new_tok, meta, optim_state=optim, rng=ck.rng)
 
 
 def check_out(out_dir) -> None:
