@@ -1,6 +1,9 @@
 """What a continual phase is, as configuration: the card's B2 schedule scaled to a length, and
 the rule that a continual phase keeps architecture, tokenizer and data mix (SPEC "continual
-phase"). Pure functions of configs; ``loop.continue_phase`` runs the phase they describe."""
+phase"). Pure functions of configs; ``loop.continue_phase`` runs the phase they describe.
+The domain-adaptive variant (``add_data``, ``poelm continue --add-data PATH --replay R``) is the
+one sanctioned change of the data mix: the new mixture is derived from the old one and recorded
+(``added_data_record``), and the architecture and tokenizer checks still apply."""
 
 from __future__ import annotations
 
