@@ -33,7 +33,7 @@ ROOMS = {
     "measure": 6,
     "report": 7,
     "ops": 8,
-    "demo": 9,
+    "demo": 9, "demo_python": 9,
     "cli": 10,
     "__main__": 11,
 }

@@ -8,7 +8,8 @@ imports this package.
 Each verb has its own ``_add_<verb>`` (arguments) and ``_run_<verb>`` (call) pair, grouped by the
 pipeline stage they drive: ``phases.py`` (train, continue, cooldown, plan, demo), ``decode.py``
 (generate), ``trajectory.py`` (export, publish, branches, checkout, verify, report),
-``measure.py`` (measure, eval), ``ops.py`` (doctor, selftest) and ``data.py`` (tokenize, batch).
+``measure.py`` (measure, eval), ``ops.py`` (doctor, selftest), ``data.py`` (tokenize, batch) and
+``vocab.py`` (extend-vocab).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from poelm.cli.trajectory import (_add_branches, _add_checkout, _add_export, _ad
 from poelm.cli.trajectory import _add_import, _run_import
 from poelm.core.errors import PoelmError
 from poelm.cli.data import _add_batch, _add_tokenize, _run_batch, _run_tokenize
+from poelm.cli.vocab import _add_extend_vocab, _run_extend_vocab
 
 
 # ----------------------------------------------------------------------------- registry
 VERBS = [
     ("train", _add_train, _run_train),
     ("continue", _add_continue, _run_continue),
+    ("extend-vocab", _add_extend_vocab, _run_extend_vocab),
     ("cooldown", _add_cooldown, _run_cooldown),
     ("demo", _add_demo, _run_demo),
     ("report", _add_report, _run_report),

@@ -44,14 +44,47 @@ def _add_measure(sub):
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--no-write", action="store_true", help="write nothing into the trajectory / checkpoint (no record, no WAND bounds or "
                                                            "routing tau, no model cards); only --out FILE if given")
+    p.add_argument("--slice", action="append", metavar="NAME=PATH", help="BPB and tokens/byte on the validation split of this corpus "
+                   "(repeatable; e.g. --slice old=mix --slice new=code.jsonl; PATH 'mix' = the training mix of --against, else of the first TARGET); with --against, paired deltas per slice over documents and "
+                   "the answer: gain on --new, retention on --old. Only these figures are measured; --out gets the JSON")
+    p.add_argument("--new", metavar="NAME", help="with --slice: the new domain's slice (default: the last --slice)")
+    p.add_argument("--old", metavar="NAME", help="with --slice: the old mix's slice (default: the first --slice)")
+    p.add_argument("--slice-bytes", type=int, default=262_144, help="with --slice: UTF-8 bytes of documents per slice (default 262,144)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_tracker_flags(p, measure=True)
     return p
 
 
+def _run_slices(args):
+    import json
+
+    from poelm.fsio import atomic_write_text
+    from poelm.measure import domains
+    from poelm.report.answer import domain_markdown
+
+    slices = domains.parse_slices(args.slice)
+    names = list(slices)
+    new, old = args.new or names[-1], args.old or names[0]
+    for n in (new, old):
+        if n not in slices:
+            raise domains.PoelmError(f"--new/--old {n!r} names no --slice (have {', '.join(names)})")
+    if args.slice_bytes < 1:
+        raise domains.PoelmError(f"--slice-bytes must be positive, got {args.slice_bytes}")
+    res = domains.measure_targets(args.targets, slices, args.against, args.slice_bytes, args.seq_len, args.device, args.samples, args.seed)
+    md = domain_markdown(res, new, old)
+    print(md)
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps(res, indent=2) + "\n")
+        print(f"record: {args.out}")
+    return 0
+
+
 def _run_measure(args):
 
     from poelm.measure import run as measure
+
+    if args.slice:
+        return _run_slices(args)
 
     names, opts = tracking(args)
     opts["dir"] = args.tracker_dir

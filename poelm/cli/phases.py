@@ -43,6 +43,9 @@ def _add_continue(sub):
     p.add_argument("--allow-mismatch", action="store_true", help="allow a different architecture/tokenizer/data mix (not a continual phase then)")
     p.add_argument("--fresh-optimizer", action="store_true", help="start AdamW/Muon from zero state (needed for a source without optimizer "
                    "state, e.g. a weights-only import; recorded in the saves' meta)")
+    p.add_argument("--add-data", metavar="PATH", help="domain-adaptive continue: train on this txt/jsonl/parquet corpus (source 'added') "
+                   "mixed with the old mix at the --replay share; recorded in every save's meta (added_data)")
+    p.add_argument("--replay", type=float, metavar="R", help="with --add-data: the old mix's share of the new mixture, in [0, 1) (default 0.25)")
     p.add_argument("--cooldown-every", type=int, metavar="K", help="a cooldown probe at every K-th save after the seed (run between saves; see `poelm cooldown`)")
     p.add_argument("--cooldown-steps", type=int, metavar="N", help="steps of each probe (with --cooldown-every)")
     p.add_argument("--cooldown-shape", default="linear", help="probe decay shape: linear or 1-sqrt (default linear)")
@@ -164,6 +167,12 @@ def _run_continue(args):
     from poelm import targets
     from poelm.train.loop import continue_phase
 
+    from poelm.core.errors import ConfigError
+    from poelm.train.continual import check_replay
+
+    if args.replay is not None and args.add_data is None:
+        raise ConfigError("--replay goes with --add-data PATH (the share of the old mix next to the new data)")
+    replay = check_replay(0.25 if args.replay is None else args.replay) if args.add_data else 0.0
     names, opts = tracking(args)
     phase_cfg = config_mod.load(args.config, []) if args.config else None
     tokens = config_mod.parse_tokens(args.tokens) if args.tokens else None
@@ -175,7 +184,6 @@ def _run_continue(args):
     ov += tracker_override(names)
     prober = None
     if args.cooldown_every is not None or args.cooldown_steps is not None:
-        from poelm.core.errors import ConfigError
         from poelm.train.cooldown import Prober
 
         if args.cooldown_every is None or args.cooldown_steps is None:
@@ -188,7 +196,7 @@ def _run_continue(args):
         summary = continue_phase(src.path, args.out, phase_cfg, steps=args.steps, tokens_budget=tokens,
                                  publisher=_publisher(args.publish, args.publish_dtype, args.with_optimizer), progress=not args.quiet,
                                  allow_mismatch=args.allow_mismatch, overrides=ov, source_label=src.label, after_save=prober,
-                                 fresh_optimizer=args.fresh_optimizer, tracking=opts)
+                                 fresh_optimizer=args.fresh_optimizer, tracking=opts, add_data=args.add_data, replay=replay)
     _print_summary(summary)
     if prober is not None and prober.probes:
         spent = sum(p["elapsed_s"] for p in prober.probes)
@@ -222,12 +230,23 @@ def _add_demo(sub):
     p.add_argument("--split-tokens", type=int, help="measurement slice (tokens)")
     p.add_argument("--calib-tokens", type=int, help="WAND/routing calibration slice (tokens)")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier demo in --workdir first")
+    p.add_argument("--domain", choices=["python"], help="instead: domain-adaptive continue on the Python stdlib's own sources, with and without "
+                   "an extended vocabulary, replay 0 and 0.25, measured on old and new slices (default --workdir poelm-demo-python)")
+    p.add_argument("--new-tokens", type=int, default=256, help="with --domain: new tokens of the extended vocabulary (default 256)")
+    p.add_argument("--files", type=int, default=80, help="with --domain: stdlib files in the new corpus (default 80, sorted path order)")
     p.add_argument("--quiet", action="store_true")
     add_tracker_flags(p)
     return p
 
 
 def _run_demo(args):
+    if args.domain == "python":
+        from poelm.demo_python import run_python_demo
+
+        wd = args.workdir if args.workdir != "poelm-demo" else "poelm-demo-python"
+        run_python_demo(wd, args.base_steps or 120, args.continual_steps or 40, args.save_every or 20, args.new_tokens, args.files,
+                        overrides=args.overrides, progress=not args.quiet, overwrite=args.overwrite)
+        return 0
     from poelm import demo
 
     names, opts = tracking(args)

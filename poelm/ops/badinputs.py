@@ -125,6 +125,21 @@ def build_bad_inputs(fx: Fixture, root: Path) -> list[Case]:
     cases.append(Case("empty corpus file", ["train", *T, "--set", f"data.path={root / 'empty.txt'}", "--out", root / "o6", "--quiet"], r"the training split is empty"))
     (root / "binary.txt").write_bytes(bytes(range(256)) * 64)
     cases.append(Case("binary corpus file", ["train", *T, "--set", f"data.path={root / 'binary.txt'}", "--out", root / "o7", "--quiet"], r"binary\.txt looks binary"))
+
+    # domain-adaptive continue and vocabulary extension (issue 31)
+    cases.append(Case("replay outside [0, 1)", ["continue", "--from", good, "--add-data", "embedded", "--replay", "1.0", "--out", root / "o8", "--quiet"],
+                      r"--replay must be in \[0, 1\)"))
+    tj = json.loads((good / "tokenizer.json").read_text())
+    v = tj["model"]["vocab"]
+    a, b = sorted(v, key=v.get)[10:12]
+    v[a], v[b] = v[b], v[a]  # two byte tokens swap ids
+    v["<|extra|>zz"] = len(v)
+    (root / "renumbered.json").write_text(json.dumps(tj))
+    cases.append(Case("extended tokenizer that renumbers old ids", ["extend-vocab", good, root / "o9", "--tokenizer", root / "renumbered.json"],
+                      r"renumbers the old vocabulary: token 10"))
+    (root / "no-new.txt").write_text("zq xj\n")
+    cases.append(Case("corpus with no new tokens", ["extend-vocab", good, root / "o10", "--from", root / "no-new.txt", "--new-tokens", "8"],
+                      r"the new corpus brings no new token"))
     return cases
 
 

@@ -219,3 +219,47 @@ def verdict_markdown(j: dict, extra: list[str] = ()) -> str:
     if j.get("legend"):
         out.append("**Legend.** " + " ".join(j["legend"]) + "\n")
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- two domains (issue 31)
+def _domain_call(d: dict) -> str:
+    lo, hi = d["ci"]
+    if lo is None or hi is None:
+        return "no paired interval"
+    return "real: the interval excludes 0" if hi < 0 or lo > 0 else "within noise: the interval holds 0"
+
+
+def domain_answer_lines(result: dict, new: str, old: str) -> list[str]:
+    """One line per measured model of a ``measure.domains.measure_targets`` result: the gain on the
+    ``new`` slice (BPB(seed) - BPB(model), positive = better) and the retention on the ``old``
+    slice (BPB(model) - BPB(seed), positive = forgetting), each with its paired 95% document-bootstrap
+    interval and whether the change exceeds it (SPEC "Timings and intervals": real only beyond it)."""
+    lines = []
+    for r in result["records"]:
+        sl = r["slices"]
+        if new not in sl or old not in sl or "delta_bpb" not in sl[new]:
+            continue
+        g, k = sl[new]["delta_bpb"], sl[old]["delta_bpb"]
+        neg = lambda ci: [None if c is None else -c for c in reversed(ci)]  # noqa: E731
+        gain = {"value": -g["value"], "ci": neg(g["ci"])}
+        f = lambda v: "n/a" if v is None else f"{v:+.4f}"  # noqa: E731
+        lines.append(f"- **{r['target']}**: gain on `{new}` {f(gain['value'])} BPB [{f(gain['ci'][0])}, {f(gain['ci'][1])}] "
+                     f"({_domain_call(g)}); retention on `{old}` {f(k['value'])} BPB [{f(k['ci'][0])}, {f(k['ci'][1])}] "
+                     f"({_domain_call(k)}; positive = forgetting)")
+    return lines
+
+
+def domain_markdown(result: dict, new: str, old: str) -> str:
+    """``## Answer`` for a domain-adaptive trajectory, then the per-slice table (BPB, tokens/byte)."""
+    ref = result.get("reference")
+    head = ["## Answer", "", f"Against the seed `{ref['target']}` (paired over the same documents):" if ref else "No reference (--against): no deltas.", ""]
+    head += domain_answer_lines(result, new, old)
+    names = list(result["slices"])
+    cols = ["model", "vocab"] + [f"{n} BPB" for n in names] + [f"{n} tokens/byte" for n in names]
+    rows = []
+    for r in ([ref] if ref else []) + result["records"]:
+        sl = r["slices"]
+        rows.append([r["target"], str(r.get("vocab_size", ""))] + [f"{sl[n]['bpb']:.4f}" for n in names]
+                    + [f"{sl[n]['tokens_per_byte']:.4f}" for n in names])
+    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(x) + " |" for x in rows]
+    return "\n".join(head + ["", *table, ""])

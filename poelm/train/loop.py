@@ -45,6 +45,8 @@ from poelm.core.model import PoEGPT
 from poelm.train.runtime import Runtime, _all_sum, _broadcast_text, apply_compile, compile_mode, restore_rng, rng_states, setup_runtime, teardown_runtime  # noqa: F401
 from poelm.schedule import Cooldown, Phase, lrm
 from poelm.train.continual import check_same_run, continual_phase_config  # noqa: F401  (their home; re-exported)
+from poelm.train.continual import add_data as add_data_config, added_data_record, carry_loader_state
+from poelm.data.tokenizer import Tokenizer
 from poelm.data.mixture import TrainLoader
 from poelm.config import resolve_global_batch  # noqa: F401  (its home is config.py; bench/gpu.py calls it here)
 from poelm.train import provenance, spikes
@@ -447,7 +449,7 @@ def train(cfg, out_dir, resume=None, publisher=None, progress=True, tracking=Non
 
 def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=None, publisher=None, progress=True,
                    allow_mismatch=False, overrides=None, source_label=None, after_save=None, fresh_optimizer=False,
-                   tracking=None) -> dict:
+                   tracking=None, add_data=None, replay=0.0) -> dict:
     """Start a continual phase from an annealed checkpoint (SPEC "continual phase").
 
     Restores model, optimizer state and data position; the new phase is anchored at the resume
@@ -455,7 +457,8 @@ def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=No
     ``after_save``: called as ``after_save(trainer, ckpt_path)`` after every later save, e.g.
     ``poelm.train.cooldown.Prober`` (cooldown probes between saves). ``fresh_optimizer``: start
     AdamW/Muon from zero state (the only way on from a weights-only source, e.g. an imported
-    checkpoint without optimizer shards); recorded in every save's meta."""
+    checkpoint without optimizer shards); recorded in every save's meta. ``add_data``: a corpus
+    trained on with the old mix replayed at the share ``replay`` (``continual.add_data``)."""
     src_path = Path(source)  # a local checkpoint or export folder (``poelm.targets`` resolves TARGETs)
     src = ckpt_mod.load(src_path)
     if src.optim_tensors is None and not fresh_optimizer:
@@ -467,7 +470,12 @@ def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=No
     if overrides:
         d = config_mod.apply_overrides(cfg.to_dict(), overrides)
         cfg = config_mod.validate(config_mod.from_dict(d))
-    check_same_run(src.config, cfg, allow_mismatch, None)
+    added = None
+    if add_data is not None:  # domain-adaptive: a new mixture, the old sources' positions carried over
+        cfg, base = add_data_config(cfg, add_data, replay), add_data_config(src.config, add_data, replay)
+        src.meta["loader_state"] = carry_loader_state(src.meta.get("loader_state"), cfg.data, Tokenizer.load(src_path).fingerprint)
+        added = added_data_record(cfg, add_data, replay)
+    check_same_run(src.config if added is None else base, cfg, allow_mismatch, None)
     track.check(cfg.train.trackers)
     rt = setup_runtime(cfg)
     try:
@@ -476,6 +484,8 @@ def continue_phase(source, out_dir, phase_cfg=None, steps=None, tokens_budget=No
         trainer.extra_meta = {"continued_from": str(source_label or src_path)}
         if fresh_optimizer:
             trainer.extra_meta["fresh_optimizer"] = True
+        if added is not None:
+            trainer.extra_meta["added_data"] = added
         trainer.tokens_in_phase = 0
         try:
             trainer.save()  # the seed: identical weights, the new phase's rel_step 0
