@@ -49,14 +49,15 @@ from poelm.measure.bootstrap import crossed_bootstrap
 from poelm.measure.bootstrap import interval as bootstrap_interval
 from poelm.measure.genset import untimed_figures
 from poelm.measure.metrics import spec_rounds
+from poelm.measure.options import MeasureOptions
 from poelm.measure.probe import budget, get_engine, load_prompt_set, run_probe, teacher_forced_agreement
 
 # The timed part: 3 rounds x 8 prompts x 16 tokens per mode (twice the old 3 x 4 x 16; the whole
 # measurement stays within ~1.5x of its old cost on the demo); the interval now includes the prompts
 # (crossed bootstrap), and acceptance comes from the whole generation set, untimed.
-DEFAULT_REPEATS = 3
-DEFAULT_PROMPTS = 8
-DEFAULT_TOKENS = 16
+DEFAULT_REPEATS = MeasureOptions.timing_repeats
+DEFAULT_PROMPTS = MeasureOptions.timing_prompts
+DEFAULT_TOKENS = MeasureOptions.timing_tokens
 WARMUP_TOKENS = 4
 
 
