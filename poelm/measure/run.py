@@ -66,7 +66,9 @@ from poelm.fsio import atomic_write_bytes
 from poelm.trajectory import publish
 from poelm.measure.metrics import ALPHAS, BlockSums, RoutingHistogram, position_stats, routing_threshold, world_size
 from poelm.measure import genset, timing
+from poelm.measure import record
 from poelm.measure.options import MeasureOptions, WritePolicy
+from poelm.measure.record import Accuracy, Against, AlphaSweep, Bootstrap, Bpb, Figure, Generation, Record, Routing, Wand, WandExit
 from poelm.measure.slices import corpus_tokens, cut_slices, validation_slices  # noqa: F401  (measure.cut_slices, tests)
 
 DEFAULT_SPLIT_TOKENS = MeasureOptions.split_tokens  # the defaults live in MeasureOptions (options.py)
@@ -294,52 +296,45 @@ def _record(model, tokenizer, meta, ev, ref_ev, ref, o: MeasureOptions, run: _Ru
     figs = figure_intervals(ev["blocks"], K, ALPHAS, samples, seed, level)
     flops = model.flops_per_token(seq_len=T)  # routing c0: the slice rows' mean context
     c0 = flops["per_stage"][0] / flops["total"]
-    rec = {
-        "schema": 1,
-        "target": run.target,
-        "branch": meta.get("branch"),
-        "step": int(meta["step"]) if meta.get("step") is not None else None,
+    F = Figure.from_dict
+    rec = Record(
+        target=run.target, branch=meta.get("branch"), step=int(meta["step"]) if meta.get("step") is not None else None,
         **{k: meta.get(k) for k in ("rel_step", "phase", "lrm", "tokens", "tokens_in_phase", "train_val_bpb")},
-        "K": K, "stage_layers": list(cfg.stage_layers),
-        "split_tokens": run.n_meas, "calib_tokens": n_cal,
-        "split_tokens_requested": int(o.split_tokens), "calib_tokens_requested": int(o.calib_tokens),
-        "seq_len": T, "data": run.data or "tokens", "world_size": int(run.world),
-        "bpb": {"full": figs["bpb.full"], "single": [figs[f"bpb.single.{k}"] for k in range(K)],
-                "prefix": [figs[f"bpb.prefix.{j}"] for j in range(K - 1)]},
-        "acc": {"single": [figs[f"acc.single.{k}"] for k in range(K)], "full": figs["acc.full"]},
-        "alpha_sweep": {"alphas": list(ALPHAS), "bpb": [figs[f"alpha_sweep.bpb.{i}"]["value"] for i in range(len(ALPHAS))],
-                        "ci": [figs[f"alpha_sweep.bpb.{i}"]["ci"] for i in range(len(ALPHAS))]},
-        "crossover_gap": figs["crossover_gap"]["value"], "crossover_gap_ci": figs["crossover_gap"]["ci"],
-        "wand": None, "routing": None, "spec": None, "probe": None, "timing": None, "generation": None, "against": None,
-        "bootstrap": {"block_tokens": int(o.block_tokens), "blocks": ev["blocks"].n_blocks, "samples": int(samples),
-                      "seed": int(seed), "level": level, "interval": "percentile"},
-    }
+        K=K, stage_layers=list(cfg.stage_layers), split_tokens=run.n_meas, calib_tokens=n_cal,
+        split_tokens_requested=int(o.split_tokens), calib_tokens_requested=int(o.calib_tokens),
+        seq_len=T, data=run.data or "tokens", world_size=int(run.world),
+        bpb=Bpb(full=F(figs["bpb.full"]), single=[F(figs[f"bpb.single.{k}"]) for k in range(K)],
+                prefix=[F(figs[f"bpb.prefix.{j}"]) for j in range(K - 1)]),
+        acc=Accuracy(single=[F(figs[f"acc.single.{k}"]) for k in range(K)], full=F(figs["acc.full"])),
+        alpha_sweep=AlphaSweep(alphas=list(ALPHAS), bpb=[figs[f"alpha_sweep.bpb.{i}"]["value"] for i in range(len(ALPHAS))],
+                               ci=[figs[f"alpha_sweep.bpb.{i}"]["ci"] for i in range(len(ALPHAS))]),
+        crossover_gap=figs["crossover_gap"]["value"], crossover_gap_ci=figs["crossover_gap"]["ci"],
+        bootstrap=Bootstrap(block_tokens=int(o.block_tokens), blocks=ev["blocks"].n_blocks, samples=int(samples),
+                            seed=int(seed), level=level, interval="percentile"))
     agree = figs["routing.agreement_s0_full"]
     if ev["wand"] is not None:
-        w = ev["wand"]
         counted = float(ev["blocks"].array()[:, ev["blocks"].index["count"]].sum())
         ex = ev["exits"]
-        rec["wand"] = {**w, "calib_tokens": n_cal,
-                       "exit": {"fraction_per_stage": [float(x / counted) if counted else None for x in ex[:K]],
-                                "agreement": float(ex[K] / counted) if counted else None}}
+        rec.wand = Wand.from_dict({**ev["wand"], "calib_tokens": n_cal})
+        rec.wand.exit = WandExit(fraction_per_stage=[float(x / counted) if counted else None for x in ex[:K]],
+                                 agreement=float(ex[K] / counted) if counted else None)
     if ev["calibrator"] is not None:
         r = routing_summary(ev["calibrator"].routing, ev["held"], o.cap, o.routing_metric, o.confidence, c0, agree["value"])
-        r["agreement_ci"] = agree["ci"]
-        r["fraction_ci"] = figs["routing.fraction"]["ci"]
-        rec["routing"] = r
+        rec.routing = Routing.from_dict({**r, "agreement_ci": agree["ci"], "fraction_ci": figs["routing.fraction"]["ci"]})
     if o.probe_set is not None:
         prompts, starts = genset.cut_prompts(run.meas, tokenizer.bos_id, int(o.gen_prompts), run.gen_context, int(o.gen_seed))
-        rec["generation"] = {"source": "measurement slice", "prompts": len(prompts), "prompts_requested": int(o.gen_prompts),
-                             "context_tokens": run.gen_context, "new_tokens_per_prompt": int(o.gen_tokens), "seed": int(o.gen_seed),
-                             "starts": starts, "interval": f"{level:.0%} expanded percentile bootstrap over prompts"}
-        rec.update(timing.probe_and_timing(rec, model, tokenizer, o.probe_set, o.max_new_tokens, o.m, o.confidence,
-                                           gen_prompts=prompts, gen_tokens=int(o.gen_tokens), samples=samples, seed=seed, level=level,
-                                           repeats=o.timing_repeats, n_prompts=o.timing_prompts, n_tokens=o.timing_tokens))
+        rec.generation = Generation(source="measurement slice", prompts=len(prompts), prompts_requested=int(o.gen_prompts),
+                                    context_tokens=run.gen_context, new_tokens_per_prompt=int(o.gen_tokens), seed=int(o.gen_seed),
+                                    starts=starts, interval=f"{level:.0%} expanded percentile bootstrap over prompts")
+        got = timing.probe_and_timing(rec.to_dict(), model, tokenizer, o.probe_set, o.max_new_tokens, o.m, o.confidence,
+                                      gen_prompts=prompts, gen_tokens=int(o.gen_tokens), samples=samples, seed=seed, level=level,
+                                      repeats=o.timing_repeats, n_prompts=o.timing_prompts, n_tokens=o.timing_tokens)
+        rec = record.load({**rec.to_dict(), **got})  # probe, spec, timing and the generation halves of wand / routing
     if ref_ev is not None:
-        rec["against"] = {"target": ref[2], "deltas": delta_intervals(ev["blocks"], ref_ev["blocks"], K, ALPHAS, samples, seed, level,
-                                                                      routing=ref_ev["calibrator"] is not None)}
-    rec.update(elapsed_s=time.time() - run.t0, device=str(run.dev), dtype=run.dtype_label, poelm_version=__version__)
-    return rec
+        rec.against = Against(target=ref[2], deltas=delta_intervals(ev["blocks"], ref_ev["blocks"], K, ALPHAS, samples, seed, level,
+                                                                    routing=ref_ev["calibrator"] is not None))
+    rec.elapsed_s, rec.device, rec.dtype, rec.poelm_version = time.time() - run.t0, str(run.dev), run.dtype_label, __version__
+    return rec.to_dict()
 
 
 def _json_default(x):
