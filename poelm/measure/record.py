@@ -62,19 +62,7 @@ class Block:
 
     def get(self, path: str, default=None):
         """The value at dotted ``path`` ("routing.generation.speedup", "bpb.single.0"); ``default`` if absent."""
-        node = self
-        for part in path.split("."):
-            if isinstance(node, Block):
-                node = getattr(node, part) if part in node._names() else node.extra.get(part)
-            elif isinstance(node, dict):
-                node = node.get(part)
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            else:
-                return default
-            if node is None:
-                return default
-        return node
+        return lookup(self, path, default)
 
     @classmethod
     def _names(cls) -> set[str]:
@@ -299,22 +287,42 @@ class Record(Block):
     poelm_version: str | None = doc("writer's version")
 
     def figure(self, path: str) -> tuple[float | None, tuple | None]:
-        """``(value, ci)`` at dotted ``path``: a ``Figure`` yields both, a bare number its ``<name>_ci``
-        sibling; ``(None, None)`` when absent or not a number."""
-        node = self.get(path)
-        ci = None
-        if isinstance(node, Figure):
-            node, ci = node.value, node.ci
+        return figure(self, path)
+
+
+def lookup(node, path: str, default=None):
+    """The value at dotted ``path`` in a ``Block`` or a raw JSON record (list indices are integers
+    in the path); ``default`` when any step is absent or null."""
+    for part in path.split("."):
+        if isinstance(node, Block):
+            node = getattr(node, part) if part in node._names() else node.extra.get(part)
         elif isinstance(node, dict):
-            node, ci = node.get("value"), node.get("ci")
-        elif "." in path or path in self._names():
-            head, _, name = path.rpartition(".")
-            ci = (self.get(head) if head else self)
-            ci = ci.get(f"{name}_ci") if isinstance(ci, (Block, dict)) else None
-        if isinstance(node, bool) or not isinstance(node, (int, float)) or math.isnan(node):
-            return None, None
-        ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci)
-        return float(node), (tuple(float(c) for c in ci) if ok else None)
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return default
+        if node is None:
+            return default
+    return node
+
+
+def figure(rec, path: str) -> tuple[float | None, tuple | None]:
+    """``(value, ci)`` at dotted ``path`` of a record (typed or raw): a figure with interval yields
+    both, a bare number its ``<name>_ci`` sibling (``crossover_gap_ci``, ``spec.acceptance_ci``);
+    ``(None, None)`` when absent or not a number."""
+    node, ci = lookup(rec, path), None
+    if isinstance(node, Figure):
+        node, ci = node.value, node.ci
+    elif isinstance(node, dict):
+        node, ci = node.get("value"), node.get("ci")
+    else:
+        head, _, name = path.rpartition(".")
+        ci = lookup(lookup(rec, head) if head else rec, f"{name}_ci")
+    if isinstance(node, bool) or not isinstance(node, (int, float)) or math.isnan(node):
+        return None, None
+    ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci)
+    return float(node), (tuple(float(c) for c in ci) if ok else None)
 
 
 # ----------------------------------------------------------------------------- loading
