@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from poelm.report import benchmarks
 from poelm.report import cooldown as cooldown_report
-from poelm.report.sections import NM, _cell, _esc, _table, _x
+from poelm.report.cells import NM, cell as _cell, esc as _esc, table as _table, times as _x  # local names kept
 from poelm.report.judge import judge
 from poelm.report.verdict import (branch_name, fmt_num, fmt_signed, get, noise_test, phase_of, rel_step, segment, seed_position,
                                   sort_records)
