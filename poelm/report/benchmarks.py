@@ -20,10 +20,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from poelm.fsio import atomic_write_bytes
+from poelm.report.cells import NM
 from poelm.report.verdict import branch_name, seed_position, sort_records
 
 KEY = "benchmarks"
-NM = "not measured"
 PLOT = "benchmarks_vs_step"
 CAPTION = "Benchmark scores (lm-evaluation-harness) vs step"
 

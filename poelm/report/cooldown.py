@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import re
 
+from poelm.report.cells import NM, ci_cell
 from poelm.report.verdict import branch_name, delta_ci, fmt_num, fmt_signed, get, seed_position, sort_records, trend
 
 FIELD = "cooldown_probes"
 UNMATCHED = "cooldown_probes_unmatched"
 PROBE_BRANCH = re.compile(r"cooldown-(\d{5,})-([1-9]\d*)")  # poelm.trajectory.publish.COOLDOWN_BRANCH
-NM = "not measured"
 
 
 # ----------------------------------------------------------------------------- records
@@ -108,12 +108,6 @@ def _above(row) -> bool:
 
 
 # ----------------------------------------------------------------------------- report pieces
-def _ci_cell(v, ci, f) -> str:
-    if v is None:
-        return NM
-    return f(v) if ci is None else f"{f(v)} [{f(ci[0])}, {f(ci[1])}]"
-
-
 def section(records):
     """``(heading, description, table)`` of the probes, or None when no record carries one."""
     rs = rows(records)
@@ -132,8 +126,8 @@ def section(records):
         else:
             d_seed = d6(r["delta"]) + (f" [{d6(r['delta_ci'][0])}, {d6(r['delta_ci'][1])}]" if r["delta_ci"] else " (CI n/a)")
         how = f"{r['steps']}-step {r['shape'] or '?'}, lrm {_lrm(r['from_lrm'])} → {_lrm(r['to_lrm'])}"
-        table.append(f"| `{r['branch']}` | {r['step']:,} | {lrm} | {_ci_cell(r['own'], r['own_ci'], b6)} | "
-                     f"{_ci_cell(r['annealed'], r['annealed_ci'], b6)} ({how}) | {d_own} | {d_seed} | `{r['probe']}` |")
+        table.append(f"| `{r['branch']}` | {r['step']:,} | {lrm} | {ci_cell(r['own'], r['own_ci'], b6)} | "
+                     f"{ci_cell(r['annealed'], r['annealed_ci'], b6)} ({how}) | {d_own} | {d_seed} | `{r['probe']}` |")
     desc = ("A cooldown probe decays the LR multiplier from the branch's own lrm to the target over N steps on the same "
             "data stream (Hägele et al. 2024) and is measured on the same slice: its BPB is what the trajectory would "
             f"reach if annealed at that save. Seed: `{branch_name(seed)}`. Δ vs the seed carries the paired 95% bootstrap "
