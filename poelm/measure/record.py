@@ -279,7 +279,8 @@ class Record(Block):
     bootstrap: Bootstrap | None = doc("how the intervals were drawn")
     data_override: bool | None = doc("true: measured on `--data` and written into the target by request (`--write-branch`)",
                                      omit_none=True)
-    benchmarks: dict | None = doc("`poelm eval` scores (kept across re-measurements)", omit_none=True)
+    benchmarks: list | None = doc("`poelm eval` scores, one entry per task, metric and stages (kept across re-measurements)",
+                                  omit_none=True)
     calibration_written: list | None = doc("calibration files written with the checkpoint", omit_none=True)
     elapsed_s: float | None = doc("wall time")
     device: str | None = doc("device")
