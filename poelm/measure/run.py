@@ -326,7 +326,7 @@ def _record(model, tokenizer, meta, ev, ref_ev, ref, o: MeasureOptions, run: _Ru
         rec.generation = Generation(source="measurement slice", prompts=len(prompts), prompts_requested=int(o.gen_prompts),
                                     context_tokens=run.gen_context, new_tokens_per_prompt=int(o.gen_tokens), seed=int(o.gen_seed),
                                     starts=starts, interval=f"{level:.0%} expanded percentile bootstrap over prompts")
-        got = timing.probe_and_timing(rec.to_dict(), model, tokenizer, o.probe_set, o.max_new_tokens, o.m, o.confidence,
+        got = timing.probe_and_timing(rec, model, tokenizer, o.probe_set, o.max_new_tokens, o.m, o.confidence,
                                       gen_prompts=prompts, gen_tokens=int(o.gen_tokens), samples=samples, seed=seed, level=level,
                                       repeats=o.timing_repeats, n_prompts=o.timing_prompts, n_tokens=o.timing_tokens)
         rec = record.load({**rec.to_dict(), **got})  # probe, spec, timing and the generation halves of wand / routing
@@ -395,17 +395,17 @@ def measure_target(target: str, opts: MeasureOptions | None = None, *, data: str
             rmodel, rtok, rmeta = load_model(rtgt.path, device=dev)
             ref = (rmodel, rtok, rmeta, rtgt.label)
         rec = measure(model, tok, meta, o, tokens=tokens, target=label, data=data, against=ref)
-        rec = _clean(rec)
+        rec = record.load(_clean(rec))
         if _rank_world()[0] != 0:
             return None
         written = []
-        if policy.write_calibration and rec.get("wand"):
-            written = write_bounds(path, rec["wand"]["bounds"], routing_entry(rec.get("routing")))
+        if policy.write_calibration and rec.wand:
+            written = write_bounds(path, rec.wand.bounds, routing_entry(rec.routing.to_dict() if rec.routing else None))
         if repo:  # the branch gets the data files; publish refreshes its manifest itself
             written = [name for name in written if name not in MANIFESTS]
-        rec["calibration_written"] = written
+        rec.calibration_written = written
         if policy.data_override:  # asked for (--write-branch): the report marks this record
-            rec["data_override"] = True
+            rec.data_override = True
         prior = path / RECORD_NAME  # the branch's / checkpoint's earlier record, if any
         if into and prior.is_file():
             try:  # `poelm eval` scores are not measured here: a re-measurement keeps them
@@ -413,7 +413,8 @@ def measure_target(target: str, opts: MeasureOptions | None = None, *, data: str
             except (ValueError, OSError):
                 kept = None
             if kept:
-                rec["benchmarks"] = kept
+                rec.benchmarks = kept
+        rec = rec.to_dict()
         body = _json_bytes(rec)
         if out:
             atomic_write_bytes(out, body)
