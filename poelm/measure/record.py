@@ -349,6 +349,11 @@ def untyped_keys(block: Block, path: str = "") -> list[str]:
     return out
 
 
+def canonical(records) -> list[dict]:
+    """JSON records as today's writer spells them (``load(...).to_dict()``): what the report reads."""
+    return [load(r).to_dict() for r in records]
+
+
 # ----------------------------------------------------------------------------- docs/record.md
 INTRO = """# The measurement record (`poelm_measure.json`)
 

@@ -30,6 +30,7 @@ from poelm.report import benchmarks
 from poelm.report import averages as averages_report
 from poelm.report import cooldown as cooldown_report
 from poelm.report import sections as S
+from poelm.measure import record
 from poelm.report.cells import NM, NO_THRESHOLD, cell, esc, table, times, tokens
 from poelm.report.sections import cap_met_at_tau0, save_rows
 from poelm.report.verdict import fmt_num, fmt_pct, fmt_signed
@@ -91,6 +92,7 @@ def load_records(source) -> list[dict]:
             recs = publish.read_records(source)
         else:
             raise PoelmError(f"{source} does not exist; pass a directory of records, record files, or a trajectory repo")
+    recs = record.canonical(recs)  # old spellings read as today's (record.LEGACY), missing keys null
     recs = averages_report.attach(recs)  # weight averages: a field of their newest averaged save
     recs = cooldown_report.attach(recs)  # probe records: a field of the save they start from
     steps = [int(r["step"]) for r in recs]
@@ -347,7 +349,7 @@ def update_cards(repo, branches=None) -> list[str]:
     tables and verdict over the records up to its own step, the newest (``main``) the whole
     trajectory. ``branches`` None = every measured branch; the newest is always refreshed, since
     a newly measured earlier branch changes its tables. Returns the branches updated."""
-    records = sort_records(publish.read_records(repo))
+    records = sort_records(record.canonical(publish.read_records(repo)))
     if not records:
         return []
     newest = records[-1].get("branch")
