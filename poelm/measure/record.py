@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 NOT_MEASURED = "not measured"  # how a report renders a figure that is None (one home: poelm/report/*)
 SCHEMA = 1
+META_KEYS = ("rel_step", "phase", "lrm", "tokens", "tokens_in_phase", "train_val_bpb")  # copied from the checkpoint's meta
 
 
 def doc(text: str, default=None, *, factory=None, omit_none: bool = False):
@@ -289,6 +290,14 @@ class Record(Block):
 
     def figure(self, path: str) -> tuple[float | None, tuple | None]:
         return figure(self, path)
+
+    @classmethod
+    def from_meta(cls, meta: dict, *, target, branch, K: int, stage_layers, **fields) -> "Record":
+        """A record's head from a checkpoint's metadata (step, phase, lrm, tokens, the training
+        log's val BPB): what ``measure`` and ``poelm eval`` (for a model never measured) write first."""
+        return cls(target=target, branch=branch,
+                   step=int(meta["step"]) if meta.get("step") is not None else None,
+                   **{k: meta.get(k) for k in META_KEYS}, K=int(K), stage_layers=list(stage_layers), **fields)
 
 
 def lookup(node, path: str, default=None):

@@ -47,3 +47,11 @@ def test_bad_block_is_a_type_error():
     with pytest.raises(TypeError, match="Bpb: expected a JSON object"):
         record.load({"bpb": [1, 2]})
     assert Record().schema == record.SCHEMA
+
+
+def test_from_meta_head():
+    meta = {"step": "12", "lrm": 0.5, "phase": {"name": "B2"}, "branch": "step-00012", "other": 1}
+    r = Record.from_meta(meta, target="R@step-00012", branch=meta["branch"], K=2, stage_layers=(1, 2), poelm_version="x")
+    d = r.to_dict()
+    assert (d["step"], d["lrm"], d["phase"], d["K"], d["stage_layers"], d["branch"]) == (12, 0.5, {"name": "B2"}, 2, [1, 2], "step-00012")
+    assert d["tokens"] is None and "other" not in d and d["schema"] == record.SCHEMA and d["bpb"] is None
