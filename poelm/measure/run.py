@@ -297,10 +297,8 @@ def _record(model, tokenizer, meta, ev, ref_ev, ref, o: MeasureOptions, run: _Ru
     flops = model.flops_per_token(seq_len=T)  # routing c0: the slice rows' mean context
     c0 = flops["per_stage"][0] / flops["total"]
     F = Figure.from_dict
-    rec = Record(
-        target=run.target, branch=meta.get("branch"), step=int(meta["step"]) if meta.get("step") is not None else None,
-        **{k: meta.get(k) for k in ("rel_step", "phase", "lrm", "tokens", "tokens_in_phase", "train_val_bpb")},
-        K=K, stage_layers=list(cfg.stage_layers), split_tokens=run.n_meas, calib_tokens=n_cal,
+    rec = Record.from_meta(
+        meta, target=run.target, branch=meta.get("branch"), K=K, stage_layers=cfg.stage_layers, split_tokens=run.n_meas, calib_tokens=n_cal,
         split_tokens_requested=int(o.split_tokens), calib_tokens_requested=int(o.calib_tokens),
         seq_len=T, data=run.data or "tokens", world_size=int(run.world),
         bpb=Bpb(full=F(figs["bpb.full"]), single=[F(figs[f"bpb.single.{k}"]) for k in range(K)],
