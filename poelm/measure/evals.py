@@ -45,6 +45,7 @@ from poelm.config import DataConfig
 from poelm.core.errors import PoelmError
 from poelm.fsio import atomic_write_bytes
 from poelm.infer.options import stage_selection
+from poelm.measure.record import Record
 from poelm.measure.tasks import devils_cloze
 from poelm.train import checkpoint
 from poelm.trajectory import export as export_mod
@@ -353,11 +354,8 @@ def merge(record: dict, new: list[dict]) -> dict:
 
 def minimal_record(unit: Unit) -> dict:
     """The record of a model ``poelm measure`` never saw: what its config says, no figures."""
-    meta = unit.meta
-    return {"schema": 1, "target": unit.label, "branch": unit.branch,
-            "step": int(meta["step"]) if meta.get("step") is not None else None,
-            **{k: meta.get(k) for k in ("rel_step", "phase", "lrm", "tokens", "tokens_in_phase", "train_val_bpb")},
-            "K": len(unit.stage_layers), "stage_layers": unit.stage_layers, "poelm_version": __version__}
+    return Record.from_meta(unit.meta, target=unit.label, branch=unit.branch, K=len(unit.stage_layers),
+                            stage_layers=unit.stage_layers, poelm_version=__version__).to_dict()
 
 
 def _json_bytes(obj) -> bytes:
