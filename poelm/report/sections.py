@@ -49,10 +49,10 @@ def _key_rows(recs, seed_i, cols):
 KEY_ROWS = "Seed, best (lowest full-K BPB) and newest save; every record holds the same for each save. "
 
 
-def _newest(recs, *keys):
-    """The newest record's dict at the dotted path ``keys`` (``{}`` when none has one)."""
+def newest(recs, path: str) -> dict:
+    """The newest record's JSON object at dotted ``path`` (``{}`` when none has one)."""
     for r in reversed(recs):
-        node = lookup(r, ".".join(keys))
+        node = lookup(r, path)
         if isinstance(node, dict):
             return node
     return {}
@@ -63,7 +63,7 @@ def cap_met_at_tau0(rec) -> bool:
 
 
 def timing_words(recs) -> str:
-    t = _newest(recs, "timing")
+    t = newest(recs, "timing")
     if not t:
         return "timing not measured"
     if "crossed" not in str(t.get("interval")):  # records before issue 22: the probe's first prompts, [min, max] over rounds
@@ -75,7 +75,7 @@ def timing_words(recs) -> str:
 
 def gen_words(recs) -> str:
     """On what the untimed generation figures were measured."""
-    g = _newest(recs, "generation")
+    g = newest(recs, "generation")
     if not g:
         return "the probe prompts"
     return (f"the generation set: {g.get('prompts', '?')} contexts of {g.get('context_tokens', '?')} tokens cut from the "
@@ -102,7 +102,7 @@ def routing_calibration_section(recs, seed_i, split, calib):
             return "not timed (no threshold)"
         return cell(r, "routing.generation.speedup", times(2))
 
-    rt = _newest(recs, "routing")
+    rt = newest(recs, "routing")
     cols = [tau, lambda r: cell(r, "routing.value_tau0_calib", lambda v: f"{v:.4f}"),
             lambda r: cell(r, "routing.value", lambda v: f"{v:.4f}"), measured,
             lambda r: cell(r, "routing.generation.agreement", lambda v: f"{v:.4f}")]
@@ -137,7 +137,7 @@ def _identical(rec, key) -> str:
 
 
 def spec_timing_section(recs, seed_i):
-    m = _newest(recs, "spec").get("m", "m")
+    m = newest(recs, "spec").get("m", "m")
     cols = [lambda r: cell(r, "spec.implied_speedup", times(2)),
             lambda r: cell(r, "spec.c0_time", lambda v: f"{v:.3f}"), lambda r: _hist(r, "spec.accept_hist"),
             lambda r: cell(r, "timing.ms_per_token.full", lambda v: f"{v:.2f}"),
@@ -181,7 +181,7 @@ def probe_grid_section(recs, seed_i):
         return f"{p.get('passed', '?')}/{p.get('total', '?')} passed{words}"
 
     rows.append(["**total**", ""] + [total(r) for r in recs])
-    p0 = _newest(recs, "probe")
+    p0 = newest(recs, "probe")
     desc = ("Per-prompt grade across branches. " + (p0.get("grading") or "A prompt passes when its continuation meets its rubric.")
             + "; k/n words: the continuation's first words that equal the expected answer's. "
             + f"Greedy full K, {p0.get('max_new_tokens', '?')} new tokens per prompt, prompt set '{p0.get('set', NM)}'.")
