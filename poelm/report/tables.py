@@ -109,13 +109,6 @@ def _k(recs) -> int:
     return max((int(r.get("K") or 0) for r in recs), default=0)
 
 
-def _newest(recs, key):
-    for r in reversed(recs):
-        if isinstance(r.get(key), dict):
-            return r[key]
-    return {}
-
-
 def _alpha_label(a: float) -> str:
     s = "0" if a == 0 else (f"{a:.1f}" if float(a).is_integer() else f"{a:g}")
     extra = {0: " (geom-mean)", 0.5: " (Bayesian √K)", 1: " (pure sum / Log-OP)"}.get(a, "")
@@ -207,7 +200,7 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
                 + _widths(recs, keys, 4) + ".",
                 table(["Branch", "Step"] + [f"s{k}" for k in range(K)] + ["full"], save_rows(recs, seed_i, [plain(k, fmt_num(4)) for k in keys]))))
 
-    spec = _newest(recs, "spec")
+    spec = S.newest(recs, "spec")
     m = spec.get("m", "m")
     cols = [keyed("spec.acceptance", fmt_num(4)), keyed("spec.mean_accepted", fmt_num(2)), keyed("spec.speedup", times(2))]
     out.append((f"Self-speculative decoding (m={m} stage-0 draft, full K={K} verify)",
@@ -230,14 +223,14 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
                 table(["Branch", "Step", "fraction routed to stage 0", "projected speedup", "base s0=full agreement"],
                        save_rows(recs, seed_i, cols))))
 
-    calib = _newest(recs, "wand").get("calib_tokens")
+    calib = S.newest(recs, "wand").get("calib_tokens")
     cols = [keyed(f"wand.bounds.{s}", fmt_num(4)) for s in range(K - 1)]
     out.append(("WAND p99 bounds (cumulative-PoE delta range, constant-shift invariant)",
                 f"Calibrated on a {tokens(calib)} val slice using range(delta) = max(delta) − min(delta); each "
                 f"branch's config.json carries its own bounds in poe_wand_p99_bounds_per_stage_head.",
                 table(["Branch", "Step"] + [f"bound {s} → {s + 1}" for s in range(K - 1)], save_rows(recs, seed_i, cols))))
 
-    alphas = list(_newest(recs, "alpha_sweep").get("alphas") or [])
+    alphas = list(S.newest(recs, "alpha_sweep").get("alphas") or [])
     cols = [(lambda a: lambda r: _sweep_cell(r, a))(a) for a in alphas] + [keyed("crossover_gap", fmt_signed(6))]
     out.append(("Bayesian PoE α-sweep (renormed BPB)",
                 "α=0 is the geometric-mean PoE aggregate; α=1 the pure sum (log opinion pool). Crossover gap = "
