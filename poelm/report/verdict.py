@@ -47,7 +47,7 @@ from typing import Callable
 
 from scipy import stats
 
-from poelm.measure.record import figure
+from poelm.measure.record import figure, lookup
 from poelm.schedule import Phase
 
 COHERENT_SHARE = 0.75
@@ -148,7 +148,7 @@ KINDS = {"quality": "Quality", "structure": "Stage structure", "efficiency": "In
 def metrics_for(records) -> list[Metric]:
     """The metrics the verdict speaks about; K and m come from the records."""
     K = max((int(r.get("K") or 0) for r in records), default=0)
-    m = next((r["spec"].get("m") for r in reversed(sort_records(records)) if isinstance(r.get("spec"), dict)), None) or "m"
+    m = next((lookup(r, "spec.m") for r in reversed(sort_records(records)) if isinstance(r.get("spec"), dict)), None) or "m"
     b6, d6, b4, d4 = fmt_num(6), fmt_signed(6), fmt_num(4), fmt_signed(4)
     f2, s2 = fmt_num(2), fmt_signed(2)
     # quality: how good the model is (the card's question is asked of these)
