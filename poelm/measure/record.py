@@ -11,7 +11,9 @@ by a newer poelm, or a block this module types only in part, survives a load / w
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import numbers
 import sys
 import types
 import typing
@@ -361,6 +363,35 @@ def untyped_keys(block: Block, path: str = "") -> list[str]:
 def canonical(records) -> list[dict]:
     """JSON records as today's writer spells them (``load(...).to_dict()``): what the report reads."""
     return [load(r).to_dict() for r in records]
+
+
+# ----------------------------------------------------------------------------- writing
+def json_default(x):
+    """numpy scalars (``numbers`` knows them) as Python numbers; anything else is an error."""
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if isinstance(x, numbers.Real):
+        return float(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def clean(obj):
+    """NaN/inf -> None so the record is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    return obj
+
+
+def to_bytes(obj) -> bytes:
+    """A record (typed or its JSON object), or ``{"records": [...]}``, as the file's bytes: strict
+    JSON (NaN/inf as null), indented, newline-terminated."""
+    if isinstance(obj, Block):
+        obj = obj.to_dict()
+    return (json.dumps(clean(obj), indent=2, allow_nan=False, default=json_default) + "\n").encode("utf-8")
 
 
 # ----------------------------------------------------------------------------- docs/record.md

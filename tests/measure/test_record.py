@@ -55,3 +55,13 @@ def test_from_meta_head():
     d = r.to_dict()
     assert (d["step"], d["lrm"], d["phase"], d["K"], d["stage_layers"], d["branch"]) == (12, 0.5, {"name": "B2"}, 2, [1, 2], "step-00012")
     assert d["tokens"] is None and "other" not in d and d["schema"] == record.SCHEMA and d["bpb"] is None
+
+
+def test_to_bytes_is_strict_json():
+    import numpy as np
+
+    body = record.to_bytes(Record(step=np.int64(3), crossover_gap=float("nan"), stage_layers=[np.int32(1)], lrm=np.float32(0.5)))
+    d = json.loads(body)
+    assert body.endswith(b"\n") and d["step"] == 3 and d["crossover_gap"] is None and d["stage_layers"] == [1] and d["lrm"] == 0.5
+    with pytest.raises(TypeError, match="not JSON serialisable: object"):
+        record.to_bytes({"x": object()})
