@@ -55,7 +55,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from poelm import __version__, targets
@@ -266,7 +265,7 @@ def _on_rank0(build, rank: int, world: int, dev) -> dict:
     except Exception as e:
         _broadcast_text(json.dumps({"__rank0_error__": f"{type(e).__name__}: {e}"}), rt)
         raise
-    _broadcast_text(json.dumps(rec, default=_json_default), rt)
+    _broadcast_text(json.dumps(rec, default=record.json_default), rt)
     return rec
 
 
@@ -335,27 +334,6 @@ def _record(model, tokenizer, meta, ev, ref_ev, ref, o: MeasureOptions, run: _Ru
     return rec.to_dict()
 
 
-def _json_default(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n").encode("utf-8")
-
-
-def _clean(obj):
-    """NaN/inf -> None so the record is strict JSON."""
-    if isinstance(obj, float):
-        return obj if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def measure_target(target: str, opts: MeasureOptions | None = None, *, data: str | None = None, out: str | None = None,
                    against: str | None = None, device: str | None = "auto", write_calibration: bool | None = None,
                    write: bool = True, write_branch: bool = False, **options) -> dict:
@@ -393,7 +371,7 @@ def measure_target(target: str, opts: MeasureOptions | None = None, *, data: str
             rmodel, rtok, rmeta = load_model(rtgt.path, device=dev)
             ref = (rmodel, rtok, rmeta, rtgt.label)
         rec = measure(model, tok, meta, o, tokens=tokens, target=label, data=data, against=ref)
-        rec = record.load(_clean(rec))
+        rec = record.load(record.clean(rec))
         if _rank_world()[0] != 0:
             return None
         written = []
@@ -413,7 +391,7 @@ def measure_target(target: str, opts: MeasureOptions | None = None, *, data: str
             if kept:
                 rec.benchmarks = kept
         rec = rec.to_dict()
-        body = _json_bytes(rec)
+        body = record.to_bytes(rec)
         if out:
             atomic_write_bytes(out, body)
         if repo and (into or written):
