@@ -213,6 +213,37 @@ class Spec(Block):
 
 
 @dataclass(kw_only=True)
+class Timing(Block):
+    """The timing protocol (``poelm/measure/timing.py``) on the first prompts of the generation set."""
+
+    prompts: int | None = doc("prompts timed (`--timing-prompts`)")
+    new_tokens: int | None = doc("new tokens per round, all prompts")
+    new_tokens_per_prompt: int | None = doc("`--timing-tokens`")
+    repeats: int | None = doc("interleaved rounds (`--timing-rounds`)")
+    warmup: str | None = doc("what ran before the clock")
+    order: str | None = doc("how modes interleave")
+    interval: str | None = doc("how speedup intervals are drawn (old records: min-max over rounds)")
+    modes: list | None = doc("the modes timed")
+    ms_per_token: dict | None = doc("mode -> median round, ms per new token")
+
+
+@dataclass(kw_only=True)
+class Probe(Block):
+    """The sample-mode probe (``poelm/measure/probe.py``): graded greedy continuations."""
+
+    set: str | None = doc("`card`, `embedded` or a JSONL path")
+    max_new_tokens: int | None = doc("greedy tokens per prompt")
+    generator: str | None = doc("`engine` or `builtin`")
+    grading: str | None = doc("the rubric, in words")
+    results: list = doc("rows: `name, prompt, continuation, graded` (the graded start), `pass, answer` and/or `expect`, "
+                        "`matched_words, answer_words`, `new_tokens` when cut short", factory=list)
+    passed: int | None = doc("prompts passed")
+    total: int | None = doc("prompts")
+    words_matched: int | None = doc("answer words matched, all prompts", omit_none=True)
+    words_total: int | None = doc("answer words, all prompts", omit_none=True)
+
+
+@dataclass(kw_only=True)
 class Generation(Block):
     """The generation prompt set (``poelm/measure/genset.py``)."""
 
@@ -273,10 +304,8 @@ class Record(Block):
     wand: Wand | None = doc("WAND p99 bounds")
     routing: Routing | None = doc("confidence-aware routing")
     spec: Spec | None = doc("self-speculative decoding")
-    probe: dict | None = doc("`set, max_new_tokens, grading, results[], passed, total, words_matched, words_total`; rows: "
-                             "`name, prompt, continuation, graded, pass, answer / expect, matched_words, answer_words`")
-    timing: dict | None = doc("the protocol: `prompts, new_tokens, new_tokens_per_prompt, repeats, warmup, order, interval, modes, "
-                              "ms_per_token`")
+    probe: Probe | None = doc("the sample-mode probe")
+    timing: Timing | None = doc("the timing protocol")
     generation: Generation | None = doc("the generation prompt set")
     against: Against | None = doc("paired deltas vs a reference")
     bootstrap: Bootstrap | None = doc("how the intervals were drawn")
