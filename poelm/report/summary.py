@@ -68,13 +68,13 @@ def format_summary(rec) -> str:
                  f"x {gen.new_tokens_per_prompt} new tokens; intervals over prompts")
     t = r.timing
     if t:
-        L.append(f"  timing        {t['prompts']} prompts x {t['new_tokens_per_prompt']} tokens x {t['repeats']} interleaved rounds, "
-                 f"{t.get('interval', 'min-max over rounds')}; full K {t['ms_per_token']['full']:.2f} ms/token")
+        L.append(f"  timing        {t.prompts} prompts x {t.new_tokens_per_prompt} tokens x {t.repeats} interleaved rounds, "
+                 f"{t.interval or 'min-max over rounds'}; full K {_f(t.get('ms_per_token.full'), 2)} ms/token")
     p = r.probe
     if p:
-        marks = " ".join(f"{x['name']} {'PASS' if x['pass'] else 'fail'}" for x in p["results"])
-        words = f" ({p['words_matched']}/{p['words_total']} answer words)" if p.get("words_total") else ""
-        L.append(f"  probe ({p['set']}) {p['passed']}/{p['total']}{words}: {marks}")
+        marks = " ".join(f"{x['name']} {'PASS' if x['pass'] else 'fail'}" for x in p.results)
+        words = f" ({p.words_matched}/{p.words_total} answer words)" if p.words_total else ""
+        L.append(f"  probe ({p.set}) {p.passed}/{p.total}{words}: {marks}")
     ag = r.against
     if ag:
         d = ag.deltas
