@@ -57,9 +57,8 @@ def card_scalars(rec: dict) -> dict:
     put("routing/generation_speedup", r.get("routing.generation.speedup"))
     for key in ("acceptance", "mean_accepted", "speedup", "implied_speedup"):
         put(f"spec/{key}", r.get(f"spec.{key}"))
-    probe = r.probe or {}
-    if isinstance(probe.get("passed"), int) and probe.get("total"):
-        put("probe/pass_rate", probe["passed"] / probe["total"])
+    if r.probe and isinstance(r.probe.passed, int) and r.probe.total:
+        put("probe/pass_rate", r.probe.passed / r.probe.total)
     put("delta_vs_ref/bpb_full", r.against.deltas.get("bpb.full") if r.against else None)
     for b in r.benchmarks or []:
         if isinstance(b, dict) and b.get("task") and b.get("metric"):
