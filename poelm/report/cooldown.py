@@ -89,7 +89,7 @@ def rows(records) -> list[dict]:
     return out
 
 
-def _below(row) -> bool | None:
+def below_seed(row) -> bool | None:
     """Is the annealed-here BPB below the seed beyond its interval? Paired CI first, else the
     two value intervals disjoint; None when neither interval is known."""
     if row["delta"] is None:
@@ -101,7 +101,7 @@ def _below(row) -> bool | None:
     return None
 
 
-def _above(row) -> bool:
+def above_seed(row) -> bool:
     if row["delta_ci"] is not None:
         return row["delta_ci"][0] > 0
     return row["annealed_ci"] is not None and row["seed_ci"] is not None and row["annealed_ci"][0] > row["seed_ci"][1]
@@ -151,9 +151,9 @@ def verdict_lines(records) -> list[str]:
         if not pts:
             continue
         b6, d6 = fmt_num(6), fmt_signed(6)
-        below = [r for r in pts if _below(r)]
-        above = [r for r in pts if _above(r)]
-        unknown = [r for r in pts if _below(r) is None]
+        below = [r for r in pts if below_seed(r)]
+        above = [r for r in pts if above_seed(r)]
+        unknown = [r for r in pts if below_seed(r) is None]
         each = "; ".join(f"step {r['step']:,}: {b6(r['annealed'])}, Δ {d6(r['delta'])}" + (
             f" [{d6(r['delta_ci'][0])}, {d6(r['delta_ci'][1])}]" if r["delta_ci"] else "") for r in pts if r["delta"] is not None)
         s = (f"BPB if annealed here ({n}-step cooldown), {len(pts)} probed branch(es) ({each or 'no seed value'}): "
