@@ -26,6 +26,7 @@ from pathlib import Path
 
 from poelm import config as config_mod
 from poelm.core.errors import PoelmError
+from poelm.measure import record
 
 SPIKE_SIGMA = 6  # the continual phase's spike guard (OLMo-core's SkipStepAdamW default sigma_factor)
 
@@ -93,7 +94,7 @@ def run_demo(workdir="poelm-demo", config="embedded", base_steps=None, continual
     for b in branches:
         rec = measure.measure_target(f"{repo}@{b}", against=None if b == branches[0] else seed_target, progress=False, **kw)
         recs.append(rec)
-        log(f"      {b}: full-K BPB {rec['bpb']['full']['value']:.4f}")
+        log(f"      {b}: full-K BPB {record.figure(rec, 'bpb.full')[0]:.4f}")
         _dashboards(rec, cfg.train.trackers, {**opts, "dir": work / "continual"})
     from poelm.measure import evals  # the shipped offline benchmark on every branch (needs poelm[eval])
 
@@ -135,10 +136,10 @@ def summary_table(records: list[dict]) -> list[str]:
     fmt = "  {:<11} {:>6} {:>6}  {:<26} {}"
     lines = [fmt.format("branch", "step", "lrm", "full-K BPB [95% CI]", "delta vs seed [95% CI]")]
     for r in records:
-        d = ((r.get("against") or {}).get("deltas") or {}).get("bpb.full")
+        d = record.lookup(r, "against.deltas", {}).get("bpb.full")  # a delta's key holds dots: not a path
         lrm = "-" if r.get("lrm") is None else f"{r['lrm']:.3f}"
         lines.append(fmt.format(r.get("branch") or "-", r.get("step") if r.get("step") is not None else "-", lrm,
-                                bpb(r["bpb"]["full"]), ci(d) if d else "(the seed)"))
+                                bpb(record.lookup(r, "bpb.full")), ci(d) if d else "(the seed)"))
     return lines
 
 
@@ -189,9 +190,9 @@ def _cooldown_probes(run_dir: Path, repo: Path, seed_target: str, cont: dict, ph
         rec = measure.measure_target(f"{repo}@{branch}", against=seed_target, progress=False, probe_set=None, **kw)
         dt = time.time() - t0
         _dashboards(rec, trackers[0], {**trackers[1], "dir": Path(s["ckpt"]).parent})
-        full = rec["bpb"]["full"]
+        full = record.lookup(rec, "bpb.full")
         out["probes"].append({"branch": branch, "source": d.name, "train_s": wall, "loop_s": s["elapsed_s"], "measure_s": dt,
-                              "bpb": full, "delta_vs_seed": ((rec.get("against") or {}).get("deltas") or {}).get("bpb.full")})
+                              "bpb": full, "delta_vs_seed": record.lookup(rec, "against.deltas", {}).get("bpb.full")})
         ci = full.get("ci") or [None, None]
         log(f"      {branch}: BPB if annealed here {full['value']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci[0] is not None else "")
             + f" ({wall:.1f}s cooldown incl. save and publish, {dt:.1f}s measuring)")

@@ -5,14 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from poelm.cli.common import add_tracker_flags, tracking
+from poelm.measure.options import CONFIDENCES, MeasureOptions
+
+D = MeasureOptions()  # every default of `poelm measure` is the dataclass's
+
+
+def measure_options(args) -> MeasureOptions:
+    """The parsed flags as ``MeasureOptions`` (each field has a flag of its name; ``--probe none`` skips)."""
+    kw = {f: getattr(args, f) for f in MeasureOptions.__dataclass_fields__ if hasattr(args, f)}
+    if kw.get("probe_set") == "none":
+        kw["probe_set"] = None
+    return MeasureOptions(**kw, progress=not args.quiet)
 
 
 # ----------------------------------------------------------------------------- measure
 def _add_measure(sub):
     p = sub.add_parser("measure", help="measure checkpoints: BPB per stage/prefix, accuracy, alpha sweep, WAND bounds, routing, speculative, probe")
     p.add_argument("targets", nargs="+", metavar="TARGET", help="checkpoint dir, run dir (newest save), exported folder, REPO, REPO@main, REPO@step-XXXXX or hf://org/name[@rev]")
-    p.add_argument("--split-tokens", type=int, default=1_048_576, help="measurement slice: first N validation tokens (default 1,048,576)")
-    p.add_argument("--calib-tokens", type=int, default=131_072, help="calibration slice right after it, for WAND bounds and routing tau (default 131,072; 0 skips)")
+    p.add_argument("--split-tokens", type=int, default=D.split_tokens, help="measurement slice: first N validation tokens (default %(default)s)")
+    p.add_argument("--calib-tokens", type=int, default=D.calib_tokens, help="calibration slice right after it, for WAND bounds and routing tau (default %(default)s; 0 skips)")
     p.add_argument("--data", help="measure on this txt/jsonl/parquet corpus instead of the checkpoint's validation split; the record goes "
                                   "to --out only (never into the branch / checkpoint unless --write-branch); calibration is not written back")
     p.add_argument("--out", help="record file (one TARGET) or directory (several); writes ONLY there (the branch / checkpoint is left "
@@ -21,27 +32,27 @@ def _add_measure(sub):
                                                                "(marked data_override in the record and the report)")
     p.add_argument("--against", metavar="REF", help="reference checkpoint: paired deltas with 95%% bootstrap intervals on the same slice")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available); bf16 autocast on CUDA")
-    p.add_argument("--batch-size", type=int, default=8, help="rows of seq_len per forward (default 8)")
-    p.add_argument("--seq-len", type=int, help="row length (default: the run's train.seq_len, else max_seq_len)")
-    p.add_argument("--cap", type=float, default=0.02, help="routing cap (default 0.020)")
-    p.add_argument("--routing-metric", default="agreement", choices=["agreement", "target", "nll", "target_regression"],
+    p.add_argument("--batch-size", type=int, default=D.batch_size, help="rows of seq_len per forward (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=D.seq_len, help="row length (default: the run's train.seq_len, else max_seq_len)")
+    p.add_argument("--cap", type=float, default=D.cap, help="routing cap (default %(default)s)")
+    p.add_argument("--routing-metric", default=D.routing_metric, choices=["agreement", "target", "nll", "target_regression"],
                    help="routing regression metric: agreement (default: routed positions where stage-0 top-1 != full-K top-1), "
                         "target (full K right, stage 0 wrong; old name target_regression) or nll")
-    p.add_argument("--confidence", default="maxprob", choices=["maxprob", "margin"], help="stage-0 confidence for routing")
-    p.add_argument("--m", type=int, default=4, help="speculative draft length (default 4)")
-    p.add_argument("--probe", default="auto", help="prompt set: card, embedded, a JSONL file, or none (default: embedded for embedded-corpus models, else card)")
-    p.add_argument("--max-new-tokens", type=int, default=60, help="greedy tokens per probe prompt (default 60)")
-    p.add_argument("--gen-prompts", type=int, default=32, help="generation set: contexts cut from the measurement slice for acceptance, "
-                                                               "agreement in generation and exit depths, with 95%% intervals over prompts (default 32)")
-    p.add_argument("--gen-tokens", type=int, default=32, help="generation set: greedy new tokens per context (default 32)")
-    p.add_argument("--gen-seed", type=int, default=0, help="generation set: seed of the context offsets (default 0)")
-    p.add_argument("--timing-prompts", type=int, default=8, help="timed decoding: the first N prompts of the generation set (default 8)")
-    p.add_argument("--timing-tokens", type=int, default=16, help="timed decoding: new tokens per prompt (default 16)")
-    p.add_argument("--timing-rounds", type=int, default=3, help="timed decoding: interleaved rounds; speedup intervals resample rounds "
-                                                                "and prompts (default 3)")
-    p.add_argument("--block-tokens", type=int, default=1024, help="bootstrap block size in tokens (default 1024)")
-    p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--confidence", default=D.confidence, choices=list(CONFIDENCES), help="stage-0 confidence for routing")
+    p.add_argument("--m", type=int, default=D.m, help="speculative draft length (default %(default)s)")
+    p.add_argument("--probe", dest="probe_set", metavar="PROBE", default=D.probe_set, help="prompt set: card, embedded, a JSONL file, or none (default auto: embedded for embedded-corpus models, else card)")
+    p.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens, help="greedy tokens per probe prompt (default %(default)s)")
+    p.add_argument("--gen-prompts", type=int, default=D.gen_prompts, help="generation set: contexts cut from the measurement slice for acceptance, "
+                                                               "agreement in generation and exit depths, with 95%% intervals over prompts (default %(default)s)")
+    p.add_argument("--gen-tokens", type=int, default=D.gen_tokens, help="generation set: greedy new tokens per context (default %(default)s)")
+    p.add_argument("--gen-seed", type=int, default=D.gen_seed, help="generation set: seed of the context offsets (default %(default)s)")
+    p.add_argument("--timing-prompts", type=int, default=D.timing_prompts, help="timed decoding: the first N prompts of the generation set (default %(default)s)")
+    p.add_argument("--timing-tokens", type=int, default=D.timing_tokens, help="timed decoding: new tokens per prompt (default %(default)s)")
+    p.add_argument("--timing-rounds", dest="timing_repeats", metavar="TIMING_ROUNDS", type=int, default=D.timing_repeats, help="timed decoding: interleaved rounds; speedup intervals resample rounds "
+                                                                "and prompts (default %(default)s)")
+    p.add_argument("--block-tokens", type=int, default=D.block_tokens, help="bootstrap block size in tokens (default %(default)s)")
+    p.add_argument("--samples", type=int, default=D.samples, help="bootstrap resamples (default %(default)s)")
+    p.add_argument("--seed", type=int, default=D.seed, help="bootstrap seed (default %(default)s)")
     p.add_argument("--no-write", action="store_true", help="write nothing into the trajectory / checkpoint (no record, no WAND bounds or "
                                                            "routing tau, no model cards); only --out FILE if given")
     p.add_argument("--slice", action="append", metavar="NAME=PATH", help="BPB and tokens/byte on the validation split of this corpus "
@@ -86,21 +97,17 @@ def _run_measure(args):
     if args.slice:
         return _run_slices(args)
 
-    names, opts = tracking(args)
-    opts["dir"] = args.tracker_dir
+    names, track_opts = tracking(args)
+    track_opts["dir"] = args.tracker_dir
 
+    opts = measure_options(args)
     many = len(args.targets) > 1
     for t in args.targets:
         out = args.out
         if out and many:
             out = str(Path(out) / (Path(t.replace("@", "_")).name + ".json"))
-        rec = measure.measure_target(
-            t, data=args.data, out=out, against=args.against, device=args.device, write=not args.no_write, write_branch=args.write_branch,
-            probe_set=None if args.probe == "none" else args.probe, split_tokens=args.split_tokens, calib_tokens=args.calib_tokens,
-            batch_size=args.batch_size, seq_len=args.seq_len, cap=args.cap, routing_metric=args.routing_metric,
-            confidence=args.confidence, m=args.m, max_new_tokens=args.max_new_tokens, block_tokens=args.block_tokens,
-            samples=args.samples, seed=args.seed, progress=not args.quiet, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
-            gen_seed=args.gen_seed, timing_prompts=args.timing_prompts, timing_tokens=args.timing_tokens, timing_repeats=args.timing_rounds)
+        rec = measure.measure_target(t, opts, data=args.data, out=out, against=args.against, device=args.device,
+                                     write=not args.no_write, write_branch=args.write_branch)
         if rec is None:  # torchrun: a rank other than 0 (rank 0 prints and writes)
             continue
         from poelm.report.summary import format_summary
@@ -111,7 +118,7 @@ def _run_measure(args):
         if names:  # the card's metrics at the branch's step, in the run that saved it
             from poelm.measure.dashboard import log_measurement
 
-            logged = log_measurement(rec, names, opts)
+            logged = log_measurement(rec, names, track_opts)
             print(f"  dashboards ({', '.join(names)}): {len(logged)} metrics at step {rec.get('step')}")
         if rec.get("branch") and rec.get("repo") and rec["record_written"]:
             from poelm.report import tables as report

@@ -26,9 +26,10 @@ import numpy as np
 
 from poelm.core.poe import LN2
 from poelm.measure.metrics import BlockSums
+from poelm.measure.options import MeasureOptions
 
-DEFAULT_SAMPLES = 1000
-DEFAULT_LEVEL = 0.95
+DEFAULT_SAMPLES = MeasureOptions.samples
+DEFAULT_LEVEL = MeasureOptions.level
 
 
 def resample_counts(n_blocks: int, samples: int, seed: int, chunk: int = 0):

@@ -45,6 +45,7 @@ import torch
 from poelm import config as config_mod
 from poelm import targets
 from poelm.core.errors import PoelmError
+from poelm.measure import record
 from poelm.measure.bootstrap import DEFAULT_LEVEL, DEFAULT_SAMPLES, bootstrap
 from poelm.core.poe import bpb as bits_per_byte
 from poelm.train import checkpoint
@@ -102,9 +103,11 @@ class Run:
 
 # ----------------------------------------------------------------------------- reading runs
 def _record_of(rec: dict | None) -> tuple[float | None, int | None]:
+    """Full-K BPB and the slice size of a measurement record (None, None without one)."""
     if not isinstance(rec, dict):
         return None, None
-    return ((rec.get("bpb") or {}).get("full") or {}).get("value"), rec.get("split_tokens")
+    r = record.load(rec)
+    return r.figure("bpb.full")[0], r.split_tokens
 
 
 def _tokenizer_fp(text: str | None, where: str) -> str:

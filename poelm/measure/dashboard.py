@@ -9,11 +9,15 @@ trajectory's metrics next to its training curves, at the same steps.
 from __future__ import annotations
 
 from poelm import track
+from poelm.measure import record
+from poelm.measure.record import Figure
 
 
 def _value(node):
     """A figure with interval or a timed figure (``{"value": ...}``), or a plain number."""
-    if isinstance(node, dict):
+    if isinstance(node, Figure):
+        node = node.value
+    elif isinstance(node, dict):
         node = node.get("value")
     return node if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
@@ -29,40 +33,34 @@ def card_scalars(rec: dict) -> dict:
         if v is not None:
             out[f"measure/{key}"] = v
 
-    bpb, acc = rec.get("bpb") or {}, rec.get("acc") or {}
-    put("bpb/full", bpb.get("full"))
-    for k, n in enumerate(bpb.get("single") or []):
+    r = record.load(rec)
+    for key, node in (("bpb/full", r.bpb and r.bpb.full), ("acc/full", r.acc and r.acc.full), ("crossover_gap", r.crossover_gap)):
+        put(key, node)
+    for k, n in enumerate(r.bpb.single if r.bpb else []):
         put(f"bpb/single/{k}", n)
-    for j, n in enumerate(bpb.get("prefix") or []):
+    for j, n in enumerate(r.bpb.prefix if r.bpb else []):
         put(f"bpb/prefix/{j + 1}", n)  # K' = j + 1 stages
-    put("acc/full", acc.get("full"))
-    for k, n in enumerate(acc.get("single") or []):
+    for k, n in enumerate(r.acc.single if r.acc else []):
         put(f"acc/single/{k}", n)
-    sweep = rec.get("alpha_sweep") or {}
-    for a, v in zip(sweep.get("alphas") or [], sweep.get("bpb") or []):
-        put(f"alpha_sweep/bpb/{a:g}", v)
-    put("crossover_gap", rec.get("crossover_gap"))
-    wand = rec.get("wand") or {}
-    for s, b in enumerate(wand.get("bounds") or []):
-        put(f"wand/bound/{s}", b)
-    ex = wand.get("exit") or {}
-    for k, f in enumerate(ex.get("fraction_per_stage") or []):
-        put(f"wand/exit_fraction/{k}", f)
-    put("wand/exit_agreement", ex.get("agreement"))
-    put("wand/generation_speedup", (wand.get("generation") or {}).get("speedup"))
-    r = rec.get("routing") or {}
+    if r.alpha_sweep:
+        for a, v in zip(r.alpha_sweep.alphas, r.alpha_sweep.bpb):
+            put(f"alpha_sweep/bpb/{a:g}", v)
+    if r.wand:
+        for s, b in enumerate(r.wand.bounds):
+            put(f"wand/bound/{s}", b)
+        for k, f in enumerate(r.wand.exit.fraction_per_stage if r.wand.exit else []):
+            put(f"wand/exit_fraction/{k}", f)
+    put("wand/exit_agreement", r.get("wand.exit.agreement"))
+    put("wand/generation_speedup", r.get("wand.generation.speedup"))
     for key in ("fraction", "tau", "value", "projected_speedup", "agreement_s0_full"):
-        put(f"routing/{key}", r.get(key))
-    put("routing/generation_speedup", (r.get("generation") or {}).get("speedup"))
-    sp = rec.get("spec") or {}
+        put(f"routing/{key}", r.get(f"routing.{key}"))
+    put("routing/generation_speedup", r.get("routing.generation.speedup"))
     for key in ("acceptance", "mean_accepted", "speedup", "implied_speedup"):
-        put(f"spec/{key}", sp.get(key))
-    probe = rec.get("probe") or {}
-    if isinstance(probe.get("passed"), int) and probe.get("total"):
-        put("probe/pass_rate", probe["passed"] / probe["total"])
-    deltas = (rec.get("against") or {}).get("deltas") or {}
-    put("delta_vs_ref/bpb_full", deltas.get("bpb.full"))
-    for b in rec.get("benchmarks") or []:
+        put(f"spec/{key}", r.get(f"spec.{key}"))
+    if r.probe and isinstance(r.probe.passed, int) and r.probe.total:
+        put("probe/pass_rate", r.probe.passed / r.probe.total)
+    put("delta_vs_ref/bpb_full", r.against.deltas.get("bpb.full") if r.against else None)
+    for b in r.benchmarks or []:
         if isinstance(b, dict) and b.get("task") and b.get("metric"):
             stages = b.get("stages") or "full"
             put(f"benchmarks/{b['task']}/{b['metric']}" + ("" if stages == "full" else f"/{stages}"), b.get("value"))

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import json
 import os
 import shutil
 import sys
@@ -45,6 +44,7 @@ from poelm.config import DataConfig
 from poelm.core.errors import PoelmError
 from poelm.fsio import atomic_write_bytes
 from poelm.infer.options import stage_selection
+from poelm.measure.record import Record, to_bytes
 from poelm.measure.tasks import devils_cloze
 from poelm.train import checkpoint
 from poelm.trajectory import export as export_mod
@@ -353,15 +353,8 @@ def merge(record: dict, new: list[dict]) -> dict:
 
 def minimal_record(unit: Unit) -> dict:
     """The record of a model ``poelm measure`` never saw: what its config says, no figures."""
-    meta = unit.meta
-    return {"schema": 1, "target": unit.label, "branch": unit.branch,
-            "step": int(meta["step"]) if meta.get("step") is not None else None,
-            **{k: meta.get(k) for k in ("rel_step", "phase", "lrm", "tokens", "tokens_in_phase", "train_val_bpb")},
-            "K": len(unit.stage_layers), "stage_layers": unit.stage_layers, "poelm_version": __version__}
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode("utf-8")
+    return Record.from_meta(unit.meta, target=unit.label, branch=unit.branch, K=len(unit.stage_layers),
+                            stage_layers=unit.stage_layers, poelm_version=__version__).to_dict()
 
 
 # ----------------------------------------------------------------------------- the verb
@@ -417,12 +410,12 @@ def run_eval(target: str, tasks: list[str], *, stages: str | None = None, batch_
                 for e in new) + f"  [n={new[0]['n'] if new else 0}, stages {label}]")
     if out:
         recs = [r["record"] for r in records]
-        atomic_write_bytes(out, _json_bytes(recs[0] if len(recs) == 1 else {"records": recs}))
+        atomic_write_bytes(out, to_bytes(recs[0] if len(recs) == 1 else {"records": recs}))
     return records
 
 
 def _write(unit: Unit, rec: dict) -> None:
-    body = _json_bytes(rec)
+    body = to_bytes(rec)
     if unit.repo:
         publish.update_branch_files(unit.repo, unit.branch, {publish.MEASURE: body})
     else:

@@ -30,12 +30,13 @@ import torch
 
 from poelm.measure.bootstrap import bootstrap, interval, ratio_stat
 from poelm.measure.metrics import spec_rounds
+from poelm.measure.options import MeasureOptions
 from poelm.measure.probe import full_greedy, teacher_forced_agreement
 
-DEFAULT_PROMPTS = 32
-DEFAULT_TOKENS = 32
-DEFAULT_CONTEXT = 64
-DEFAULT_SEED = 0
+DEFAULT_PROMPTS = MeasureOptions.gen_prompts
+DEFAULT_TOKENS = MeasureOptions.gen_tokens
+DEFAULT_CONTEXT = MeasureOptions.gen_context
+DEFAULT_SEED = MeasureOptions.gen_seed
 
 
 def cut_prompts(meas: torch.Tensor, bos_id: int, n: int = DEFAULT_PROMPTS, context: int = DEFAULT_CONTEXT,

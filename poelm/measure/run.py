@@ -52,31 +52,31 @@ import json
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from poelm import __version__, targets
-from poelm.measure.bootstrap import DEFAULT_LEVEL, DEFAULT_SAMPLES, delta_intervals, figure_intervals
+from poelm.measure.bootstrap import delta_intervals, figure_intervals
 from poelm.measure.calibrate import MANIFESTS, Calibrator, routing_entry, routing_summary, write_bounds
 from poelm.core.errors import PoelmError
 from poelm.fsio import atomic_write_bytes
 from poelm.trajectory import publish
 from poelm.measure.metrics import ALPHAS, BlockSums, RoutingHistogram, position_stats, routing_threshold, world_size
 from poelm.measure import genset, timing
+from poelm.measure import record
+from poelm.measure.options import MeasureOptions, WritePolicy
+from poelm.measure.record import Accuracy, Against, AlphaSweep, Bootstrap, Bpb, Figure, Generation, Record, Routing, Wand, WandExit
 from poelm.measure.slices import corpus_tokens, cut_slices, validation_slices  # noqa: F401  (measure.cut_slices, tests)
 
-DEFAULT_SPLIT_TOKENS = 1_048_576  # the card's --split-tokens
-DEFAULT_CALIB_TOKENS = 131_072  # the card's WAND calibration slice
-DEFAULT_BLOCK_TOKENS = 1024
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_SPLIT_TOKENS = MeasureOptions.split_tokens  # the defaults live in MeasureOptions (options.py)
+DEFAULT_CALIB_TOKENS = MeasureOptions.calib_tokens
 # positions x vocab per position_stats call. On CPU a small chunk keeps the ~40 passes over each
 # [chunk, V] row block in cache (measured ~15-20% faster than whole batches on the embedded model);
 # on a GPU large chunks amortise kernel launches (512 MB per fp32 temporary).
 CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 27}
 RECORD_NAME = publish.MEASURE  # the record's file name, spelled once (trajectory/publish.py)
-ROUTING_METRICS = RoutingHistogram.METRICS
 
 
 # ----------------------------------------------------------------------------- one pass
@@ -195,41 +195,19 @@ def _unpack_against(against):
 
 
 @torch.no_grad()
-def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_TOKENS, calib_tokens=DEFAULT_CALIB_TOKENS,
-            batch_size=DEFAULT_BATCH_SIZE, seq_len=None, cap=0.02, routing_metric="agreement", confidence="maxprob",
-            m=4, probe_set="card", max_new_tokens=60, against=None, block_tokens=DEFAULT_BLOCK_TOKENS,
-            samples=DEFAULT_SAMPLES, level=DEFAULT_LEVEL, seed=0, dtype="auto", progress=True, target=None, data=None,
-            timing_repeats=timing.DEFAULT_REPEATS, timing_prompts=timing.DEFAULT_PROMPTS, timing_tokens=timing.DEFAULT_TOKENS,
-            gen_prompts=genset.DEFAULT_PROMPTS, gen_tokens=genset.DEFAULT_TOKENS, gen_seed=genset.DEFAULT_SEED,
-            gen_context=genset.DEFAULT_CONTEXT) -> dict:
+def measure(model, tokenizer, meta, opts: MeasureOptions | None = None, *, tokens=None, against=None, target=None, data=None,
+            **options) -> dict:
     """Measure one model; returns the record (``docs/record.md``). See the module docstring.
 
-    ``tokens``: the token stream the slices are cut from (default: the checkpoint's validation
-    split, from ``meta["config"]``); ``data``: its label in the record. ``against``: a reference
-    model (or ``(model, tokenizer, meta[, label])``) evaluated on the same slices for paired
-    deltas. ``probe_set``: ``card``, ``embedded``, a JSONL path, or None to skip the probe and every
-    generation figure; ``gen_*``: the generation prompt set cut from the measurement slice
-    (``genset``: ``gen_prompts`` contexts of ``gen_context`` tokens, ``gen_tokens`` new tokens each,
-    offsets drawn with ``gen_seed``); ``timing_*``: the timing protocol over its first prompts (``timing``).
-    ``routing_metric``: ``agreement`` (default), ``target`` (alias ``target_regression``) or ``nll``
-    (``calibrate``'s docstring says why)."""
+    ``opts``: a ``MeasureOptions`` (``poelm/measure/options.py``); keywords named like its fields
+    replace its values. ``tokens``: the token stream the slices are cut from (default: the
+    checkpoint's validation split, from ``meta["config"]``); ``data``: its label in the record.
+    ``against``: a reference model (or ``(model, tokenizer, meta[, label])``) evaluated on the same
+    slices for paired deltas."""
     t0 = time.time()
     meta = dict(meta or {})
-    if RoutingHistogram.ALIASES.get(routing_metric, routing_metric) not in ROUTING_METRICS:
-        raise PoelmError(f"unknown routing metric {routing_metric!r}: use one of {', '.join(ROUTING_METRICS)}")
-    routing_metric = RoutingHistogram.canonical(routing_metric)
-    if confidence not in ("maxprob", "margin"):
-        raise PoelmError(f"unknown confidence {confidence!r}: use maxprob or margin")
-    for name, v in (("split_tokens", split_tokens), ("block_tokens", block_tokens), ("batch_size", batch_size),
-                    ("gen_prompts", gen_prompts), ("gen_tokens", gen_tokens), ("gen_context", gen_context),
-                    ("timing_prompts", timing_prompts), ("timing_tokens", timing_tokens)):
-        if int(v) <= 0:
-            raise PoelmError(f"{name} must be positive, got {v}")
-    if int(calib_tokens) < 0:
-        raise PoelmError(f"calib_tokens must be >= 0, got {calib_tokens}")
-    if int(gen_tokens) + 3 > model.config.max_seq_len:
-        raise PoelmError(f"gen_tokens {gen_tokens} leaves no room for a context under max_seq_len {model.config.max_seq_len}: "
-                         f"use at most {model.config.max_seq_len - 3}")
+    o = MeasureOptions.of(opts, **options).checked(model.config.max_seq_len)
+    o = o.replace(probe_set=o.probe_for(meta))
     model.eval()
     cfg = model.config
     K = cfg.n_stages
@@ -239,40 +217,36 @@ def measure(model, tokenizer, meta, *, tokens=None, split_tokens=DEFAULT_SPLIT_T
         raise PoelmError("--against needs a checkpoint with the same tokenizer (paired deltas compare the same tokens)")
     if ref is not None and ref[0].config.n_stages != K:
         raise PoelmError(f"--against needs a model with the same number of stages (K={K} vs {ref[0].config.n_stages})")
-    n_calib = int(calib_tokens) if K > 1 else 0
+    n_calib = int(o.calib_tokens) if K > 1 else 0
     if tokens is None:
-        meas, calib = validation_slices(meta, tokenizer, int(split_tokens), n_calib)
+        meas, calib = validation_slices(meta, tokenizer, int(o.split_tokens), n_calib)
         data = data or "val split"
     else:
-        meas, calib = cut_slices(torch.as_tensor(tokens, dtype=torch.long).flatten(), int(split_tokens), n_calib)
-    T = _seq_len(model, meta, seq_len)
-    autocast, dtype_label = _autocast(dev, dtype)
+        meas, calib = cut_slices(torch.as_tensor(tokens, dtype=torch.long).flatten(), int(o.split_tokens), n_calib)
+    T = _seq_len(model, meta, o.seq_len)
+    autocast, dtype_label = _autocast(dev, o.dtype)
     tb = tokenizer.token_bytes().to(dev)
     if tb.numel() < cfg.vocab_size:
         tb = torch.cat([tb, tb.new_zeros(cfg.vocab_size - tb.numel())])
     n_meas, n_cal = meas.numel() - 1, (calib.numel() - 1 if calib is not None else 0)
     rank, world = _rank_world()
     bar = None
-    if progress and rank == 0:
+    if o.progress and rank == 0:
         from tqdm import tqdm
 
         # disable=None: a bar on a terminal only; piped, the summary the caller prints is the line
         bar = tqdm(total=(n_meas + n_cal) * (2 if ref is not None else 1), unit="tok", desc="measure", leave=False, disable=None)
-    kw = dict(seq_len=T, batch_size=batch_size, token_bytes=tb, autocast=autocast, block_tokens=block_tokens, cap=cap,
-              metric=routing_metric, confidence=confidence, bar=bar)
+    kw = dict(seq_len=T, batch_size=o.batch_size, token_bytes=tb, autocast=autocast, block_tokens=o.block_tokens, cap=o.cap,
+              metric=o.routing_metric, confidence=o.confidence, bar=bar)
     ev = evaluate(model, meas, calib, **kw)
-    rk = dict(t0=t0, K=K, cfg=cfg, T=T, dev=dev, dtype_label=dtype_label, n_meas=n_meas, n_cal=n_cal, split_tokens=split_tokens,
-              calib_tokens=calib_tokens, block_tokens=block_tokens, samples=samples, seed=seed, level=level, cap=cap,
-              routing_metric=routing_metric, confidence=confidence, probe_set=probe_set, max_new_tokens=max_new_tokens, m=m,
-              target=target, data=data, world=world, timing_kw=dict(repeats=timing_repeats, n_prompts=timing_prompts, n_tokens=timing_tokens),
-              gen=dict(prompts=int(gen_prompts), tokens=int(gen_tokens), seed=int(gen_seed),
-                       context=min(int(gen_context), cfg.max_seq_len - int(gen_tokens) - 1)), meas=meas)
+    run = _Run(t0=t0, K=K, T=T, dev=dev, dtype_label=dtype_label, n_meas=n_meas, n_cal=n_cal, target=target, data=data,
+               world=world, gen_context=min(int(o.gen_context), cfg.max_seq_len - int(o.gen_tokens) - 1), meas=meas)
     ref_ev = evaluate(ref[0], meas, calib, **kw) if ref is not None else None
     if bar is not None:
         bar.close()
     if world == 1:
-        return _record(model, tokenizer, meta, ev, ref_ev, ref, **rk)
-    return _on_rank0(lambda: _record(model, tokenizer, meta, ev, ref_ev, ref, **rk), rank, world, dev)
+        return _record(model, tokenizer, meta, ev, ref_ev, ref, o, run)
+    return _on_rank0(lambda: _record(model, tokenizer, meta, ev, ref_ev, ref, o, run), rank, world, dev)
 
 
 def _on_rank0(build, rank: int, world: int, dev) -> dict:
@@ -291,107 +265,85 @@ def _on_rank0(build, rank: int, world: int, dev) -> dict:
     except Exception as e:
         _broadcast_text(json.dumps({"__rank0_error__": f"{type(e).__name__}: {e}"}), rt)
         raise
-    _broadcast_text(json.dumps(rec, default=_json_default), rt)
+    _broadcast_text(json.dumps(rec, default=record.json_default), rt)
     return rec
 
 
-def _record(model, tokenizer, meta, ev, ref_ev, ref, *, t0, K, cfg, T, dev, dtype_label, n_meas, n_cal, split_tokens,
-            calib_tokens, block_tokens, samples, seed, level, cap, routing_metric, confidence, probe_set, max_new_tokens,
-            m, target, data, world, timing_kw, gen, meas) -> dict:
+@dataclass(frozen=True)
+class _Run:
+    """What one ``measure`` call derived before the record: slice sizes, row length, device."""
+
+    t0: float
+    K: int
+    T: int
+    dev: torch.device
+    dtype_label: str
+    n_meas: int
+    n_cal: int
+    target: str | None
+    data: str | None
+    world: int
+    gen_context: int
+    meas: torch.Tensor
+
+
+def _record(model, tokenizer, meta, ev, ref_ev, ref, o: MeasureOptions, run: _Run) -> dict:
     """The record from the merged accumulators (bootstrap, routing, WAND exits), plus the probe
     and the speculative statistics (generation: one process)."""
+    K, T, n_cal, samples, seed, level = run.K, run.T, run.n_cal, o.samples, o.seed, o.level
+    cfg = model.config
     figs = figure_intervals(ev["blocks"], K, ALPHAS, samples, seed, level)
     flops = model.flops_per_token(seq_len=T)  # routing c0: the slice rows' mean context
     c0 = flops["per_stage"][0] / flops["total"]
-    rec = {
-        "schema": 1,
-        "target": target,
-        "branch": meta.get("branch"),
-        "step": int(meta["step"]) if meta.get("step") is not None else None,
-        **{k: meta.get(k) for k in ("rel_step", "phase", "lrm", "tokens", "tokens_in_phase", "train_val_bpb")},
-        "K": K, "stage_layers": list(cfg.stage_layers),
-        "split_tokens": n_meas, "calib_tokens": n_cal,
-        "split_tokens_requested": int(split_tokens), "calib_tokens_requested": int(calib_tokens),
-        "seq_len": T, "data": data or "tokens", "world_size": int(world),
-        "bpb": {"full": figs["bpb.full"], "single": [figs[f"bpb.single.{k}"] for k in range(K)],
-                "prefix": [figs[f"bpb.prefix.{j}"] for j in range(K - 1)]},
-        "acc": {"single": [figs[f"acc.single.{k}"] for k in range(K)], "full": figs["acc.full"]},
-        "alpha_sweep": {"alphas": list(ALPHAS), "bpb": [figs[f"alpha_sweep.bpb.{i}"]["value"] for i in range(len(ALPHAS))],
-                        "ci": [figs[f"alpha_sweep.bpb.{i}"]["ci"] for i in range(len(ALPHAS))]},
-        "crossover_gap": figs["crossover_gap"]["value"], "crossover_gap_ci": figs["crossover_gap"]["ci"],
-        "wand": None, "routing": None, "spec": None, "probe": None, "timing": None, "generation": None, "against": None,
-        "bootstrap": {"block_tokens": int(block_tokens), "blocks": ev["blocks"].n_blocks, "samples": int(samples),
-                      "seed": int(seed), "level": level, "interval": "percentile"},
-    }
+    F = Figure.from_dict
+    rec = Record.from_meta(
+        meta, target=run.target, branch=meta.get("branch"), K=K, stage_layers=cfg.stage_layers, split_tokens=run.n_meas, calib_tokens=n_cal,
+        split_tokens_requested=int(o.split_tokens), calib_tokens_requested=int(o.calib_tokens),
+        seq_len=T, data=run.data or "tokens", world_size=int(run.world),
+        bpb=Bpb(full=F(figs["bpb.full"]), single=[F(figs[f"bpb.single.{k}"]) for k in range(K)],
+                prefix=[F(figs[f"bpb.prefix.{j}"]) for j in range(K - 1)]),
+        acc=Accuracy(single=[F(figs[f"acc.single.{k}"]) for k in range(K)], full=F(figs["acc.full"])),
+        alpha_sweep=AlphaSweep(alphas=list(ALPHAS), bpb=[figs[f"alpha_sweep.bpb.{i}"]["value"] for i in range(len(ALPHAS))],
+                               ci=[figs[f"alpha_sweep.bpb.{i}"]["ci"] for i in range(len(ALPHAS))]),
+        crossover_gap=figs["crossover_gap"]["value"], crossover_gap_ci=figs["crossover_gap"]["ci"],
+        bootstrap=Bootstrap(block_tokens=int(o.block_tokens), blocks=ev["blocks"].n_blocks, samples=int(samples),
+                            seed=int(seed), level=level, interval="percentile"))
     agree = figs["routing.agreement_s0_full"]
     if ev["wand"] is not None:
-        w = ev["wand"]
         counted = float(ev["blocks"].array()[:, ev["blocks"].index["count"]].sum())
         ex = ev["exits"]
-        rec["wand"] = {**w, "calib_tokens": n_cal,
-                       "exit": {"fraction_per_stage": [float(x / counted) if counted else None for x in ex[:K]],
-                                "agreement": float(ex[K] / counted) if counted else None}}
+        rec.wand = Wand.from_dict({**ev["wand"], "calib_tokens": n_cal})
+        rec.wand.exit = WandExit(fraction_per_stage=[float(x / counted) if counted else None for x in ex[:K]],
+                                 agreement=float(ex[K] / counted) if counted else None)
     if ev["calibrator"] is not None:
-        r = routing_summary(ev["calibrator"].routing, ev["held"], cap, routing_metric, confidence, c0, agree["value"])
-        r["agreement_ci"] = agree["ci"]
-        r["fraction_ci"] = figs["routing.fraction"]["ci"]
-        rec["routing"] = r
-    if probe_set is not None:
-        prompts, starts = genset.cut_prompts(meas, tokenizer.bos_id, gen["prompts"], gen["context"], gen["seed"])
-        rec["generation"] = {"source": "measurement slice", "prompts": len(prompts), "prompts_requested": gen["prompts"],
-                             "context_tokens": gen["context"], "new_tokens_per_prompt": gen["tokens"], "seed": gen["seed"],
-                             "starts": starts, "interval": f"{level:.0%} expanded percentile bootstrap over prompts"}
-        rec.update(timing.probe_and_timing(rec, model, tokenizer, probe_set, max_new_tokens, m, confidence, gen_prompts=prompts,
-                                           gen_tokens=gen["tokens"], samples=samples, seed=seed, level=level, **timing_kw))
+        r = routing_summary(ev["calibrator"].routing, ev["held"], o.cap, o.routing_metric, o.confidence, c0, agree["value"])
+        rec.routing = Routing.from_dict({**r, "agreement_ci": agree["ci"], "fraction_ci": figs["routing.fraction"]["ci"]})
+    if o.probe_set is not None:
+        prompts, starts = genset.cut_prompts(run.meas, tokenizer.bos_id, int(o.gen_prompts), run.gen_context, int(o.gen_seed))
+        rec.generation = Generation(source="measurement slice", prompts=len(prompts), prompts_requested=int(o.gen_prompts),
+                                    context_tokens=run.gen_context, new_tokens_per_prompt=int(o.gen_tokens), seed=int(o.gen_seed),
+                                    starts=starts, interval=f"{level:.0%} expanded percentile bootstrap over prompts")
+        got = timing.probe_and_timing(rec, model, tokenizer, o.probe_set, o.max_new_tokens, o.m, o.confidence,
+                                      gen_prompts=prompts, gen_tokens=int(o.gen_tokens), samples=samples, seed=seed, level=level,
+                                      repeats=o.timing_repeats, n_prompts=o.timing_prompts, n_tokens=o.timing_tokens)
+        rec = record.load({**rec.to_dict(), **got})  # probe, spec, timing and the generation halves of wand / routing
     if ref_ev is not None:
-        rec["against"] = {"target": ref[2], "deltas": delta_intervals(ev["blocks"], ref_ev["blocks"], K, ALPHAS, samples, seed, level,
-                                                                      routing=ref_ev["calibrator"] is not None)}
-    rec.update(elapsed_s=time.time() - t0, device=str(dev), dtype=dtype_label, poelm_version=__version__)
-    return rec
+        rec.against = Against(target=ref[2], deltas=delta_intervals(ev["blocks"], ref_ev["blocks"], K, ALPHAS, samples, seed, level,
+                                                                    routing=ref_ev["calibrator"] is not None))
+    rec.elapsed_s, rec.device, rec.dtype, rec.poelm_version = time.time() - run.t0, str(run.dev), run.dtype_label, __version__
+    return rec.to_dict()
 
 
-def _json_default(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+def measure_target(target: str, opts: MeasureOptions | None = None, *, data: str | None = None, out: str | None = None,
+                   against: str | None = None, device: str | None = "auto", write_calibration: bool | None = None,
+                   write: bool = True, write_branch: bool = False, **options) -> dict:
+    """Load ``target`` (``checkpoint.load_model``), measure it (``opts`` and keywords as for
+    ``measure``), store the calibration and the record.
 
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n").encode("utf-8")
-
-
-def _clean(obj):
-    """NaN/inf -> None so the record is strict JSON."""
-    if isinstance(obj, float):
-        return obj if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def measure_target(target: str, *, data: str | None = None, out: str | None = None, against: str | None = None,
-                   device: str | None = "auto", write_calibration: bool | None = None, probe_set: str | None = "auto",
-                   split_tokens: int = DEFAULT_SPLIT_TOKENS, calib_tokens: int = DEFAULT_CALIB_TOKENS, write: bool = True,
-                   write_branch: bool = False, **kw) -> dict:
-    """Load ``target`` (``checkpoint.load_model``), measure it, store the calibration and the record.
-
-    Where the record goes (a measurement never overwrites what it was told to leave alone):
-
-    - default: into the target, i.e. ``<checkpoint dir>/poelm_measure.json``, or for ``REPO@branch``
-      a commit on the branch (``publish.update_branch_files``; ``main`` follows when it holds it);
-    - ``out``: to that file ONLY; the checkpoint / branch / repository are not touched;
-    - ``write=False`` (``--no-write``): nothing into the target (only ``out``, if given);
-    - ``data`` (another txt/jsonl/parquet corpus instead of the validation split): never into the
-      target unless ``write_branch`` (``--write-branch``) asks for it; the record then says so
-      (``data_override: true``) and the report marks it. Without ``out`` or ``write_branch`` a
-      ``data`` measurement is refused before any work (its record would go nowhere).
-
-    ``write_calibration`` (default: when the record goes into the target and was measured on its
-    own validation split) stores the WAND bounds and routing threshold with the checkpoint
-    (``calibrate.write_bounds``). ``probe_set="auto"``: ``embedded`` for a model trained on the
-    embedded corpus, else ``card``. Other keywords go to ``measure``.
+    Where the record goes: ``WritePolicy`` (``poelm/measure/options.py``, its table) from ``out``,
+    ``write`` (``--no-write``), ``data``, ``write_branch``; ``write_calibration`` (default: when the
+    record goes into the target and was measured on its own validation split) stores the WAND
+    bounds and routing threshold with the checkpoint (``calibrate.write_bounds``).
 
     Under torchrun the ranks share the work (module docstring) and rank 0 alone writes; the other
     ranks return None."""
@@ -399,14 +351,9 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
     from poelm.train.checkpoint import load_model
     from poelm.train.runtime import join_group, pick_device
 
-    if write_branch and not write:
-        raise PoelmError("--write-branch and --no-write contradict each other: pass one")
-    into = write and (write_branch or (out is None and data is None))  # the record goes into the target
-    if data is not None and write and not into and out is None:
-        raise PoelmError(f"--data {data}: a measurement on another corpus is not written into {target} unless asked; "
-                         f"pass --out FILE for the record, or --write-branch to replace the target's record (marked as such)")
-    if write_calibration is None:
-        write_calibration = into and data is None
+    o = MeasureOptions.of(opts, **options)
+    policy = WritePolicy.of(target, out=out, write=write, data=data, write_branch=write_branch, write_calibration=write_calibration)
+    into = policy.into
     dev = join_group(pick_device(device))
     with tempfile.TemporaryDirectory(prefix="poelm-measure-") as work:
         # both TARGETs resolve (and fail) before anything is loaded or computed
@@ -417,27 +364,24 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
         if branch:
             meta["branch"] = branch
         label = tgt.label
-        if probe_set == "auto":
-            dcfg = (meta.get("config") or {}).get("data") or {}
-            probe_set = "embedded" if dcfg.get("path") == "embedded" and not dcfg.get("sources") else "card"
-        tokens = corpus_tokens(data, tok, stream_need([split_tokens + 1, calib_tokens + 1 if calib_tokens > 0 else 0])) if data else None
+        need = [o.split_tokens + 1, o.calib_tokens + 1 if o.calib_tokens > 0 else 0]
+        tokens = corpus_tokens(data, tok, stream_need(need)) if data else None
         ref = None
         if against:
             rmodel, rtok, rmeta = load_model(rtgt.path, device=dev)
             ref = (rmodel, rtok, rmeta, rtgt.label)
-        rec = measure(model, tok, meta, tokens=tokens, target=label, data=data, against=ref, probe_set=probe_set,
-                      split_tokens=split_tokens, calib_tokens=calib_tokens, **kw)
-        rec = _clean(rec)
+        rec = measure(model, tok, meta, o, tokens=tokens, target=label, data=data, against=ref)
+        rec = record.load(record.clean(rec))
         if _rank_world()[0] != 0:
             return None
         written = []
-        if write_calibration and rec.get("wand"):
-            written = write_bounds(path, rec["wand"]["bounds"], routing_entry(rec.get("routing")))
+        if policy.write_calibration and rec.wand:
+            written = write_bounds(path, rec.wand.bounds, routing_entry(rec.routing.to_dict() if rec.routing else None))
         if repo:  # the branch gets the data files; publish refreshes its manifest itself
             written = [name for name in written if name not in MANIFESTS]
-        rec["calibration_written"] = written
-        if into and data is not None:  # asked for (--write-branch): the report marks this record
-            rec["data_override"] = True
+        rec.calibration_written = written
+        if policy.data_override:  # asked for (--write-branch): the report marks this record
+            rec.data_override = True
         prior = path / RECORD_NAME  # the branch's / checkpoint's earlier record, if any
         if into and prior.is_file():
             try:  # `poelm eval` scores are not measured here: a re-measurement keeps them
@@ -445,8 +389,9 @@ def measure_target(target: str, *, data: str | None = None, out: str | None = No
             except (ValueError, OSError):
                 kept = None
             if kept:
-                rec["benchmarks"] = kept
-        body = _json_bytes(rec)
+                rec.benchmarks = kept
+        rec = rec.to_dict()
+        body = record.to_bytes(rec)
         if out:
             atomic_write_bytes(out, body)
         if repo and (into or written):

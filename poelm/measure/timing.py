@@ -49,14 +49,16 @@ from poelm.measure.bootstrap import crossed_bootstrap
 from poelm.measure.bootstrap import interval as bootstrap_interval
 from poelm.measure.genset import untimed_figures
 from poelm.measure.metrics import spec_rounds
+from poelm.measure.options import MeasureOptions
+from poelm.measure.record import Record
 from poelm.measure.probe import budget, get_engine, load_prompt_set, run_probe, teacher_forced_agreement
 
 # The timed part: 3 rounds x 8 prompts x 16 tokens per mode (twice the old 3 x 4 x 16; the whole
 # measurement stays within ~1.5x of its old cost on the demo); the interval now includes the prompts
 # (crossed bootstrap), and acceptance comes from the whole generation set, untimed.
-DEFAULT_REPEATS = 3
-DEFAULT_PROMPTS = 8
-DEFAULT_TOKENS = 16
+DEFAULT_REPEATS = MeasureOptions.timing_repeats
+DEFAULT_PROMPTS = MeasureOptions.timing_prompts
+DEFAULT_TOKENS = MeasureOptions.timing_tokens
 WARMUP_TOKENS = 4
 
 
@@ -189,7 +191,7 @@ def teacher_forced_spec(m: int, untimed: dict) -> dict:
             **untimed["spec"]}
 
 
-def probe_and_timing(rec: dict, model, tokenizer, probe_set, max_new_tokens: int, m: int, confidence: str, *,
+def probe_and_timing(rec: Record, model, tokenizer, probe_set, max_new_tokens: int, m: int, confidence: str, *,
                      gen_prompts=(), gen_tokens: int = 32, repeats=DEFAULT_REPEATS, n_prompts=DEFAULT_PROMPTS, n_tokens=DEFAULT_TOKENS,
                      samples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """The record's generation part: the probe (graded continuations of every prompt of
@@ -204,13 +206,14 @@ def probe_and_timing(rec: dict, model, tokenizer, probe_set, max_new_tokens: int
     for row in pr["results"]:
         row.pop("_gen")
     out = {"probe": pr}
-    if rec["K"] < 2 or not gen_prompts:
+    if rec.K < 2 or not gen_prompts:
         return out
-    w, r = rec.get("wand") or {}, rec.get("routing") or {}
-    selects = r.get("tau") is not None and not r.get("cap_met_at_tau0") and (r.get("fraction_calib") or 0) > 0
-    tau = r["tau"] if selects else None
+    w, r = (rec.wand.to_dict() if rec.wand else {}), (rec.routing.to_dict() if rec.routing else {})
+    rt = rec.routing
+    selects = rt is not None and rt.tau is not None and not rt.cap_met_at_tau0 and (rt.fraction_calib or 0) > 0
+    tau = rt.tau if selects else None
     bk = dict(samples=samples, seed=seed, level=level)
-    modes = modes_for(rec["K"], m, w.get("bounds"), tau, confidence)
+    modes = modes_for(rec.K, m, w.get("bounds"), tau, confidence)
     un = untimed_figures(model, engine, list(gen_prompts), gen_tokens, modes, **bk)
     if engine is None:
         out["spec"] = teacher_forced_spec(m, un)

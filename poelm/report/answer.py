@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from poelm.report import benchmarks
 from poelm.report import cooldown as cooldown_report
-from poelm.report.sections import NM, _cell, _esc, _table, _x
+from poelm.report.cells import NM, cell as _cell, esc as _esc, table as _table, times as _x  # local names kept
 from poelm.report.judge import judge
 from poelm.report.verdict import (branch_name, fmt_num, fmt_signed, get, noise_test, phase_of, rel_step, segment, seed_position,
                                   sort_records)
@@ -135,12 +135,12 @@ def _cooldown_line(recs) -> str:
     d6, b6 = fmt_signed(6), fmt_num(6)
     each = []
     for r in rows:
-        below = cooldown_report._below(r)
-        what = "below the seed beyond the interval" if below else ("above it" if cooldown_report._above(r) else
+        below = cooldown_report.below_seed(r)
+        what = "below the seed beyond the interval" if below else ("above it" if cooldown_report.above_seed(r) else
                                                                      "within the interval" if below is False else "no interval")
         ci = f" [{d6(r['delta_ci'][0])}, {d6(r['delta_ci'][1])}]" if r["delta_ci"] else ""
         each.append(f"annealed at step {r['step']:,} ({r['steps']} steps): {b6(r['annealed'])}, Δ {d6(r['delta'])}{ci}, {what}")
-    n_below = sum(bool(cooldown_report._below(r)) for r in rows)
+    n_below = sum(bool(cooldown_report.below_seed(r)) for r in rows)
     verdict_ = ("the cycle would end below the seed" if n_below == len(rows) else
                 "no probe ends below the seed" if n_below == 0 else f"{n_below} of {len(rows)} probes end below the seed")
     return f"Cooldown probes: {verdict_} ({'; '.join(each)})."
@@ -193,7 +193,7 @@ def headline_table(recs, seed_i, best_i) -> str:
             d = NM if nt["delta"] is None else _delta_text(nt).removeprefix("Δ ")
         rows.append([" / ".join(role), f"`{branch_name(r)}`", f"{int(r['step']):,}", _cell(r, KEY, fmt_num(6)), d,
                      _cell(r, "acc.full", fmt_num(4))]
-                    + [benchmarks._cell(benchmarks._find(r, k)) for k in bkeys]
+                    + [benchmarks.score_cell(benchmarks.find(r, k)) for k in bkeys]
                     + [_cell(r, "spec.acceptance", fmt_num(4)), _cell(r, "spec.speedup", _x(2)),
                        _cell(r, "wand.generation.speedup", _x(2))])
     return _table(header, rows)

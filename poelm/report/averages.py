@@ -19,13 +19,12 @@ question (below the seed beyond the interval, above it, or within it).
 from __future__ import annotations
 
 from poelm.report import cooldown as cooldown_report
-from poelm.report.cooldown import _ci_cell
+from poelm.report.cells import NM, ci_cell
 from poelm.trajectory.publish import average_of
 from poelm.report.verdict import branch_name, delta_ci, fmt_num, fmt_signed, get, seed_position, sort_records
 
 FIELD = "averages"
 UNMATCHED = "averages_unmatched"
-NM = "not measured"
 
 
 def of(rec: dict) -> tuple[int, int] | None:
@@ -99,12 +98,12 @@ def section(records):
     table = ["| Branch | Step | lrm | own full-K BPB | BPB of the average of the last N saves | Δ average vs seed (95% CI) | "
              "BPB if annealed here (cooldown probe) | Δ average − probe | average |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rs:
-        probes = "; ".join(f"{_ci_cell(p['bpb'], p['ci'], b6)} ({p['steps']}-step)" for p in r["probes"]) or "no probe"
+        probes = "; ".join(f"{ci_cell(p['bpb'], p['ci'], b6)} ({p['steps']}-step)" for p in r["probes"]) or "no probe"
         d_probe = "; ".join(d6(r["avg"] - p["bpb"]) for p in r["probes"] if p["bpb"] is not None and r["avg"] is not None) or "-"
         d_seed = NM if r["delta"] is None else d6(r["delta"]) + (f" [{d6(r['delta_ci'][0])}, {d6(r['delta_ci'][1])}]" if r["delta_ci"] else " (CI n/a)")
         lrm = NM if r["lrm"] is None else f"{r['lrm']:.4f}"
         table.append(f"| `{r['branch']}` | {r['step']:,} | {lrm} | "
-                     f"{_ci_cell(r['own'], r['own_ci'], b6)} | {_ci_cell(r['avg'], r['avg_ci'], b6)} (N = {r['n']}) | {d_seed} | {probes} | "
+                     f"{ci_cell(r['own'], r['own_ci'], b6)} | {ci_cell(r['avg'], r['avg_ci'], b6)} (N = {r['n']}) | {d_seed} | {probes} | "
                      f"{d_probe} | `{r['avg_branch']}` |")
     desc = ("`poelm average` takes the arithmetic mean of the weights of the last N saves ending at the branch (accumulated "
             "in fp32), a training-free estimate of what annealing there would reach (LAWA: Kaddour 2022; Sanyal et al. 2023), "

@@ -20,10 +20,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from poelm.fsio import atomic_write_bytes
+from poelm.report.cells import NM
 from poelm.report.verdict import branch_name, seed_position, sort_records
 
 KEY = "benchmarks"
-NM = "not measured"
 PLOT = "benchmarks_vs_step"
 CAPTION = "Benchmark scores (lm-evaluation-harness) vs step"
 
@@ -46,7 +46,7 @@ def series_keys(records) -> list[tuple[str, str, str]]:
     return sorted(keys, key=lambda k: (k[2] != "full", k[2], k[0], k[1]))
 
 
-def _find(rec, key) -> dict | None:
+def find(rec, key) -> dict | None:
     for e in _entries(rec):
         if (str(e.get("task")), str(e.get("metric")), str(e.get("stages") or "full")) == key:
             return e
@@ -63,13 +63,13 @@ def series(records) -> dict[str, tuple[list[int], list[float], list[float | None
     recs = sort_records(records)
     out = {}
     for key in series_keys(recs):
-        pts = [(int(r["step"]), e) for r in recs if (e := _find(r, key)) is not None]
+        pts = [(int(r["step"]), e) for r in recs if (e := find(r, key)) is not None]
         out[label(key)] = ([p[0] for p in pts], [float(p[1]["value"]) for p in pts],
                            [p[1].get("stderr") if isinstance(p[1].get("stderr"), (int, float)) else None for p in pts])
     return out
 
 
-def _cell(e) -> str:
+def score_cell(e) -> str:
     if e is None:
         return NM
     se = e.get("stderr")
@@ -111,7 +111,7 @@ def sections(records) -> list[tuple[str, str, str]]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in enumerate(recs):
         name = f"`{branch_name(r)}`" + (" (seed)" if i == seed_i else "")
-        lines.append("| " + " | ".join([name, f"{int(r['step']):,}"] + [_cell(_find(r, k)) for k in keys]) + " |")
+        lines.append("| " + " | ".join([name, f"{int(r['step']):,}"] + [score_cell(find(r, k)) for k in keys]) + " |")
     desc = ("Scores from lm-evaluation-harness (`poelm eval`) on each branch's exported model, value ± its standard "
             "error; acc = the choice with the highest log-likelihood, acc_norm = per byte; a stage selection in "
             f"brackets (stage=k: stage k alone, prefix=K': stages 0..K'-1), else full K. {_about(recs, keys)}.")
@@ -131,7 +131,7 @@ def figure(records) -> Figure | None:
             continue
         err = [s if s is not None else 0.0 for s in se]
         line = ax.errorbar(x, y, yerr=err if any(se) else None, marker="o", markersize=4, capsize=3, label=label(key))
-        chance = next((e.get("chance") for r in reversed(recs) if (e := _find(r, key)) is not None
+        chance = next((e.get("chance") for r in reversed(recs) if (e := find(r, key)) is not None
                        and isinstance(e.get("chance"), (int, float))), None)
         if chance is not None:
             ax.axhline(chance, color=line[0].get_color(), linestyle=":", linewidth=1, label=f"chance ({label(key)}) {chance:.3f}")

@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 
 from poelm.fsio import atomic_write_bytes, atomic_write_text
+from poelm.report.cells import NM
 from poelm.report.verdict import segment
 from poelm.schedule import Phase
 from poelm.schedule import lrm as schedule_lrm
@@ -161,7 +162,7 @@ def course(result: dict, j: int = 1) -> str:
 def _signed(node) -> str:
     v, ci = node["value"], node["ci"]
     if v is None:
-        return "not measured"
+        return NM
     return f"{v:+.6f}" + (f" [{ci[0]:+.6f}, {ci[1]:+.6f}]" if ci[0] is not None else "")
 
 
@@ -177,7 +178,7 @@ def _pct(node, pp: bool = False) -> str:
 def _cell(node, d=6) -> str:
     v, ci = node["value"], node["ci"]
     if v is None:
-        return "not measured"
+        return NM
     return f"{v:.{d}f}" + (f" [{ci[0]:.{d}f}, {ci[1]:.{d}f}]" if ci[0] is not None else "")
 
 

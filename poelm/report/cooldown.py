@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import re
 
+from poelm.report.cells import NM, ci_cell
 from poelm.report.verdict import branch_name, delta_ci, fmt_num, fmt_signed, get, seed_position, sort_records, trend
 
 FIELD = "cooldown_probes"
 UNMATCHED = "cooldown_probes_unmatched"
 PROBE_BRANCH = re.compile(r"cooldown-(\d{5,})-([1-9]\d*)")  # poelm.trajectory.publish.COOLDOWN_BRANCH
-NM = "not measured"
 
 
 # ----------------------------------------------------------------------------- records
@@ -89,7 +89,7 @@ def rows(records) -> list[dict]:
     return out
 
 
-def _below(row) -> bool | None:
+def below_seed(row) -> bool | None:
     """Is the annealed-here BPB below the seed beyond its interval? Paired CI first, else the
     two value intervals disjoint; None when neither interval is known."""
     if row["delta"] is None:
@@ -101,19 +101,13 @@ def _below(row) -> bool | None:
     return None
 
 
-def _above(row) -> bool:
+def above_seed(row) -> bool:
     if row["delta_ci"] is not None:
         return row["delta_ci"][0] > 0
     return row["annealed_ci"] is not None and row["seed_ci"] is not None and row["annealed_ci"][0] > row["seed_ci"][1]
 
 
 # ----------------------------------------------------------------------------- report pieces
-def _ci_cell(v, ci, f) -> str:
-    if v is None:
-        return NM
-    return f(v) if ci is None else f"{f(v)} [{f(ci[0])}, {f(ci[1])}]"
-
-
 def section(records):
     """``(heading, description, table)`` of the probes, or None when no record carries one."""
     rs = rows(records)
@@ -132,8 +126,8 @@ def section(records):
         else:
             d_seed = d6(r["delta"]) + (f" [{d6(r['delta_ci'][0])}, {d6(r['delta_ci'][1])}]" if r["delta_ci"] else " (CI n/a)")
         how = f"{r['steps']}-step {r['shape'] or '?'}, lrm {_lrm(r['from_lrm'])} → {_lrm(r['to_lrm'])}"
-        table.append(f"| `{r['branch']}` | {r['step']:,} | {lrm} | {_ci_cell(r['own'], r['own_ci'], b6)} | "
-                     f"{_ci_cell(r['annealed'], r['annealed_ci'], b6)} ({how}) | {d_own} | {d_seed} | `{r['probe']}` |")
+        table.append(f"| `{r['branch']}` | {r['step']:,} | {lrm} | {ci_cell(r['own'], r['own_ci'], b6)} | "
+                     f"{ci_cell(r['annealed'], r['annealed_ci'], b6)} ({how}) | {d_own} | {d_seed} | `{r['probe']}` |")
     desc = ("A cooldown probe decays the LR multiplier from the branch's own lrm to the target over N steps on the same "
             "data stream (Hägele et al. 2024) and is measured on the same slice: its BPB is what the trajectory would "
             f"reach if annealed at that save. Seed: `{branch_name(seed)}`. Δ vs the seed carries the paired 95% bootstrap "
@@ -157,9 +151,9 @@ def verdict_lines(records) -> list[str]:
         if not pts:
             continue
         b6, d6 = fmt_num(6), fmt_signed(6)
-        below = [r for r in pts if _below(r)]
-        above = [r for r in pts if _above(r)]
-        unknown = [r for r in pts if _below(r) is None]
+        below = [r for r in pts if below_seed(r)]
+        above = [r for r in pts if above_seed(r)]
+        unknown = [r for r in pts if below_seed(r) is None]
         each = "; ".join(f"step {r['step']:,}: {b6(r['annealed'])}, Δ {d6(r['delta'])}" + (
             f" [{d6(r['delta_ci'][0])}, {d6(r['delta_ci'][1])}]" if r["delta_ci"] else "") for r in pts if r["delta"] is not None)
         s = (f"BPB if annealed here ({n}-step cooldown), {len(pts)} probed branch(es) ({each or 'no seed value'}): "

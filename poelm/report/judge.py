@@ -14,6 +14,7 @@ import math
 
 from scipy import stats
 
+from poelm.report.cells import NM
 from poelm.report.verdict import (COHERENT_SHARE, KINDS, Metric, branch_name, lr_shock, metrics_for, noise_test, phase_of,
                                   rel_step, seed_position, segment, sort_records, trend, value)
 
@@ -58,7 +59,7 @@ def _metric_sentence(m, recs, seed_i, last_i, phase, level, window):
     v0, v1 = value(seed, m.key), value(last, m.key)
     if v1 is None or v0 is None:
         where = "the newest save" if v1 is None else "the seed"
-        return f"{m.label}: not measured at {where}; no comparison.", None, [m.label] + [NMV if v is None else m.fmt(v) for v in (v0, v1)] + ["—"] * 3
+        return f"{m.label}: not measured at {where}; no comparison.", None, [m.label] + [NM if v is None else m.fmt(v) for v in (v0, v1)] + ["—"] * 3
     nt = noise_test(recs, seed_i, last_i, m.key, phase, m.timing)
     d = nt["delta"]
     ci = f"95% CI [{m.dfmt(nt['ci'][0])}, {m.dfmt(nt['ci'][1])}]" if nt["ci"] else "95% interval not available"
@@ -94,8 +95,6 @@ def _metric_sentence(m, recs, seed_i, last_i, phase, level, window):
            call, _trend_cell(t, m)]
     return s + ". " + _trend_text(t, m, where, [p[0] for p in pts]), {"metric": m, "noise": nt, "trend": t}, row
 
-
-NMV = "not measured"
 
 
 def _trend_cell(t: dict, m: Metric) -> str:

@@ -19,48 +19,11 @@ An interval follows its value in brackets; a missing measurement renders "not me
 
 from __future__ import annotations
 
+from poelm.measure.record import lookup
+from poelm.report.cells import NM, NO_THRESHOLD, cell, esc, table, times, tokens
 from poelm.report.verdict import branch_name, get
 
-NM = "not measured"
-NO_THRESHOLD = "cap met with no threshold"
-
-
-# ----------------------------------------------------------------------------- cells
-def _x(d):
-    return lambda v: f"{v:.{d}f}x"
-
-
-def _cell(rec, key, fmt) -> str:
-    v, ci = get(rec, key)
-    if v is None:
-        return NM
-    return fmt(v) if ci is None else f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]"
-
-
-def _esc(text) -> str:
-    """Make free text safe inside one markdown table cell."""
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def _table(header: list[str], rows: list[list[str]], keep: int = 2) -> str | None:
-    """A markdown table. Columns after the first ``keep`` that are "not measured" in every row are
-    left out (an old record, or a figure this trajectory never measured, would otherwise fill the
-    report with empty columns); None when no such column is left: the caller drops the section."""
-    cols = [i for i in range(len(header)) if i < keep or not rows or any(r[i] != NM for r in rows)]
-    if len(header) > keep and len(cols) == keep and rows:
-        return None
-    lines = ["| " + " | ".join(header[i] for i in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(r[i] for i in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _tokens(n) -> str:
-    if n is None:
-        return "? tokens"
-    return f"{n / 1e6:.2f}M tokens" if n >= 1e6 else f"{n:,} tokens"
-
-
-def _rows(recs, seed_i, cols):
+def save_rows(recs, seed_i, cols):
     """One row per record: branch, step, then ``cols`` (functions of the record)."""
     out = []
     for i, r in enumerate(recs):
@@ -86,23 +49,21 @@ def _key_rows(recs, seed_i, cols):
 KEY_ROWS = "Seed, best (lowest full-K BPB) and newest save; every record holds the same for each save. "
 
 
-def _newest(recs, *keys):
-    """The newest record's dict at the dotted path ``keys`` (``{}`` when none has one)."""
+def newest(recs, path: str) -> dict:
+    """The newest record's JSON object at dotted ``path`` (``{}`` when none has one)."""
     for r in reversed(recs):
-        node = r
-        for k in keys:
-            node = node.get(k) if isinstance(node, dict) else None
+        node = lookup(r, path)
         if isinstance(node, dict):
             return node
     return {}
 
 
 def cap_met_at_tau0(rec) -> bool:
-    return bool((rec.get("routing") or {}).get("cap_met_at_tau0"))
+    return bool(lookup(rec, "routing.cap_met_at_tau0"))
 
 
-def _timing_words(recs) -> str:
-    t = _newest(recs, "timing")
+def timing_words(recs) -> str:
+    t = newest(recs, "timing")
     if not t:
         return "timing not measured"
     if "crossed" not in str(t.get("interval")):  # records before issue 22: the probe's first prompts, [min, max] over rounds
@@ -114,7 +75,7 @@ def _timing_words(recs) -> str:
 
 def gen_words(recs) -> str:
     """On what the untimed generation figures were measured."""
-    g = _newest(recs, "generation")
+    g = newest(recs, "generation")
     if not g:
         return "the probe prompts"
     return (f"the generation set: {g.get('prompts', '?')} contexts of {g.get('context_tokens', '?')} tokens cut from the "
@@ -123,9 +84,7 @@ def gen_words(recs) -> str:
 
 
 def _hist(rec, key) -> str:
-    node = rec
-    for k in key.split("."):
-        node = node.get(k) if isinstance(node, dict) else None
+    node = lookup(rec, key)
     if not isinstance(node, list) or not node:
         return NM
     return " / ".join(str(int(x)) for x in node)
@@ -136,86 +95,83 @@ def routing_calibration_section(recs, seed_i, split, calib):
     def tau(r):
         if cap_met_at_tau0(r):
             return f"0 ({NO_THRESHOLD})"
-        return _cell(r, "routing.tau", lambda v: f"{v:.4f}")
+        return cell(r, "routing.tau", lambda v: f"{v:.4f}")
 
     def measured(r):
         if cap_met_at_tau0(r):
             return "not timed (no threshold)"
-        return _cell(r, "routing.generation.speedup", _x(2))
+        return cell(r, "routing.generation.speedup", times(2))
 
-    rt = _newest(recs, "routing")
-    cols = [tau, lambda r: _cell(r, "routing.value_tau0_calib", lambda v: f"{v:.4f}"),
-            lambda r: _cell(r, "routing.value", lambda v: f"{v:.4f}"), measured,
-            lambda r: _cell(r, "routing.generation.agreement", lambda v: f"{v:.4f}")]
+    rt = newest(recs, "routing")
+    cols = [tau, lambda r: cell(r, "routing.value_tau0_calib", lambda v: f"{v:.4f}"),
+            lambda r: cell(r, "routing.value", lambda v: f"{v:.4f}"), measured,
+            lambda r: cell(r, "routing.generation.agreement", lambda v: f"{v:.4f}")]
     desc = (f"Metric: {rt.get('metric', NM)} ≤ {rt.get('cap', '?')} ({rt.get('confidence', '?')} confidence). τ: the lowest threshold "
-            f"within the cap on the {_tokens(calib)} calibration slice; at τ = 0 the metric says whether a threshold was needed at "
-            f"all; at τ it is held out, on the {_tokens(split)} measurement slice. Measured: full-K / route wall time "
-            f"({_timing_words(recs)}), exact KV catch-up included. Agreement with full: on {gen_words(recs)}.")
+            f"within the cap on the {tokens(calib)} calibration slice; at τ = 0 the metric says whether a threshold was needed at "
+            f"all; at τ it is held out, on the {tokens(split)} measurement slice. Measured: full-K / route wall time "
+            f"({timing_words(recs)}), exact KV catch-up included. Agreement with full: on {gen_words(recs)}.")
     header = ["Branch", "Step", "τ", "metric at τ = 0 (calib)", "metric at τ (held out)", "measured route speedup", "route agreement with full"]
-    return "Routing calibration and measured route speedup", KEY_ROWS + desc, _table(header, _key_rows(recs, seed_i, cols))
+    return "Routing calibration and measured route speedup", KEY_ROWS + desc, table(header, _key_rows(recs, seed_i, cols))
 
 
 def wand_generation_section(recs, seed_i, K, split):
-    cols = [lambda r: _cell(r, "wand.exit.agreement", lambda v: f"{v:.4f}"),
-            lambda r: _cell(r, "wand.generation.agreement", lambda v: f"{v:.4f}"),
+    cols = [lambda r: cell(r, "wand.exit.agreement", lambda v: f"{v:.4f}"),
+            lambda r: cell(r, "wand.generation.agreement", lambda v: f"{v:.4f}"),
             lambda r: _identical(r, "wand.generation"),
-            lambda r: _cell(r, "wand.generation.speedup", _x(2)),
-            lambda r: _cell(r, "wand.generation.mean_depth", lambda v: f"{v:.2f}"),
+            lambda r: cell(r, "wand.generation.speedup", times(2)),
+            lambda r: cell(r, "wand.generation.mean_depth", lambda v: f"{v:.2f}"),
             lambda r: _hist(r, "wand.generation.depth_hist")]
-    desc = (f"Adaptive depth with each branch's own p99 bounds. Exit agreement: teacher-forced on the {_tokens(split)} measurement "
+    desc = (f"Adaptive depth with each branch's own p99 bounds. Exit agreement: teacher-forced on the {tokens(split)} measurement "
             f"slice. Greedy agreement, identical continuations, mean exit depth (1..{K}) and the depth histogram: WAND vs full-K "
-            f"greedy on {gen_words(recs)}. Measured speedup: {_timing_words(recs)}.")
+            f"greedy on {gen_words(recs)}. Measured speedup: {timing_words(recs)}.")
     header = ["Branch", "Step", "exit agreement (slice)", "greedy agreement with full", "identical continuations",
               "measured speedup", "mean exit depth", f"exit-depth histogram (1 … {K})"]
-    return "WAND adaptive depth in generation", KEY_ROWS + desc, _table(header, _key_rows(recs, seed_i, cols))
+    return "WAND adaptive depth in generation", KEY_ROWS + desc, table(header, _key_rows(recs, seed_i, cols))
 
 
 def _identical(rec, key) -> str:
-    node = rec
-    for k in key.split("."):
-        node = node.get(k) if isinstance(node, dict) else None
+    node = lookup(rec, key)
     if not isinstance(node, dict) or node.get("identical") is None:
         return NM
     return f"{node['identical']}/{node.get('prompts', '?')}"
 
 
 def spec_timing_section(recs, seed_i):
-    m = _newest(recs, "spec").get("m", "m")
-    cols = [lambda r: _cell(r, "spec.implied_speedup", _x(2)),
-            lambda r: _cell(r, "spec.c0_time", lambda v: f"{v:.3f}"), lambda r: _hist(r, "spec.accept_hist"),
-            lambda r: _cell(r, "timing.ms_per_token.full", lambda v: f"{v:.2f}"),
-            lambda r: _identical({"s": {"identical": (r.get("spec") or {}).get("identical_outputs"),
-                                        "prompts": (r.get("spec") or {}).get("prompts")}}, "s")]
-    desc = (f"Measured speedup: the card's table above ({_timing_words(recs)}). Implied speedup = N / (P + (proposed + "
+    m = newest(recs, "spec").get("m", "m")
+    cols = [lambda r: cell(r, "spec.implied_speedup", times(2)),
+            lambda r: cell(r, "spec.c0_time", lambda v: f"{v:.3f}"), lambda r: _hist(r, "spec.accept_hist"),
+            lambda r: cell(r, "timing.ms_per_token.full", lambda v: f"{v:.2f}"),
+            lambda r: _identical({"s": {"identical": lookup(r, "spec.identical_outputs"), "prompts": lookup(r, "spec.prompts")}}, "s")]
+    desc = (f"Measured speedup: the card's table above ({timing_words(recs)}). Implied speedup = N / (P + (proposed + "
             f"rounds)·c + rounds·(1 − c)) from the exact acceptance and the measured stage-0 time share c. Acceptance histogram: "
             f"rounds of the timed prompts that accepted 0 / 1 / ... / {m} drafts. Identical: speculative output equal to full-K greedy.")
     header = ["Branch", "Step", "implied speedup", "stage-0 time share c", f"acceptance histogram (0 … {m})",
               "full K ms / token", "identical to full"]
-    return "Speculative decoding timing and acceptance", KEY_ROWS + desc, _table(header, _key_rows(recs, seed_i, cols))
+    return "Speculative decoding timing and acceptance", KEY_ROWS + desc, table(header, _key_rows(recs, seed_i, cols))
 
 
 def probe_grid_section(recs, seed_i):
     names, expected = [], {}
     for r in recs:
-        for res in ((r.get("probe") or {}).get("results") or []):
+        for res in lookup(r, "probe.results", []):
             n = res.get("name")
             if n not in names:
                 names.append(n)
                 expected[n] = res.get("answer") or " · ".join(res.get("expect") or [])
     header = ["Prompt", "expected start"] + [f"`{branch_name(r)}`" + (" (seed)" if i == seed_i else "") for i, r in enumerate(recs)]
 
-    def cell(r, n):
+    def grade(r, n):
         p = r.get("probe")
         if not isinstance(p, dict):
             return NM
-        by = {x.get("name"): x for x in p.get("results") or []}
+        by = {res.get("name"): res for res in p.get("results") or []}
         if n not in by:
             return NM
-        x = by[n]
-        mark = "✓" if x.get("pass") else "✗"
-        return mark + (f" {x['matched_words']}/{x['answer_words']} words" if x.get("answer_words") else "")
+        res = by[n]
+        mark = "✓" if res.get("pass") else "✗"
+        return mark + (f" {res['matched_words']}/{res['answer_words']} words" if res.get("answer_words") else "")
 
-    rows = [[_esc(n), _esc(expected[n])] + [cell(r, n) for r in recs] for n in names]
+    rows = [[esc(n), esc(expected[n])] + [grade(r, n) for r in recs] for n in names]
 
     def total(r):
         p = r.get("probe")
@@ -225,8 +181,8 @@ def probe_grid_section(recs, seed_i):
         return f"{p.get('passed', '?')}/{p.get('total', '?')} passed{words}"
 
     rows.append(["**total**", ""] + [total(r) for r in recs])
-    p0 = _newest(recs, "probe")
+    p0 = newest(recs, "probe")
     desc = ("Per-prompt grade across branches. " + (p0.get("grading") or "A prompt passes when its continuation meets its rubric.")
             + "; k/n words: the continuation's first words that equal the expected answer's. "
             + f"Greedy full K, {p0.get('max_new_tokens', '?')} new tokens per prompt, prompt set '{p0.get('set', NM)}'.")
-    return "Probe grades per prompt", desc, _table(header, rows)
+    return "Probe grades per prompt", desc, table(header, rows)

@@ -30,7 +30,9 @@ from poelm.report import benchmarks
 from poelm.report import averages as averages_report
 from poelm.report import cooldown as cooldown_report
 from poelm.report import sections as S
-from poelm.report.sections import NM, NO_THRESHOLD, _cell, _esc, _rows, _table, _tokens, _x, cap_met_at_tau0
+from poelm.measure import record
+from poelm.report.cells import NM, NO_THRESHOLD, cell, esc, table, times, tokens
+from poelm.report.sections import cap_met_at_tau0, save_rows
 from poelm.report.verdict import fmt_num, fmt_pct, fmt_signed
 from poelm.report.judge import judge
 from poelm.report.verdict import branch_name, delta_ci, get, phase_of, rel_step, seed_position, segment, sort_records, value
@@ -90,6 +92,7 @@ def load_records(source) -> list[dict]:
             recs = publish.read_records(source)
         else:
             raise PoelmError(f"{source} does not exist; pass a directory of records, record files, or a trajectory repo")
+    recs = record.canonical(recs)  # old spellings read as today's (record.LEGACY), missing keys null
     recs = averages_report.attach(recs)  # weight averages: a field of their newest averaged save
     recs = cooldown_report.attach(recs)  # probe records: a field of the save they start from
     steps = [int(r["step"]) for r in recs]
@@ -104,13 +107,6 @@ def load_records(source) -> list[dict]:
 # ----------------------------------------------------------------------------- cells
 def _k(recs) -> int:
     return max((int(r.get("K") or 0) for r in recs), default=0)
-
-
-def _newest(recs, key):
-    for r in reversed(recs):
-        if isinstance(r.get(key), dict):
-            return r[key]
-    return {}
 
 
 def _alpha_label(a: float) -> str:
@@ -158,19 +154,19 @@ def _note(recs, i, seed_i, phase) -> str:
 
 def _per_source(r: dict) -> str:
     """``alpha 1.2M · beta 0.8M``: tokens seen per mixture source up to this save."""
-    return " · ".join(f"{_esc(n)} {_tokens(t)}" for n, t in (r.get("tokens_by_source") or {}).items()) or NM
+    return " · ".join(f"{esc(n)} {tokens(t)}" for n, t in (r.get("tokens_by_source") or {}).items()) or NM
 
 
 def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     """``(heading, description, table)`` for every card table."""
     seed_i, phase, K = seed_position(recs), phase_of(recs), _k(recs)
-    keyed = lambda key, fmt: (lambda r: _cell(r, key, fmt))  # noqa: E731
+    keyed = lambda key, fmt: (lambda r: cell(r, key, fmt))  # noqa: E731
     split = _newest_value(recs, "split_tokens")
     out = []
 
     per_source = any(r.get("tokens_by_source") for r in recs)  # the branch manifests' provenance (train/provenance.py)
     rows = [[f"`{branch_name(r)}`", f"{int(r['step']):,}", _position(r, phase, i == seed_i),
-             NM if r.get("lrm") is None else f"{r['lrm']:.4f}"] + ([_per_source(r)] if per_source else []) + [_esc(_note(recs, i, seed_i, phase))]
+             NM if r.get("lrm") is None else f"{r['lrm']:.4f}"] + ([_per_source(r)] if per_source else []) + [esc(_note(recs, i, seed_i, phase))]
             for i, r in enumerate(recs)]
     if main:
         rows.append(["main", "latest", "tracks newest published step", ""] + ([""] if per_source else []) + [f"currently `{branch_name(recs[-1])}`"])
@@ -180,13 +176,13 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
                  f"(lrm 0 → {phase.peak:g}), peak until rel_it {phase.warmdown_start:,}, then warmdown to "
                  f"{phase.final:g} (warmdown_ratio {phase.warmdown_ratio:g}).")
     head = ["Branch", "Step", "Phase position", "lrm"] + (["Tokens per source"] if per_source else []) + ["Notes"]
-    out.append(("Branches", desc, _table(head, rows)))
+    out.append(("Branches", desc, table(head, rows)))
 
     rel = lambda r: NM if rel_step(r, phase) is None else f"{rel_step(r, phase):,}"  # noqa: E731
     out.append(("Per-checkpoint val BPB",
-                f"Same local val slice for every checkpoint ({_tokens(split)}); full K={K} PoE aggregation.",
-                _table(["Branch", "Step", "Phase rel_it", "Training-log val BPB", f"Local-slice full K={K} BPB ({_tokens(split)})"],
-                       _rows(recs, seed_i, [rel, keyed("train_val_bpb", fmt_num(6)), keyed("bpb.full", fmt_num(6))]))))
+                f"Same local val slice for every checkpoint ({tokens(split)}); full K={K} PoE aggregation.",
+                table(["Branch", "Step", "Phase rel_it", "Training-log val BPB", f"Local-slice full K={K} BPB ({tokens(split)})"],
+                       save_rows(recs, seed_i, [rel, keyed("train_val_bpb", fmt_num(6)), keyed("bpb.full", fmt_num(6))]))))
     out += [sec for sec in [cooldown_report.section(recs)] if sec]  # "BPB if annealed here", when probed
     out += [sec for sec in [averages_report.section(recs)] if sec]  # "BPB of the average of the last N saves"
 
@@ -195,52 +191,52 @@ def _sections(recs, main=False) -> list[tuple[str, str, str]]:
     plain = lambda key, fmt: (lambda r: NM if value(r, key) is None else fmt(value(r, key)))  # noqa: E731
     keys = ["bpb.full"] + [f"bpb.single.{k}" for k in range(K)] + [f"bpb.prefix.{j}" for j in range(K - 1)]
     header = ["Branch", "Step", f"full K={K}"] + [f"single s{k}" for k in range(K)] + [f"prefix K'={j}" for j in range(1, K)]
-    out.append(("Per-stage BPB", f"Training-objective BPB at each PoE stage boundary, on the same local val slice ({_tokens(split)})"
-                + _widths(recs, keys, 6) + ".", _table(header, _rows(recs, seed_i, [plain(k, fmt_num(6)) for k in keys]))))
+    out.append(("Per-stage BPB", f"Training-objective BPB at each PoE stage boundary, on the same local val slice ({tokens(split)})"
+                + _widths(recs, keys, 6) + ".", table(header, save_rows(recs, seed_i, [plain(k, fmt_num(6)) for k in keys]))))
 
     keys = [f"acc.single.{k}" for k in range(K)] + ["acc.full"]
     out.append(("Per-stage standalone target accuracy",
-                f"Top-1 accuracy of each stage's standalone prediction vs the target token, same val slice ({_tokens(split)})"
+                f"Top-1 accuracy of each stage's standalone prediction vs the target token, same val slice ({tokens(split)})"
                 + _widths(recs, keys, 4) + ".",
-                _table(["Branch", "Step"] + [f"s{k}" for k in range(K)] + ["full"], _rows(recs, seed_i, [plain(k, fmt_num(4)) for k in keys]))))
+                table(["Branch", "Step"] + [f"s{k}" for k in range(K)] + ["full"], save_rows(recs, seed_i, [plain(k, fmt_num(4)) for k in keys]))))
 
-    spec = _newest(recs, "spec")
+    spec = S.newest(recs, "spec")
     m = spec.get("m", "m")
-    cols = [keyed("spec.acceptance", fmt_num(4)), keyed("spec.mean_accepted", fmt_num(2)), keyed("spec.speedup", _x(2))]
+    cols = [keyed("spec.acceptance", fmt_num(4)), keyed("spec.mean_accepted", fmt_num(2)), keyed("spec.speedup", times(2))]
     out.append((f"Self-speculative decoding (m={m} stage-0 draft, full K={K} verify)",
                 f"Greedy, mode {spec.get('mode', NM)}; acceptance α = accepted / proposed drafts, on {S.gen_words(recs)}; "
-                f"speedup: full-K / speculative wall time ({S._timing_words(recs)}).",
-                _table(["Branch", "Step", "acceptance α", f"mean accepted / {m}", "end-to-end speedup"],
-                       _rows(recs, seed_i, cols))))
+                f"speedup: full-K / speculative wall time ({S.timing_words(recs)}).",
+                table(["Branch", "Step", "acceptance α", f"mean accepted / {m}", "end-to-end speedup"],
+                       save_rows(recs, seed_i, cols))))
 
     routes = [r["routing"] for r in recs if isinstance(r.get("routing"), dict)]
     kinds = sorted({(str(x.get("metric")), x.get("cap")) for x in routes}, key=str)
     label = " / ".join(f"{mt} cap = {cap:.3f}" if isinstance(cap, (int, float)) else f"{mt} cap = ?" for mt, cap in kinds)
     conf = sorted({str(x.get("confidence")) for x in routes})
-    cols = [lambda r: NO_THRESHOLD if cap_met_at_tau0(r) else _cell(r, "routing.fraction", fmt_pct),
-            lambda r: "—" if cap_met_at_tau0(r) else _cell(r, "routing.projected_speedup", _x(3)),
+    cols = [lambda r: NO_THRESHOLD if cap_met_at_tau0(r) else cell(r, "routing.fraction", fmt_pct),
+            lambda r: "—" if cap_met_at_tau0(r) else cell(r, "routing.projected_speedup", times(3)),
             keyed("routing.agreement_s0_full", fmt_num(4))]
     out.append((f"Confidence-aware routing ({label or NM})",
                 f"A position goes to stage 0 alone when its stage-0 confidence ({', '.join(conf) or NM}) ≥ τ (\"Routing "
-                f"calibration\" below); fraction routed on the {_tokens(split)} measurement slice; projected speedup: a FLOP "
+                f"calibration\" below); fraction routed on the {tokens(split)} measurement slice; projected speedup: a FLOP "
                 f"projection; s0=full agreement: positions where argmax(stage 0) = argmax(full K).",
-                _table(["Branch", "Step", "fraction routed to stage 0", "projected speedup", "base s0=full agreement"],
-                       _rows(recs, seed_i, cols))))
+                table(["Branch", "Step", "fraction routed to stage 0", "projected speedup", "base s0=full agreement"],
+                       save_rows(recs, seed_i, cols))))
 
-    calib = _newest(recs, "wand").get("calib_tokens")
+    calib = S.newest(recs, "wand").get("calib_tokens")
     cols = [keyed(f"wand.bounds.{s}", fmt_num(4)) for s in range(K - 1)]
     out.append(("WAND p99 bounds (cumulative-PoE delta range, constant-shift invariant)",
-                f"Calibrated on a {_tokens(calib)} val slice using range(delta) = max(delta) − min(delta); each "
+                f"Calibrated on a {tokens(calib)} val slice using range(delta) = max(delta) − min(delta); each "
                 f"branch's config.json carries its own bounds in poe_wand_p99_bounds_per_stage_head.",
-                _table(["Branch", "Step"] + [f"bound {s} → {s + 1}" for s in range(K - 1)], _rows(recs, seed_i, cols))))
+                table(["Branch", "Step"] + [f"bound {s} → {s + 1}" for s in range(K - 1)], save_rows(recs, seed_i, cols))))
 
-    alphas = list(_newest(recs, "alpha_sweep").get("alphas") or [])
+    alphas = list(S.newest(recs, "alpha_sweep").get("alphas") or [])
     cols = [(lambda a: lambda r: _sweep_cell(r, a))(a) for a in alphas] + [keyed("crossover_gap", fmt_signed(6))]
     out.append(("Bayesian PoE α-sweep (renormed BPB)",
                 "α=0 is the geometric-mean PoE aggregate; α=1 the pure sum (log opinion pool). Crossover gap = "
-                f"BPB(full K, α=0) − BPB(single s{K - 1}); on the same local val slice ({_tokens(split)}).",
-                _table(["Branch", "Step"] + [_alpha_label(a) for a in alphas] + [f"crossover gap (α=0 vs single s{K - 1})"],
-                       _rows(recs, seed_i, cols))))
+                f"BPB(full K, α=0) − BPB(single s{K - 1}); on the same local val slice ({tokens(split)}).",
+                table(["Branch", "Step"] + [_alpha_label(a) for a in alphas] + [f"crossover gap (α=0 vs single s{K - 1})"],
+                       save_rows(recs, seed_i, cols))))
 
     out.append(S.routing_calibration_section(recs, seed_i, split, _newest_value(recs, "calib_tokens")))
     out.append(S.wand_generation_section(recs, seed_i, K, split))
@@ -310,7 +306,7 @@ def _probe_section(recs, seed_i, K):
         if not isinstance(p, dict):
             return [NM] * len(names) + [NM]
         by = {x.get("name"): x for x in p.get("results") or []}
-        cells = [NM if n not in by else f"{'✓' if by[n].get('pass') else '✗'} {_esc(by[n].get('graded', by[n].get('continuation', '')))}"
+        cells = [NM if n not in by else f"{'✓' if by[n].get('pass') else '✗'} {esc(by[n].get('graded', by[n].get('continuation', '')))}"
                  for n in names]
         words = f"; {p['words_matched']}/{p['words_total']} answer words" if p.get("words_total") else ""
         return cells + [f"{p.get('passed', NM)}/{p.get('total', NM)} passed{words}"]
@@ -321,7 +317,7 @@ def _probe_section(recs, seed_i, K):
     head = (f"Sample-mode probe (full K={K}, greedy, {p0.get('max_new_tokens', '?')} tokens, {total}-prompt set "
             f"'{p0.get('set', NM)}')")
     desc = "✓ / ✗: the graded start of the continuation gives / does not give the prompt's expected answer."
-    return head, desc, _table(["Branch", "Step"] + [_esc(n) for n in names] + ["Note"], rows)
+    return head, desc, table(["Branch", "Step"] + [esc(n) for n in names] + ["Note"], rows)
 
 
 def verdict(records) -> list[str]:
@@ -346,7 +342,7 @@ def update_cards(repo, branches=None) -> list[str]:
     tables and verdict over the records up to its own step, the newest (``main``) the whole
     trajectory. ``branches`` None = every measured branch; the newest is always refreshed, since
     a newly measured earlier branch changes its tables. Returns the branches updated."""
-    records = sort_records(publish.read_records(repo))
+    records = sort_records(record.canonical(publish.read_records(repo)))
     if not records:
         return []
     newest = records[-1].get("branch")

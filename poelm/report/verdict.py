@@ -47,39 +47,17 @@ from typing import Callable
 
 from scipy import stats
 
+from poelm.measure.record import figure, lookup
 from poelm.schedule import Phase
 
 COHERENT_SHARE = 0.75
 
 
 # ----------------------------------------------------------------------------- record access
-def get(rec: dict, key: str):
-    """``(value, ci)`` at dotted ``key`` ("bpb.single.0", "spec.acceptance"); ``(None, None)`` if absent.
-
-    List indices are integers in the path; a ``{"value", "ci"}`` leaf yields both, a bare number
-    yields ``(number, None)``. Non-numeric leaves count as not measured."""
-    node, parent, name = rec, None, None
-    for part in key.split("."):
-        parent, name = node, part
-        if isinstance(node, dict):
-            node = node.get(part)
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None, None
-        if node is None:
-            return None, None
-    ci = None
-    if isinstance(node, dict):
-        ci = node.get("ci")
-        node = node.get("value")
-    elif isinstance(parent, dict):  # a bare number may carry its interval beside it ("crossover_gap_ci", "acceptance_ci")
-        ci = parent.get(f"{name}_ci")
-    if isinstance(node, bool) or not isinstance(node, (int, float)) or math.isnan(node):
-        return None, None
-    if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci)):
-        ci = None
-    return float(node), (tuple(float(c) for c in ci) if ci else None)
+def get(rec, key: str):
+    """``(value, ci)`` at dotted ``key`` ("bpb.single.0", "spec.acceptance"); ``(None, None)`` if absent
+    (``record.figure``, the one reader of a figure and its interval)."""
+    return figure(rec, key)
 
 
 def value(rec: dict, key: str):
@@ -170,7 +148,7 @@ KINDS = {"quality": "Quality", "structure": "Stage structure", "efficiency": "In
 def metrics_for(records) -> list[Metric]:
     """The metrics the verdict speaks about; K and m come from the records."""
     K = max((int(r.get("K") or 0) for r in records), default=0)
-    m = next((r["spec"].get("m") for r in reversed(sort_records(records)) if isinstance(r.get("spec"), dict)), None) or "m"
+    m = next((lookup(r, "spec.m") for r in reversed(sort_records(records)) if isinstance(r.get("spec"), dict)), None) or "m"
     b6, d6, b4, d4 = fmt_num(6), fmt_signed(6), fmt_num(4), fmt_signed(4)
     f2, s2 = fmt_num(2), fmt_signed(2)
     # quality: how good the model is (the card's question is asked of these)

@@ -12,7 +12,7 @@ import torch
 from poelm.train import checkpoint
 from poelm.measure import run as measure
 from poelm.core import poe
-from poelm.measure import probe, timing
+from poelm.measure import probe, record, timing
 from poelm.measure.calibrate import BOUNDS_KEY
 from poelm.config import Config
 from poelm.data.corpus import val_batches
@@ -298,6 +298,8 @@ def test_spec_teacher_forced_matches_engine(tok, tokens, monkeypatch):
     assert len(s["speedup"]["repeats"]) == 2 and s["speedup"]["ci"][0] <= s["speedup"]["value"] <= s["speedup"]["ci"][1]
     assert rec["timing"]["prompts"] == 3 and rec["timing"]["new_tokens"] == 24 and rec["timing"]["repeats"] == 2
     assert "bootstrap over rounds and prompts" in rec["timing"]["interval"]
+    typed = record.load(rec)  # written through the typed record: loading it back is the identity, every key typed
+    assert typed.to_dict() == rec and record.untyped_keys(typed) == []
     w = rec["wand"]["generation"]
     assert sum(w["depth_hist"]) == 96 and 1 <= w["mean_depth"] <= 4 and 0 <= w["agreement"] <= 1 and w["prompts"] == 12
     assert w["mean_depth_ci"][0] <= w["mean_depth"] <= w["mean_depth_ci"][1]
