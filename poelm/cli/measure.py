@@ -59,7 +59,8 @@ def _add_measure(sub):
                    "(repeatable; e.g. --slice old=mix --slice new=code.jsonl; PATH 'mix' = the training mix of --against, else of the first TARGET); with --against, paired deltas per slice over documents and "
                    "the answer: gain on --new, retention on --old. Only these figures are measured; --out gets the JSON")
     p.add_argument("--new", metavar="NAME", help="with --slice: the new domain's slice (default: the last --slice)")
-    p.add_argument("--old", metavar="NAME", help="with --slice: the old mix's slice (default: the first --slice)")
+    p.add_argument("--old", metavar="NAME", help="with --slice: the old mix's slice (default: the first --slice; when no --slice "
+                                                 "is PATH 'mix', an 'old' slice of the training mix's own validation split is added first)")
     p.add_argument("--slice-bytes", type=int, default=262_144, help="with --slice: UTF-8 bytes of documents per slice (default 262,144)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_tracker_flags(p, measure=True)
@@ -74,6 +75,8 @@ def _run_slices(args):
     from poelm.report.answer import domain_markdown
 
     slices = domains.parse_slices(args.slice)
+    if domains.MIX not in slices.values():  # the old domain defaults to the training mix's own validation split
+        slices = {("old" if "old" not in slices else "mix"): domains.MIX, **slices}
     names = list(slices)
     new, old = args.new or names[-1], args.old or names[0]
     for n in (new, old):

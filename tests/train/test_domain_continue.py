@@ -115,3 +115,18 @@ def test_mix_slice_is_the_training_mix_by_weight(base, tmp_path):
     new = domains.slice_docs(str(code), cfg["val_fraction"], 30_000)
     assert docs == emb + new  # each source's validation documents, its weight's share of the bytes
     assert domains.mix_docs(ckpt_mod.load(seed).config.to_dict()["data"], 10_000) == emb
+
+
+def test_the_old_slice_defaults_to_the_training_mix(base, tmp_path):
+    """``--slice new=PATH`` alone: an ``old`` slice of the training mix's own validation split is
+    measured too, and the answer gives retention on it (issue 31: the default old slice)."""
+    seed, code, _ = base
+    out = tmp_path / "slices.json"
+    r = _cli("measure", seed, "--slice", f"new={code}", "--against", seed, "--slice-bytes", "6000", "--samples", "50",
+             "--device", "cpu", "--out", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    (rec,) = res["records"]
+    assert list(rec["slices"]) == ["old", "new"] and res["slices"]["old"] == domains.MIX
+    assert rec["slices"]["old"]["delta_bpb"]["value"] == 0.0  # the seed against itself
+    assert "retention on `old`" in r.stdout
