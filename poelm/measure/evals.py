@@ -44,7 +44,7 @@ from poelm.config import DataConfig
 from poelm.core.errors import PoelmError
 from poelm.fsio import atomic_write_bytes
 from poelm.infer.options import stage_selection
-from poelm.measure.record import Record, to_bytes
+from poelm.measure.record import META_KEYS, Record, to_bytes
 from poelm.measure.tasks import devils_cloze
 from poelm.train import checkpoint
 from poelm.trajectory import export as export_mod
@@ -353,8 +353,12 @@ def merge(record: dict, new: list[dict]) -> dict:
 
 def minimal_record(unit: Unit) -> dict:
     """The record of a model ``poelm measure`` never saw: what its config says, no figures."""
-    return Record.from_meta(unit.meta, target=unit.label, branch=unit.branch, K=len(unit.stage_layers),
-                            stage_layers=unit.stage_layers, poelm_version=__version__).to_dict()
+    rec = Record.from_meta(unit.meta, target=unit.label, branch=unit.branch, K=len(unit.stage_layers),
+                           stage_layers=unit.stage_layers, poelm_version=__version__).to_dict()
+    # the head only: a figure block that was never measured is absent, not null (the report and
+    # `poelm verify` read "no bpb" as "not measured by poelm measure")
+    head = {"schema", "target", "branch", "step", "K", "stage_layers", "poelm_version", *META_KEYS}
+    return {k: v for k, v in rec.items() if k in head}
 
 
 # ----------------------------------------------------------------------------- the verb
